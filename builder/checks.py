@@ -1,0 +1,104 @@
+"""`vlmbuild check`: every variant (or this environment) against the compatibility rules."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from packaging.utils import canonicalize_name
+
+from .lockfile import LockfileError, read_lockfile
+from .lock import variant_status
+from .rules import RuleSet, Violation, installed_versions
+from .spec import Variant
+
+# The VLM-R1 recipe, for `check --env` when the caller names no conditions.
+RECIPE_CONDITIONS = ("zero3", "bf16", "generation", "resume")
+
+
+@dataclass
+class VariantVerdict:
+    variant: Variant
+    source: str  # where the versions came from
+    versions: dict[str, str]
+    conditions: tuple[str, ...]
+    violations: list[Violation] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Violation]:
+        return [v for v in self.violations if v.rule.severity == "error"]
+
+    @property
+    def ok(self) -> bool:
+        """Clean for a normal variant; flagged by at least one error rule for an expected-bad one."""
+        return bool(self.errors) if self.variant.expected_rejected else not self.errors
+
+
+def variant_conditions(variant: Variant, versions: dict[str, str]) -> tuple[str, ...]:
+    conds = set(variant.image.conditions)
+    if "flash-attn" in versions:
+        conds.add("flash_attention_2")
+    return tuple(sorted(conds))
+
+
+def declared_versions(variant: Variant) -> dict[str, str]:
+    """Exact pins the spec declares (used only while a variant has no lockfile yet)."""
+    out = {n: s[2:] for n, s in variant.packages.items() if s.startswith("==") and "," not in s and "*" not in s}
+    from .lockfile import version_from_url
+
+    out.update({n: version_from_url(w.url) for n, w in variant.wheels.items()})
+    return out
+
+
+def check_variant(variant: Variant, rules: RuleSet) -> VariantVerdict:
+    status = variant_status(variant)
+    notes = []
+    if status.state in ("fresh", "stale"):
+        try:
+            versions = read_lockfile(variant.lockfile_path).pins
+            source = f"lockfile {variant.lockfile_path.name}" + (" (stale)" if status.state == "stale" else "")
+            if status.state == "stale":
+                notes.append(f"lockfile is stale: {status.detail}")
+        except LockfileError as exc:
+            versions, source = declared_versions(variant), "declared pins"
+            notes.append(f"lockfile unreadable ({exc}); checked the declared pins instead")
+    else:
+        versions, source = declared_versions(variant), "declared pins (no lockfile yet)"
+    conditions = variant_conditions(variant, versions)
+    verdict = VariantVerdict(variant, source, versions, conditions, rules.evaluate(versions, conditions), notes)
+    if variant.expected_rejected and not verdict.errors:
+        verdict.notes.append("marked 'expect: rejected' but no error rule flags it: add the rule that explains why")
+    return verdict
+
+
+def environment_conditions(when: tuple[str, ...] | None, versions: dict[str, str]) -> tuple[str, ...]:
+    if when:
+        return tuple(sorted(set(when)))
+    conds = set(RECIPE_CONDITIONS)
+    if not os.path.exists("/dev/nvidia0"):
+        conds.add("gpu_less_host")
+    if "flash-attn" in versions:
+        conds.add("flash_attention_2")
+    return tuple(sorted(conds))
+
+
+def check_environment(rules: RuleSet, when: tuple[str, ...] | None = None) -> tuple[dict[str, str], tuple[str, ...], list[Violation]]:
+    versions = installed_versions()
+    conds = environment_conditions(when, versions)
+    return versions, conds, rules.evaluate(versions, conds)
+
+
+def format_verdict(verdict: VariantVerdict) -> str:
+    v = verdict.variant
+    expect = " (expected to be rejected)" if v.expected_rejected else ""
+    state = "ok" if verdict.ok else "FAIL"
+    keys = ", ".join(f"{k} {verdict.versions[k]}" for k in ("torch", "deepspeed", "transformers", "trl")
+                     if k in verdict.versions)
+    lines = [f"{state}  {v.image.name}/{v.name}{expect}: {keys} [{verdict.source}; when {', '.join(verdict.conditions)}]"]
+    for violation in verdict.violations:
+        lines.append(violation.explain(indent="      ").replace("[", "    [", 1))
+    lines.extend(f"    note: {n}" for n in verdict.notes)
+    if not verdict.violations:
+        lines.append("    no rule matches")
+    return "\n".join(lines)

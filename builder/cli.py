@@ -1,0 +1,246 @@
+"""The `vlmbuild` command line. Turns errors into exit codes: 0 ok, 1 the thing checked is bad, 2 bad input.
+
+Each command is a thin shell over one module: spec → lock → render → build → smoke → tag/push.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import click
+
+from . import __version__
+from .errors import CheckFailed, VlmbuildError
+from .spec import ImageSpec, Variant, all_spec_paths, find_spec_path, load_spec
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def default_root() -> Path:
+    env = os.environ.get("VLMBUILD_ROOT")
+    if env:
+        return Path(env)
+    source_root = PACKAGE_DIR.parent  # an editable install: the repository
+    if (source_root / "images").is_dir():
+        return source_root
+    return Path.cwd()
+
+
+def fail(exc: VlmbuildError) -> None:
+    click.echo(f"vlmbuild: error: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+def guarded(fn: Callable) -> Callable:
+    """Bad input → one paragraph on stderr and exit 2, never a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except VlmbuildError as exc:
+            fail(exc)
+        except KeyboardInterrupt:
+            click.echo("vlmbuild: interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+class Context:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def spec(self, image: str) -> ImageSpec:
+        return load_spec(find_spec_path(image, self.root))
+
+    def specs(self, image: str | None) -> list[ImageSpec]:
+        if image:
+            return [self.spec(image)]
+        paths = all_spec_paths(self.root)
+        if not paths:
+            raise VlmbuildError(f"{self.root / 'images'}: no image specs (*.yaml) found")
+        return [load_spec(p) for p in paths]
+
+    def variants(self, image: str | None, names: Iterable[str] = (), include_rejected: bool = True) -> list[Variant]:
+        out = []
+        names = list(names)
+        for spec in self.specs(image):
+            if names:
+                out += [spec.variant(n) for n in names]
+            else:
+                out += [v for v in spec.variants.values() if include_rejected or not v.expected_rejected]
+        return out
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="vlmbuild")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Repository root holding images/ and lockfiles/ (default: $VLMBUILD_ROOT or the source tree).")
+@click.pass_context
+def main(ctx: click.Context, root: Path | None) -> None:
+    """Build container images for Qwen2.5-VL training, validated by a ZeRO-3 smoke before they are tagged."""
+    ctx.obj = Context(root or default_root())
+
+
+# ---------------------------------------------------------------- matrix
+
+
+@main.command()
+@click.argument("image", required=False)
+@click.option("--all", "include_all", is_flag=True, help="Include variants marked 'expect: rejected'.")
+@click.option("--release", is_flag=True, help="Only variants a release builds: no rejected ones, no local base.")
+@pass_ctx
+@guarded
+def matrix(ctx: Context, image: str | None, include_all: bool, release: bool) -> None:
+    """Print every image variant as a JSON list (for a CI matrix via fromJSON)."""
+    from .matrix import matrix_rows
+
+    rows = matrix_rows(ctx.variants(image), include_rejected=include_all and not release, release=release)
+    click.echo(json.dumps(rows, separators=(",", ":")))
+
+
+# ---------------------------------------------------------------- check
+
+
+@main.command()
+@click.argument("image", required=False)
+@click.option("--env", "env_mode", is_flag=True, help="Check the current Python environment instead of the specs.")
+@click.option("--when", multiple=True, help="With --env: a training condition (repeatable). Default: the VLM-R1 recipe.")
+@click.option("--rules", "rules_path", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="A rules file to use instead of the shipped one.")
+@pass_ctx
+@guarded
+def check(ctx: Context, image: str | None, env_mode: bool, when: tuple[str, ...], rules_path: Path | None) -> None:
+    """Check every spec and lockfile (or, with --env, this environment) against the compatibility rules."""
+    from .checks import check_environment, check_variant, format_verdict
+    from .rules import KNOWN_CONDITIONS, RulesFileError, load_rules
+
+    try:
+        rules = load_rules(rules_path)
+    except RulesFileError as exc:
+        raise VlmbuildError(str(exc)) from None
+    if env_mode:
+        bad = set(when) - KNOWN_CONDITIONS
+        if bad:
+            raise VlmbuildError(f"--when {sorted(bad)[0]}: unknown condition; known: {sorted(KNOWN_CONDITIONS)}")
+        versions, conds, violations = check_environment(rules, when or None)
+        keys = ", ".join(f"{k} {versions[k]}" for k in ("torch", "deepspeed", "transformers", "trl") if k in versions)
+        click.echo(f"environment {sys.executable}: {keys or 'no training packages'} [when {', '.join(conds)}]")
+        for v in violations:
+            click.echo(v.explain(indent="    "))
+        errors = [v for v in violations if v.rule.severity == "error"]
+        click.echo(f"{len(errors)} error(s), {len(violations) - len(errors)} warning(s) from {len(rules.rules)} rules")
+        if errors:
+            sys.exit(1)
+        return
+    verdicts = [check_variant(v, rules) for v in ctx.variants(image)]
+    for verdict in verdicts:
+        click.echo(format_verdict(verdict))
+    bad = [v for v in verdicts if not v.ok]
+    click.echo(f"{len(verdicts)} variant(s) checked against {len(rules.rules)} rules: {len(bad)} failing")
+    if bad:
+        sys.exit(1)
+
+
+# ---------------------------------------------------------------- lock
+
+
+@main.command()
+@click.argument("image", required=False)
+@click.option("--variant", "variants", multiple=True, help="Only this variant (repeatable).")
+@click.option("--check", "check_only", is_flag=True, help="Resolve nothing; exit 1 naming each stale or missing lockfile.")
+@pass_ctx
+@guarded
+def lock(ctx: Context, image: str | None, variants: tuple[str, ...], check_only: bool) -> None:
+    """Resolve variants into hash-locked lockfiles/<image>/<variant>.txt with uv."""
+    from . import lock as lock_mod
+
+    if variants and not image:
+        raise VlmbuildError("--variant needs IMAGE")
+    selected = ctx.variants(image, variants)
+    if check_only:
+        statuses = [lock_mod.build_tools_status(ctx.root)] + [lock_mod.variant_status(v) for v in selected]
+        bad = [s for s in statuses if s.state != "fresh"]
+        for s in statuses:
+            click.echo(f"{s.state:<8} {s.path.relative_to(ctx.root) if s.path.is_relative_to(ctx.root) else s.path}"
+                       + (f": {s.detail}" if s.detail else ""))
+        if bad:
+            raise CheckFailed(f"{len(bad)} lockfile(s) stale or missing: "
+                              + ", ".join(str(s.path.name) for s in bad) + "; run `vlmbuild lock`")
+        return
+    total = time.monotonic()
+    started = time.monotonic()
+    path = lock_mod.lock_build_tools(ctx.root)
+    click.echo(f"locked   {path.relative_to(ctx.root)} in {time.monotonic() - started:.1f}s")
+    for v in selected:
+        started = time.monotonic()
+        path = lock_mod.lock_variant(v)
+        click.echo(f"locked   {path.relative_to(ctx.root)} in {time.monotonic() - started:.1f}s")
+    click.echo(f"{len(selected)} variant(s) locked in {time.monotonic() - total:.1f}s")
+
+
+# ---------------------------------------------------------------- render
+
+
+@main.command()
+@click.argument("image")
+@click.option("--variant", required=True, help="The variant to render.")
+@click.option("--output", required=True, type=click.Path(file_okay=False, path_type=Path), help="New directory for the context.")
+@click.option("--base-image", default=None, help="Use this base instead of the spec's (e.g. a locally made one).")
+@click.option("--ca-bundle", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="CA bundle the build trusts for PyPI (default: $SSL_CERT_FILE). Never reaches the final image.")
+@pass_ctx
+@guarded
+def render(ctx: Context, image: str, variant: str, output: Path, base_image: str | None, ca_bundle: Path | None) -> None:
+    """Write the Dockerfile and the complete build context of a variant into DIR."""
+    from .render import render as render_variant
+
+    result = render_variant(ctx.spec(image).variant(variant), output, base_image=base_image, ca_bundle=ca_bundle)
+    click.echo(f"rendered {image}/{variant} as tag {result.tag} into {result.context} "
+               f"({len(result.layers)} layers: {', '.join(f'{l.name} {l.count}' for l in result.layers)})")
+
+
+# ---------------------------------------------------------------- smoke
+
+
+@main.command()
+@click.argument("image_ref", required=False)
+@click.option("--local", "local", is_flag=True, help="Smoke this environment instead of an image.")
+@click.option("--python", "python", default=None, help="With --local: the interpreter of the environment (default: this one).")
+@click.option("--device", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True)
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the JSON report here.")
+@click.option("--model-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also check a real local Qwen2.5-VL checkpoint.")
+@click.option("--lockfile", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="With --local: compare installed versions with this lockfile.")
+@click.option("--timeout", type=int, default=900, show_default=True, help="Seconds before the smoke is killed.")
+@pass_ctx
+@guarded
+def smoke(ctx: Context, image_ref: str | None, local: bool, python: str | None, device: str, report: Path | None,
+          model_dir: Path | None, lockfile: Path | None, timeout: int) -> None:
+    """Run the ZeRO-3 smoke in this environment (--local) or inside a built image (IMAGE_REF)."""
+    if local == bool(image_ref):
+        raise VlmbuildError("give exactly one of --local or IMAGE_REF")
+    if local:
+        from .smoke_local import run_local
+
+        code = run_local(python or sys.executable, device, report, model_dir, lockfile, timeout)
+    else:
+        from .pipeline import smoke_image
+
+        code = smoke_image(image_ref, device, report, timeout)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

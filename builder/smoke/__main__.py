@@ -1,0 +1,251 @@
+"""Entry point of the smoke, inside an image (``vlmbuild-smoke``) or in any environment (``python -m vlmbuild.smoke``).
+
+    vlmbuild-smoke [--device auto|gpu|cpu] [--report FILE] [--model-dir DIR] [--lockfile FILE] [--timeout S]
+    vlmbuild-smoke verify-install [--lockfile FILE]
+
+Runs check 1 (stack) here, then launches its own ranks with torchrun for the ZeRO-3 checks (worker.py):
+world size 2 on CPU (gloo), min(2, GPUs) on GPU (NCCL). Exit 0 when every check passed, 1 when one
+failed, 2 for bad usage or an environment it cannot run in. Standard library only until torch is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..lockfile import LockfileError, read_lockfile
+from . import report as report_mod
+from .stack import StackProblem, check_stack, default_paths, verify_install
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+WORKER_CHECKS = ("zero3_load", "train_step", "checkpoint_resume")
+
+
+class UsageProblem(Exception):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_mode(requested: str) -> tuple[str, int]:
+    """(mode, world size). A GPU is used only when torch can really reach one."""
+    try:
+        import torch
+    except Exception as exc:  # noqa: BLE001 - no torch at all: not an environment the smoke can judge
+        raise UsageProblem(f"cannot import torch ({type(exc).__name__}: {exc}); this is not a training environment")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if requested == "gpu" and gpus == 0:
+        raise UsageProblem("--device gpu, but torch sees no CUDA device (is the container run with --gpus all?)")
+    if requested == "gpu" or (requested == "auto" and gpus > 0):
+        return "gpu", min(2, gpus)
+    return "cpu", 2
+
+
+def worker_env(mode: str, world: int) -> dict[str, str]:
+    env = dict(os.environ)
+    lib = str(Path(__file__).absolute().parent.parent.parent)
+    env["PYTHONPATH"] = lib + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    if mode == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator: gloo, fp32
+        env["LOCAL_SIZE"] = str(world)  # else it counts NUMA devices with numactl
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def run_workers(args: argparse.Namespace, mode: str, world: int, workdir: Path) -> tuple[list[dict[str, Any]], str]:
+    results_dir = workdir / "results"
+    results_dir.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(world),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "-m", "vlmbuild.smoke.worker", "--device", mode, "--workdir", str(workdir),
+           "--results-dir", str(results_dir), "--timeout", str(max(60, int(args.timeout)))]
+    if args.model_dir:
+        cmd += ["--model-dir", str(args.model_dir)]
+    log_path = workdir / "workers.log"
+    started = time.monotonic()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=worker_env(mode, world),
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=args.timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    elapsed = time.monotonic() - started
+    log_tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
+    return merge_rank_results(results_dir, world, timed_out, elapsed, args.timeout, log_tail), log_tail
+
+
+def merge_rank_results(results_dir: Path, world: int, timed_out: bool, elapsed: float, timeout: float,
+                       log_tail: str) -> list[dict[str, Any]]:
+    """Rank 0's view, with any rank's failure folded in; checks that never reported become failures."""
+    per_rank = []
+    for rank in range(world):
+        f = results_dir / f"rank{rank}.json"
+        per_rank.append(json.loads(f.read_text()) if f.is_file() else None)
+    fatal = next((r for r in per_rank if r and r.get("fatal")), None)
+    merged: dict[str, dict[str, Any]] = {}
+    for data in per_rank:
+        for check in (data or {}).get("checks", []):
+            current = merged.get(check["name"])
+            if current is None or (current["status"] == "passed" and check["status"] != "passed"):
+                merged[check["name"]] = check
+            elif current["error"] == "failed on another rank" and check.get("error") != "failed on another rank":
+                merged[check["name"]] = check
+    out = []
+    for name in WORKER_CHECKS:
+        if name in merged:
+            out.append(merged[name])
+            continue
+        entry = {"name": name, "status": "failed", "seconds": round(elapsed, 3), "traceback": None, "details": {}}
+        if out and out[-1]["status"] != "passed":
+            entry.update(status="skipped", seconds=0.0, error=f"not run: {out[-1]['name']} did not pass")
+        elif fatal:
+            entry.update(error=fatal["fatal"], traceback=fatal.get("traceback"))
+        elif timed_out:
+            entry["error"] = f"timed out: the ranks were killed after {timeout:.0f} s"
+        else:
+            entry["error"] = "the ranks exited without reporting this check (crash?); last output:\n" + log_tail
+        out.append(entry)
+    return out
+
+
+def run_stack(mode: str, lock_path: Path | None, variant: dict[str, Any] | None) -> dict[str, Any]:
+    started = time.monotonic()
+    entry: dict[str, Any] = {"name": "stack", "status": "passed", "error": None, "details": {}}
+    try:
+        lock = read_lockfile(lock_path) if lock_path else None
+        entry["details"] = check_stack(mode, lock, variant)
+    except StackProblem as exc:
+        entry.update(status="failed", error=str(exc), details=exc.details)
+    except LockfileError as exc:
+        raise UsageProblem(str(exc)) from None
+    entry["seconds"] = round(time.monotonic() - started, 3)
+    return entry
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    default_lock, default_variant = default_paths()
+    lock_path = Path(args.lockfile) if args.lockfile else default_lock
+    variant_path = Path(args.variant_json) if args.variant_json else default_variant
+    if lock_path is not None and not lock_path.is_file():
+        raise UsageProblem(f"--lockfile {lock_path}: no such file")
+    variant = json.loads(variant_path.read_text()) if variant_path else None
+    if args.model_dir and not (Path(args.model_dir) / "config.json").is_file():
+        raise UsageProblem(f"--model-dir {args.model_dir}: no config.json there (a Qwen2.5-VL checkpoint directory?)")
+    mode, world = resolve_mode(args.device)
+    if mode == "cpu":
+        os.environ["DS_ACCELERATOR"] = "cpu"  # before the stack check imports deepspeed
+        os.environ.setdefault("LOCAL_SIZE", str(world))
+
+    workdir = Path(tempfile.mkdtemp(prefix="vlmbuild-smoke-", dir=args.workdir))
+    try:
+        checks = [run_stack(mode, lock_path, variant)]
+        worker_checks, _ = run_workers(args, mode, world, workdir)
+        checks += worker_checks
+    finally:
+        if not args.keep_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    device_name = None
+    gpu = (checks[0].get("details") or {}).get("gpu")
+    if gpu:
+        device_name = gpu.get("device_name")
+    report = report_mod.finalize({
+        "schema_version": report_mod.SCHEMA_VERSION,
+        "tool": f"vlmbuild-smoke {__version__}",
+        "mode": mode,
+        "world_size": world,
+        "device_name": device_name,
+        "model": str(args.model_dir) if args.model_dir else "tiny random Qwen2.5-VL (built locally)",
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - (time.monotonic() - started))),
+        "seconds": 0.0,
+        "environment": {"python": platform.python_version(), "platform": platform.platform(),
+                        "variant": variant, "lockfile": str(lock_path) if lock_path else None},
+        "checks": checks,
+    })
+    report["seconds"] = round(time.monotonic() - started, 3)
+    text = report_mod.dumps(report)
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(text)
+    if args.json:
+        sys.stdout.write(text)
+    else:
+        print(report_mod.summary(report))
+    return EXIT_OK if report["passed"] else EXIT_FAILED
+
+
+def run_verify_install(args: argparse.Namespace) -> int:
+    lock_path = Path(args.lockfile) if args.lockfile else default_paths()[0]
+    if lock_path is None or not lock_path.is_file():
+        raise UsageProblem("verify-install: no lockfile (give --lockfile)")
+    try:
+        problems = verify_install(read_lockfile(lock_path))
+    except LockfileError as exc:
+        raise UsageProblem(str(exc)) from None
+    if problems:
+        print(f"verify-install: the installed packages disagree with {lock_path}:", file=sys.stderr)
+        for p in problems:
+            print(f"  {p}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"verify-install: {len(read_lockfile(lock_path).pins)} packages installed exactly as locked")
+    return EXIT_OK
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlmbuild-smoke", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["auto", "gpu", "cpu"], default="auto",
+                   help="gpu: NCCL, bf16 where supported; cpu: DS_ACCELERATOR=cpu, gloo, fp32; auto: gpu if one is visible")
+    p.add_argument("--report", help="write the JSON report here")
+    p.add_argument("--json", action="store_true", help="print the JSON report instead of the summary")
+    p.add_argument("--model-dir", help="also check a real local Qwen2.5-VL checkpoint (e.g. Qwen2.5-VL-3B-Instruct)")
+    p.add_argument("--lockfile", help="compare installed versions with this lockfile (default: the image's)")
+    p.add_argument("--variant-json", help="variant metadata (default: the image's)")
+    p.add_argument("--timeout", type=float, default=900.0, help="kill the ranks after this many seconds")
+    p.add_argument("--workdir", default=None, help="parent of the scratch directory (default: the system temp dir)")
+    p.add_argument("--keep-workdir", action="store_true", help="keep checkpoints and rank logs for inspection")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["verify-install"]:
+            vp = argparse.ArgumentParser(prog="vlmbuild-smoke verify-install")
+            vp.add_argument("--lockfile")
+            return run_verify_install(vp.parse_args(argv[1:]))
+        return run(parser().parse_args(argv))
+    except UsageProblem as exc:
+        print(f"vlmbuild-smoke: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("vlmbuild-smoke: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The smoke report: JSON for machines (schema-versioned), a short summary for people, rule explanations."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..rules import load_rules
+
+SCHEMA_VERSION = 1
+CHECK_ORDER = ("stack", "zero3_load", "train_step", "checkpoint_resume")
+
+
+def explain(check: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rules whose known symptom appears in the check's error text."""
+    text = "\n".join(str(check.get(k) or "") for k in ("error", "traceback"))
+    if not text.strip():
+        return []
+    return [
+        {"id": r.id, "severity": r.severity, "title": r.title, "symptom": r.symptom, "fix": r.fix,
+         "sources": list(r.sources)}
+        for r in load_rules().match_error(text)
+    ]
+
+
+def finalize(report: dict[str, Any]) -> dict[str, Any]:
+    for check in report["checks"]:
+        if check["status"] != "passed":
+            check["explanations"] = explain(check)
+    report["passed"] = bool(report["checks"]) and all(c["status"] == "passed" for c in report["checks"])
+    return report
+
+
+def summary(report: dict[str, Any]) -> str:
+    mode = report["mode"]
+    lines = [f"vlmbuild smoke: {mode.upper()} mode, world size {report.get('world_size')}, "
+             f"{report.get('device_name') or 'cpu'}"]
+    for check in report["checks"]:
+        status = {"passed": "PASS", "failed": "FAIL", "skipped": "SKIP"}[check["status"]]
+        lines.append(f"  {status} {check['name']:<18} {check['seconds']:7.1f}s  {_detail(check)}")
+        if check["status"] == "failed" and check.get("error"):
+            for err_line in str(check["error"]).splitlines()[:10]:
+                lines.append(f"       {err_line}")
+        for rule in check.get("explanations") or []:
+            lines.append(f"       explained by known-bad combination [{rule['severity']}] {rule['id']}: {rule['title']}")
+            lines.append(f"         symptom: {rule['symptom']}")
+            lines.append(f"         fix: {rule['fix']}")
+            lines.extend(f"         source: {s}" for s in rule["sources"])
+    verdict = "PASS" if report["passed"] else "FAIL"
+    qualifier = " (CPU only: not a GPU validation)" if mode == "cpu" else ""
+    lines.append(f"RESULT: {verdict} on {mode.upper()}{qualifier} in {report['seconds']:.1f}s")
+    return "\n".join(lines)
+
+
+def _detail(check: dict[str, Any]) -> str:
+    d = check.get("details") or {}
+    name = check["name"]
+    if check["status"] != "passed":
+        return ""
+    if name == "stack":
+        v = d.get("versions", {})
+        lock = d.get("lock")
+        locked = f", {lock['packages']} locked packages match" if lock else ", no lockfile to compare"
+        return f"torch {v.get('torch')}, deepspeed {v.get('deepspeed')}, transformers {v.get('transformers')}{locked}"
+    if name == "zero3_load":
+        return (f"{d.get('parameters')} parameters ({d.get('vision_parameters')} vision) partitioned, "
+                "bit-identical to the checkpoint")
+    if name == "train_step":
+        losses = d.get("losses") or []
+        return f"{d.get('steps')} steps, loss " + " -> ".join(f"{x:.3f}" for x in losses)
+    if name == "checkpoint_resume":
+        return (f"{d.get('parameters_compared')} parameters and {d.get('optimizer_tensors_compared')} optimizer "
+                f"tensors equal after load, next loss {d.get('loss_after_resume', 0):.3f}")
+    return ""
+
+
+def dumps(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=2, sort_keys=False) + "\n"

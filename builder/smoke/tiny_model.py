@@ -1,0 +1,72 @@
+"""A tiny random-weight Qwen2.5-VL, built locally (no hub), and a batch it can train on.
+
+The shapes follow the constraints transformers 4.49 enforces (see shared CONTEXT §3):
+``sum(mrope_section) == head_dim / 2``, ``out_hidden_size == hidden_size`` and an even image grid
+because ``spatial_merge_size == 2``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Token ids of the tiny vocabulary.
+BOS, EOS, PAD, VISION_START, IMAGE_TOKEN, VIDEO_TOKEN = 0, 1, 2, 3, 4, 5
+VOCAB_SIZE = 128
+# One image of 4x4 patches (temporal 1); merged 2x2 it becomes 4 image tokens.
+IMAGE_GRID_THW = (1, 4, 4)
+PATCH_DIM = 3 * 2 * 14 * 14  # channels * temporal_patch_size * patch_size**2 = 1176
+
+
+def tiny_config() -> Any:
+    from transformers import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_window_layers=2,
+        tie_word_embeddings=True,
+        rope_scaling={"type": "mrope", "mrope_section": [4, 2, 2]},
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        vision_start_token_id=VISION_START,
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_config=dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=4,
+            out_hidden_size=64,
+            spatial_merge_size=2,
+            fullatt_block_indexes=[1],
+        ),
+    )
+
+
+def image_text_batch(device: Any, dtype: Any, seed: int = 1234, text_tokens: int = 12) -> dict[str, Any]:
+    """One sample: BOS, <vision_start>, 4 image tokens, then text. Labels only on the text."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    t, h, w = IMAGE_GRID_THW
+    n_patches = t * h * w
+    n_image_tokens = n_patches // 4
+    text = torch.randint(10, VOCAB_SIZE, (text_tokens,), generator=gen)
+    ids = torch.cat(
+        [torch.tensor([BOS, VISION_START]), torch.full((n_image_tokens,), IMAGE_TOKEN), text, torch.tensor([EOS])]
+    )
+    labels = ids.clone()
+    labels[: 2 + n_image_tokens] = -100
+    pixel_values = torch.randn(n_patches, PATCH_DIM, generator=gen)
+    return {
+        "input_ids": ids.unsqueeze(0).to(device),
+        "attention_mask": torch.ones(1, ids.numel(), dtype=torch.long, device=device),
+        "labels": labels.unsqueeze(0).to(device),
+        "pixel_values": pixel_values.to(device=device, dtype=dtype),
+        "image_grid_thw": torch.tensor([IMAGE_GRID_THW], device=device),
+    }

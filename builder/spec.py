@@ -1,0 +1,364 @@
+"""Image specs: images/<name>.yaml, validated on load.
+
+A spec describes one image repository and its variants (the build matrix). Every error names the file
+and the key path and says what was expected; nothing here raises anything but SpecError.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.utils import canonicalize_name
+from packaging.version import InvalidVersion, Version
+
+from .errors import SpecError
+from .rules import KNOWN_CONDITIONS
+
+SCHEMA = 1
+TOP_KEYS = {"schema", "name", "description", "repository", "template", "default_variant", "recipe", "smoke",
+            "labels", "defaults", "layers", "variants"}
+REQUIRED_TOP = {"schema", "name", "repository", "template", "default_variant", "defaults", "layers", "variants"}
+VARIANT_KEYS = {"description", "expect", "base_image", "python", "cuda", "platform", "tag", "packages", "wheels"}
+REQUIRED_DEFAULTS = {"base_image", "python", "platform", "tag", "packages"}
+EXPECTS = ("pass", "rejected")
+DEVICES = ("auto", "gpu", "cpu")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+PYTHON_RE = re.compile(r"^3\.\d{1,2}$")
+CUDA_RE = re.compile(r"^\d{2}\.\d$")
+PLATFORM_RE = re.compile(r"^(x86_64|aarch64)-manylinux_2_\d+$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+REPOSITORY_RE = re.compile(r"^[a-z0-9]+([._-][a-z0-9]+)*(:\d+)?(/[a-z0-9]+([._-][a-z0-9]+)*)*$")
+TAG_FIELDS_BUILTIN = ("cuda", "python", "variant")
+
+
+@dataclass(frozen=True)
+class Wheel:
+    """A package installed from a direct wheel URL (no index has it, e.g. flash-attn), checked by sha256."""
+
+    name: str
+    url: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    match: tuple[str, ...]
+    rest: bool
+
+
+@dataclass
+class Variant:
+    name: str
+    image: "ImageSpec"
+    description: str
+    expect: str
+    base_image: str
+    python: str
+    cuda: str | None
+    platform: str
+    tag_template: str
+    packages: dict[str, str]  # canonical name -> specifier ("" = any)
+    wheels: dict[str, Wheel]
+
+    @property
+    def expected_rejected(self) -> bool:
+        return self.expect == "rejected"
+
+    @property
+    def lockfile_path(self) -> Path:
+        return self.image.root / "lockfiles" / self.image.name / f"{self.name}.txt"
+
+    @property
+    def is_default(self) -> bool:
+        return self.name == self.image.default_variant
+
+    def requirement_lines(self) -> list[str]:
+        """The top-level requirements handed to the resolver (wheels are locked separately)."""
+        return [f"{name}{spec}" for name, spec in sorted(self.packages.items())]
+
+    def tag(self, versions: Mapping[str, str]) -> str:
+        """The variant tag, from the versions really pinned (the lockfile), never from wishes."""
+        values = {"cuda": self.cuda or "none", "python": self.python, "variant": self.name}
+        values.update({k: v for k, v in versions.items()})
+        try:
+            tag = self.tag_template.format_map(values)
+        except KeyError as exc:
+            raise SpecError(self.image.path, f"variants.{self.name}.tag",
+                            f"placeholder {exc} has no version: the lockfile does not pin it") from None
+        if not TAG_RE.match(tag):
+            raise SpecError(self.image.path, f"variants.{self.name}.tag", f"renders to {tag!r}, not a valid docker tag")
+        return tag
+
+
+@dataclass
+class ImageSpec:
+    path: Path
+    root: Path
+    name: str
+    description: str
+    repository: str
+    template: Path
+    default_variant: str
+    conditions: tuple[str, ...]
+    smoke_device: str
+    smoke_timeout: int
+    labels: dict[str, str]
+    layers: tuple[Layer, ...]
+    variants: dict[str, Variant] = field(default_factory=dict)
+
+    def variant(self, name: str) -> Variant:
+        if name not in self.variants:
+            raise SpecError(self.path, "variants", f"no variant {name!r}; this spec has {sorted(self.variants)}")
+        return self.variants[name]
+
+    def layer_of(self, package: str) -> Layer:
+        """The first layer whose patterns match the package; else the layer marked ``rest``."""
+        from fnmatch import fnmatchcase
+
+        cname = canonicalize_name(package)
+        for layer in self.layers:
+            if any(fnmatchcase(cname, pattern) for pattern in layer.match):
+                return layer
+        return next(layer for layer in self.layers if layer.rest)
+
+
+# ---------------------------------------------------------------- validation helpers
+
+
+class _Checker:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, key: str, message: str) -> SpecError:
+        return SpecError(self.path, key, message)
+
+    def mapping(self, value: Any, key: str, allowed: set[str] | None = None, required: set[str] = frozenset()) -> dict:
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected a mapping, got {type(value).__name__}")
+        if allowed is not None:
+            unknown = sorted(set(map(str, value)) - allowed)
+            if unknown:
+                raise self.fail(f"{key}.{unknown[0]}" if key else unknown[0],
+                                f"unknown key; allowed keys: {', '.join(sorted(allowed))}")
+        for req in sorted(required):
+            if req not in value:
+                raise self.fail(f"{key}.{req}" if key else req, "missing (required)")
+        return value
+
+    def string(self, value: Any, key: str, pattern: re.Pattern[str] | None = None, what: str = "") -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(key, f"expected a non-empty string{' (' + what + ')' if what else ''}, got {value!r}")
+        if pattern is not None and not pattern.match(value):
+            raise self.fail(key, f"expected {what or 'a value matching ' + pattern.pattern}, got {value!r}")
+        return value
+
+    def specifier(self, name: str, value: Any, key: str) -> str:
+        if value is None or value == "":
+            return ""
+        if not isinstance(value, str):
+            raise self.fail(key, f"expected a version specifier string such as '==2.6.0', got {value!r}")
+        try:
+            SpecifierSet(value)
+            Requirement(f"{name}{value}")
+        except (InvalidSpecifier, InvalidRequirement) as exc:
+            raise self.fail(key, f"invalid version specifier {value!r}: {exc}") from None
+        return value
+
+    def packages(self, value: Any, key: str) -> dict[str, str | None]:
+        self.mapping(value, key)
+        out: dict[str, str | None] = {}
+        for name, spec in value.items():
+            if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", name):
+                raise self.fail(f"{key}.{name}", "expected a package name")
+            # null in a variant removes a package inherited from defaults
+            out[canonicalize_name(name)] = None if spec is None else self.specifier(name, spec, f"{key}.{name}")
+        return out
+
+    def wheels(self, value: Any, key: str) -> dict[str, Wheel]:
+        self.mapping(value, key)
+        out = {}
+        for name, raw in value.items():
+            k = f"{key}.{name}"
+            self.mapping(raw, k, allowed={"url", "sha256"}, required={"url", "sha256"})
+            url = self.string(raw["url"], f"{k}.url", re.compile(r"^(https|file)://\S+\.whl$"),
+                              "an https:// (or file://) URL of a .whl file")
+            sha = self.string(raw["sha256"], f"{k}.sha256", SHA256_RE, "64 lowercase hex digits")
+            from .lockfile import LockfileError, version_from_url
+
+            try:
+                version_from_url(url)
+            except LockfileError as exc:
+                raise self.fail(f"{k}.url", str(exc)) from None
+            out[canonicalize_name(name)] = Wheel(canonicalize_name(name), url, sha)
+        return out
+
+
+def _tag_fields(template: str) -> list[str]:
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+
+
+def load_spec(path: Path) -> ImageSpec:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(path, "", f"cannot read spec: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(path, "", f"not valid YAML: {exc}") from None
+    c = _Checker(path)
+    c.mapping(data, "", allowed=TOP_KEYS, required=REQUIRED_TOP)
+    if data["schema"] != SCHEMA:
+        raise c.fail("schema", f"expected {SCHEMA}, got {data['schema']!r}")
+    name = c.string(data["name"], "name", NAME_RE, "a lowercase name ([a-z0-9._-])")
+    repository = c.string(data["repository"], "repository", REPOSITORY_RE, "an image repository such as ghcr.io/org/name")
+    root = path.resolve().parent.parent
+    template_name = c.string(data["template"], "template")
+    template = path.resolve().parent / "templates" / template_name
+    if not template.is_file():
+        raise c.fail("template", f"template {template_name!r} not found (looked for {template})")
+
+    recipe = c.mapping(data.get("recipe") or {}, "recipe", allowed={"conditions"})
+    conditions = recipe.get("conditions") or []
+    if not isinstance(conditions, list) or not set(conditions) <= KNOWN_CONDITIONS:
+        raise c.fail("recipe.conditions", f"expected a list drawn from {sorted(KNOWN_CONDITIONS)}, got {conditions!r}")
+    smoke = c.mapping(data.get("smoke") or {}, "smoke", allowed={"device", "timeout"})
+    device = smoke.get("device", "auto")
+    if device not in DEVICES:
+        raise c.fail("smoke.device", f"expected one of {DEVICES}, got {device!r}")
+    timeout = smoke.get("timeout", 1200)
+    if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout <= 0:
+        raise c.fail("smoke.timeout", f"expected a positive number of seconds, got {timeout!r}")
+    labels = c.mapping(data.get("labels") or {}, "labels")
+    for k, v in labels.items():
+        c.string(v, f"labels.{k}")
+
+    raw_layers = data["layers"]
+    if not isinstance(raw_layers, list) or not raw_layers:
+        raise c.fail("layers", "expected a non-empty list of {name, match} or {name, rest: true}")
+    layers = []
+    for i, raw in enumerate(raw_layers):
+        k = f"layers[{i}]"
+        c.mapping(raw, k, allowed={"name", "match", "rest"}, required={"name"})
+        lname = c.string(raw["name"], f"{k}.name", NAME_RE, "a lowercase name")
+        match = raw.get("match") or []
+        if not isinstance(match, list) or not all(isinstance(m, str) and m for m in match):
+            raise c.fail(f"{k}.match", "expected a list of package names or glob patterns")
+        rest = raw.get("rest", False)
+        if not isinstance(rest, bool):
+            raise c.fail(f"{k}.rest", f"expected true or false, got {rest!r}")
+        layers.append(Layer(lname, tuple(canonicalize_name(m) if "*" not in m else m for m in match), rest))
+    if sum(layer.rest for layer in layers) != 1:
+        raise c.fail("layers", "exactly one layer must have 'rest: true' (it takes every package no pattern names)")
+    if len({layer.name for layer in layers}) != len(layers):
+        raise c.fail("layers", "layer names must be unique")
+
+    defaults = c.mapping(data["defaults"], "defaults", allowed=VARIANT_KEYS - {"description", "expect"},
+                         required=REQUIRED_DEFAULTS)
+    image = ImageSpec(
+        path=path, root=root, name=name, description=str(data.get("description") or ""), repository=repository,
+        template=template, default_variant="", conditions=tuple(conditions), smoke_device=device,
+        smoke_timeout=timeout, labels={str(k): str(v) for k, v in labels.items()}, layers=tuple(layers),
+    )
+    raw_variants = c.mapping(data["variants"], "variants")
+    if not raw_variants:
+        raise c.fail("variants", "expected at least one variant")
+    for vname, raw in raw_variants.items():
+        image.variants[str(vname)] = _load_variant(c, image, str(vname), raw or {}, defaults)
+    default_variant = c.string(data["default_variant"], "default_variant")
+    if default_variant not in image.variants:
+        raise c.fail("default_variant", f"names no variant; variants are {sorted(image.variants)}")
+    if image.variants[default_variant].expected_rejected:
+        raise c.fail("default_variant", f"{default_variant!r} is marked 'expect: rejected' and cannot be the default")
+    image.default_variant = default_variant
+    return image
+
+
+def _load_variant(c: _Checker, image: ImageSpec, name: str, raw: Any, defaults: dict) -> Variant:
+    k = f"variants.{name}"
+    if not NAME_RE.match(name):
+        raise c.fail(k, "expected a lowercase variant name ([a-z0-9._-])")
+    c.mapping(raw, k, allowed=VARIANT_KEYS)
+
+    def pick(key: str) -> tuple[Any, str]:
+        if key in raw:
+            return raw[key], f"{k}.{key}"
+        return defaults.get(key), f"defaults.{key}"
+
+    expect = raw.get("expect", "pass")
+    if expect not in EXPECTS:
+        raise c.fail(f"{k}.expect", f"expected one of {EXPECTS}, got {expect!r}")
+    base_image, key = pick("base_image")
+    base_image = c.string(base_image, key, what="an image reference")
+    python, key = pick("python")
+    python = c.string(str(python) if isinstance(python, (int, float)) and not isinstance(python, bool) else python,
+                      key, PYTHON_RE, "a Python version such as '3.10' (quote it in YAML)")
+    cuda, key = pick("cuda")
+    if cuda is not None:
+        cuda = c.string(str(cuda) if isinstance(cuda, float) else cuda, key, CUDA_RE, "a CUDA version such as '12.4', or null")
+    platform, key = pick("platform")
+    platform = c.string(platform, key, PLATFORM_RE, "a target such as x86_64-manylinux_2_28")
+    tag, key = pick("tag")
+    tag = c.string(tag, key, what="a tag template")
+
+    packages = {n: s for n, s in c.packages(defaults["packages"], "defaults.packages").items() if s is not None}
+    for n, s in c.packages(raw.get("packages") or {}, f"{k}.packages").items():
+        if s is None:
+            packages.pop(n, None)
+        else:
+            packages[n] = s
+    wheels = dict(c.wheels(defaults.get("wheels") or {}, "defaults.wheels"))
+    wheels.update(c.wheels(raw.get("wheels") or {}, f"{k}.wheels"))
+    both = sorted(set(packages) & set(wheels))
+    if both:
+        raise c.fail(f"{k}.wheels.{both[0]}", "is also under packages: a package comes from the index or a wheel, not both")
+    for required in ("torch", "transformers", "deepspeed"):
+        if required not in packages and required not in wheels:
+            raise c.fail(f"{k}.packages", f"the stack must pin {required!r}")
+    for n, s in packages.items():
+        if s.startswith("==") and "*" not in s:
+            try:
+                Version(s[2:])
+            except InvalidVersion:
+                raise c.fail(f"{k}.packages.{n}", f"{s!r} is not a valid version") from None
+
+    known = set(TAG_FIELDS_BUILTIN) | set(packages) | set(wheels)
+    for f in _tag_fields(tag):
+        if f not in known:
+            raise c.fail(key, f"placeholder {{{f}}} is not one of {sorted(known)}")
+    if "cuda" in _tag_fields(tag) and cuda is None:
+        raise c.fail(key, "uses {cuda} but this variant has cuda: null")
+
+    return Variant(
+        name=name, image=image, description=str(raw.get("description") or ""), expect=expect,
+        base_image=base_image, python=python, cuda=cuda, platform=platform, tag_template=tag,
+        packages=packages, wheels=wheels,
+    )
+
+
+def find_spec_path(image: str, root: Path) -> Path:
+    """IMAGE is a spec name under images/ or a path to a spec file."""
+    candidate = Path(image)
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        if not candidate.is_file():
+            raise SpecError(candidate, "", "no such spec file")
+        return candidate
+    path = root / "images" / f"{image}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in (root / "images").glob("*.yaml"))
+        raise SpecError(path, "", f"no image spec named {image!r}; known: {names}")
+    return path
+
+
+def all_spec_paths(root: Path) -> list[Path]:
+    return sorted((root / "images").glob("*.yaml"))
