@@ -99,14 +99,15 @@ def main(ctx: click.Context, root: Path | None) -> None:
 @click.argument("image", required=False)
 @click.option("--all", "include_all", is_flag=True, help="Include variants marked 'expect: rejected'.")
 @click.option("--release", is_flag=True, help="Only variants a release builds: no rejected ones, no local base.")
+@click.option("--markdown", is_flag=True, help="A Markdown version table (the README's) instead of JSON.")
 @pass_ctx
 @guarded
-def matrix(ctx: Context, image: str | None, include_all: bool, release: bool) -> None:
+def matrix(ctx: Context, image: str | None, include_all: bool, release: bool, markdown: bool) -> None:
     """Print every image variant as a JSON list (for a CI matrix via fromJSON)."""
-    from .matrix import matrix_rows
+    from .matrix import markdown_table, matrix_rows
 
     rows = matrix_rows(ctx.variants(image), include_rejected=include_all and not release, release=release)
-    click.echo(json.dumps(rows, separators=(",", ":")))
+    click.echo(markdown_table(rows) if markdown else json.dumps(rows, separators=(",", ":")))
 
 
 # ---------------------------------------------------------------- check
@@ -240,6 +241,91 @@ def smoke(ctx: Context, image_ref: str | None, local: bool, python: str | None, 
 
         code = smoke_image(image_ref, device, report, timeout)
     sys.exit(code)
+
+
+# ---------------------------------------------------------------- build / push
+
+
+@main.command()
+@click.argument("image")
+@click.option("--variant", "variants", multiple=True, help="Build this variant (repeatable). Default: every variant "
+              "not marked 'expect: rejected'.")
+@click.option("--smoke-device", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True,
+              help="auto: GPU if the engine can give one.")
+@click.option("--base-image", default=None, help="Build on this base instead of the spec's.")
+@click.option("--repository", default=None, help="Tag (and push) into this repository instead of the spec's.")
+@click.option("--push", is_flag=True, help="Push the tags that passed.")
+@click.option("--allow-cpu-evidence", is_flag=True, help="With --push: allow pushing an image validated on CPU only.")
+@click.option("--keep-failed", is_flag=True, help="Keep a candidate that failed the smoke (untagged) for inspection.")
+@click.option("--smoke-timeout", type=int, default=None, help="Kill the smoke after SECONDS (default: the spec's).")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a JSON build report (tags, digests, smoke reports) here.")
+@click.option("--ignore-rules", is_flag=True, help="Build a variant the rules reject (the smoke still judges it).")
+@click.option("--no-cache", "nocache", is_flag=True, help="Build without the engine's layer cache.")
+@pass_ctx
+@guarded
+def build(ctx: Context, image: str, variants: tuple[str, ...], smoke_device: str, base_image: str | None,
+          repository: str | None, push: bool, allow_cpu_evidence: bool, keep_failed: bool, smoke_timeout: int | None,
+          report: Path | None, ignore_rules: bool, nocache: bool) -> None:
+    """Build, smoke and tag variants of IMAGE; an image that fails the smoke is never tagged."""
+    from .pipeline import BuildOptions, SmokeFailed, build_variant, write_build_report
+
+    options = BuildOptions(smoke_device=smoke_device, base_image=base_image, push=push, keep_failed=keep_failed,
+                           smoke_timeout=smoke_timeout, ignore_rules=ignore_rules, repository=repository,
+                           allow_cpu_push=allow_cpu_evidence, nocache=nocache)
+    selected = ctx.variants(image, variants, include_rejected=False)
+    if not selected:
+        raise VlmbuildError(f"{image}: no variant to build (all are marked 'expect: rejected'; name one with --variant)")
+    outcomes, failures = [], []
+    for variant in selected:
+        try:
+            outcomes.append(build_variant(variant, options))
+        except SmokeFailed as exc:
+            outcomes.append(exc.outcome)
+            failures.append(str(exc))
+        finally:
+            if report:
+                write_build_report(report, outcomes)
+    for o in outcomes:
+        state = "PASS" if o.passed else "FAIL"
+        click.echo(f"{state} {o.image}/{o.variant}: build {o.build_seconds:.0f}s, smoke {o.smoke_seconds:.0f}s on "
+                   f"{(o.smoke_device or '?').upper()}" + (f", tags {', '.join(o.tags)}" if o.tags else ", not tagged"))
+    if failures:
+        raise CheckFailed("; ".join(failures))
+
+
+@main.command()
+@click.argument("image")
+@click.option("--variant", "variants", multiple=True, help="Push this variant (repeatable). Default: all buildable.")
+@click.option("--repository", default=None, help="The repository the image was tagged in (default: the spec's).")
+@click.option("--allow-cpu-evidence", is_flag=True, help="Allow pushing an image whose smoke ran on CPU only.")
+@pass_ctx
+@guarded
+def push(ctx: Context, image: str, variants: tuple[str, ...], repository: str | None, allow_cpu_evidence: bool) -> None:
+    """Push the tags of IMAGE's variants that passed the smoke; print each pushed digest."""
+    from .engine import Engine
+    from .pipeline import push_tags, tags_for
+    from .render import load_variant_lock
+
+    engine = Engine()
+    for variant in ctx.variants(image, variants, include_rejected=False):
+        lock = load_variant_lock(variant)
+        repo = repository or variant.image.repository
+        push_tags(engine, variant, repo, tags_for(variant, variant.tag(lock.pins), lock.sha256), allow_cpu_evidence)
+
+
+@main.command()
+@click.argument("report", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@guarded
+def summary(report: Path) -> None:
+    """A Markdown table of a build report (variant, tags, digest, checks, seconds), e.g. for a CI job summary."""
+    from .matrix import build_summary
+
+    try:
+        data = json.loads(report.read_text())
+    except json.JSONDecodeError as exc:
+        raise VlmbuildError(f"{report}: not a JSON build report: {exc}") from None
+    click.echo(build_summary(data, str(report)))
 
 
 if __name__ == "__main__":

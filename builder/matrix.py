@@ -44,3 +44,35 @@ def matrix_rows(variants: list[Variant], include_rejected: bool = False, release
             "versions": {k: versions[k] for k in KEY_PACKAGES if k in versions},
         })
     return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The README's version table: generated from the specs and lockfiles, never written by hand."""
+    head = "| image | variant | tag | base | Python | CUDA | torch | DeepSpeed | transformers | trl | accelerate |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        v = r["versions"]
+        tag = r["tag"] + (" (latest)" if r["default"] else "")
+        lines.append(f"| {r['image']} | {r['variant']}{' (rejected)' if r['expect'] == 'rejected' else ''} | "
+                     f"`{tag}` | `{r['base_image']}` | {r['python']} | {r['cuda'] or '-'} | {v.get('torch', '-')} | "
+                     f"{v.get('deepspeed', '-')} | {v.get('transformers', '-')} | {v.get('trl', '-')} | "
+                     f"{v.get('accelerate', '-')} |")
+    return "\n".join(lines)
+
+
+def build_summary(report: dict[str, Any], origin: str) -> str:
+    from .errors import VlmbuildError
+
+    builds = report.get("builds")
+    if not isinstance(builds, list):
+        raise VlmbuildError(f"{origin}: builds: expected a list (a `vlmbuild build --report` file)")
+    lines = ["| variant | result | tags | digest | checks | build s | smoke s |", "|---|---|---|---|---|---|---|"]
+    for b in builds:
+        checks = (b.get("smoke_report") or {}).get("checks") or []
+        check_text = ", ".join(f"{c['name']} {c['status']}" for c in checks) or "-"
+        digests = ", ".join(f"`{d[:19]}`" for d in (b.get("digests") or {}).values()) or "-"
+        result = "passed" if b.get("passed") else "FAILED"
+        lines.append(f"| {b['image']}/{b['variant']} | {result} on {(b.get('smoke_device') or '?').upper()} | "
+                     f"{', '.join(b.get('tags') or []) or 'not tagged'} | {digests} | {check_text} | "
+                     f"{b.get('build_seconds', 0):.0f} | {b.get('smoke_seconds', 0):.0f} |")
+    return "\n".join(lines)

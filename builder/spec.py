@@ -301,11 +301,15 @@ def _load_variant(c: _Checker, image: ImageSpec, name: str, raw: Any, defaults: 
     base_image, key = pick("base_image")
     base_image = c.string(base_image, key, what="an image reference")
     python, key = pick("python")
-    python = c.string(str(python) if isinstance(python, (int, float)) and not isinstance(python, bool) else python,
-                      key, PYTHON_RE, "a Python version such as '3.10' (quote it in YAML)")
+    if isinstance(python, (int, float)) and not isinstance(python, bool):
+        raise c.fail(key, f"expected a quoted Python version such as \"3.10\": YAML reads {python!r} as a number "
+                          "(3.10 becomes 3.1)")
+    python = c.string(python, key, PYTHON_RE, "a Python version such as '3.10'")
     cuda, key = pick("cuda")
+    if isinstance(cuda, (int, float)) and not isinstance(cuda, bool):
+        raise c.fail(key, f"expected a quoted CUDA version such as \"12.4\", or null: YAML reads {cuda!r} as a number")
     if cuda is not None:
-        cuda = c.string(str(cuda) if isinstance(cuda, float) else cuda, key, CUDA_RE, "a CUDA version such as '12.4', or null")
+        cuda = c.string(cuda, key, CUDA_RE, "a CUDA version such as '12.4', or null")
     platform, key = pick("platform")
     platform = c.string(platform, key, PLATFORM_RE, "a target such as x86_64-manylinux_2_28")
     tag, key = pick("tag")

@@ -1,0 +1,121 @@
+"""Bring up what a build needs on a bare Debian host: a Docker daemon and a local registry.
+
+``python -m vlmbuild.engine_setup`` (run by .ci/setup): when no daemon answers, install Debian's
+``docker.io`` and start ``dockerd`` (its log to a file, wait for the socket); start Debian's
+``docker-registry`` on 127.0.0.1:5000 with a storage folder of our own. Idempotent. Our machines have no
+registry to pull from, so the local base image is made by ``vlmbuild.localbase`` (on demand, by build).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+STATE = Path(os.environ.get("VLMBUILD_STATE", Path.home() / ".cache" / "vlmbuild"))
+REGISTRY_ADDR = os.environ.get("VLMBUILD_REGISTRY", "127.0.0.1:5000")
+DOCKERD_LOG = STATE / "dockerd.log"
+REGISTRY_LOG = STATE / "registry.log"
+
+
+def log(msg: str) -> None:
+    print(f"[engine] {msg}", flush=True)
+
+
+def apt_install(*packages: str) -> None:
+    missing = [p for p in packages if subprocess.run(["dpkg", "-s", p], capture_output=True).returncode != 0]
+    if not missing:
+        return
+    log(f"installing {' '.join(missing)} from Debian")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+
+
+def daemon_answers() -> bool:
+    try:
+        import docker
+
+        client = docker.from_env(timeout=10)
+        client.ping()
+        client.close()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means: no usable daemon
+        return False
+
+
+def start_dockerd() -> None:
+    apt_install("docker.io")
+    STATE.mkdir(parents=True, exist_ok=True)
+    log(f"starting dockerd (log: {DOCKERD_LOG})")
+    with open(DOCKERD_LOG, "ab") as out:
+        subprocess.Popen(["dockerd"], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                         start_new_session=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if daemon_answers():
+            log("dockerd is up")
+            return
+        time.sleep(1)
+    tail = DOCKERD_LOG.read_text(errors="replace").splitlines()[-20:]
+    sys.exit("dockerd did not answer within 90 s; last log lines:\n" + "\n".join(tail))
+
+
+def registry_answers(addr: str = REGISTRY_ADDR) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{addr}/v2/", timeout=5) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def start_registry(addr: str = REGISTRY_ADDR) -> None:
+    apt_install("docker-registry")
+    host, port = addr.rsplit(":", 1)
+    with socket.socket() as s:
+        if s.connect_ex((host, int(port))) == 0:
+            sys.exit(f"{addr} is taken by something that is not a Docker registry")
+    data = STATE / "registry" / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    config = STATE / "registry" / "config.yml"
+    config.write_text(
+        "version: 0.1\n"
+        "log:\n  level: warn\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {data}\n  delete:\n    enabled: true\n"
+        f"http:\n  addr: {addr}\n"
+    )
+    binary = shutil.which("docker-registry") or "/usr/bin/docker-registry"
+    log(f"starting a local registry on {addr} (log: {REGISTRY_LOG})")
+    with open(REGISTRY_LOG, "ab") as out:
+        subprocess.Popen([binary, "serve", str(config)], stdout=out, stderr=subprocess.STDOUT,
+                         stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if registry_answers(addr):
+            log("registry is up")
+            return
+        time.sleep(0.5)
+    sys.exit(f"the registry did not answer on {addr} within 30 s; see {REGISTRY_LOG}")
+
+
+def main() -> None:
+    if daemon_answers():
+        log("a Docker daemon answers")
+    else:
+        start_dockerd()
+    apt_install("debootstrap")  # for the local base image (vlmbuild.localbase)
+    if registry_answers():
+        log(f"a registry answers on {REGISTRY_ADDR}")
+    else:
+        start_registry()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Shared fixtures. Real over mocked: the stack tests install the committed lockfile's torch/DeepSpeed/
+transformers into a venv made here with uv; the docker tests talk to a real engine (tests/docker_env.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TESTS = REPO / "tests"
+SPECS = TESTS / "specs"
+FAULTS = TESTS / "faults"
+CACHE = Path(os.environ.get("VLMBUILD_TEST_CACHE", Path.home() / ".cache" / "vlmbuild-tests"))
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+def run_cli(*args: str, root: Path | None = None, env: dict | None = None, timeout: int = 900) -> Result:
+    cmd = [sys.executable, "-m", "vlmbuild"]
+    if root is not None:
+        cmd += ["--root", str(root)]
+    proc = subprocess.run(cmd + list(args), capture_output=True, text=True, env={**os.environ, **(env or {})},
+                          timeout=timeout)
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+@pytest.fixture
+def repo_copy(tmp_path: Path) -> Path:
+    """A scratch copy of images/ and lockfiles/ to edit freely."""
+    root = tmp_path / "repo"
+    shutil.copytree(REPO / "images", root / "images")
+    shutil.copytree(REPO / "lockfiles", root / "lockfiles")
+    return root
+
+
+@pytest.fixture(scope="session")
+def stack_python() -> Path:
+    """A venv holding the local variant's committed lockfile (torch 2.6.0, deepspeed, transformers 4.49.0).
+
+    Made once per lockfile content with uv (its cache makes a re-make take seconds) and kept under
+    $VLMBUILD_TEST_CACHE, since 5 GB of torch per test run would not fit the CI budget.
+    """
+    from vlmbuild.lockfile import read_lockfile
+
+    lock = read_lockfile(REPO / "lockfiles" / "vlm-r1" / "local.txt")
+    venv = CACHE / f"stack-{lock.sha256[:16]}"
+    python = venv / "bin" / "python"
+    marker = venv / ".complete"
+    if not marker.is_file():
+        shutil.rmtree(venv, ignore_errors=True)
+        venv.parent.mkdir(parents=True, exist_ok=True)
+        from vlmbuild.lock import uv_binary
+
+        uv = uv_binary()
+        subprocess.run([uv, "venv", "-q", "--python", lock.header.get("python", "3.11"), str(venv)], check=True)
+        subprocess.run([uv, "pip", "install", "-q", "--python", str(python), "--require-hashes", "--no-deps",
+                        "-r", str(lock.path)], check=True)
+        marker.write_text(lock.sha256)
+        # Keep only this lockfile's venv: disk is shared.
+        for old in CACHE.glob("stack-*"):
+            if old != venv:
+                shutil.rmtree(old, ignore_errors=True)
+    return python
+
+
+def pytest_collection_modifyitems(config, items):
+    """Fast tests first, then the stack ones, then docker: a core failure shows before minutes of building."""
+    order = {"stack": 1, "docker": 2}
+
+    def rank(item):
+        return max([order.get(m.name, 0) for m in item.iter_markers()] or [0])
+
+    items.sort(key=rank)

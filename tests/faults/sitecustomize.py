@@ -1,0 +1,88 @@
+"""Fault injection: make transformers behave like a broken upstream, from outside vlmbuild's code.
+
+Put this directory on PYTHONPATH and set VLMBUILD_FAULT; Python imports ``sitecustomize`` at start-up
+(in the smoke's launcher and in every rank torchrun starts). When ``transformers.modeling_utils`` is
+imported, it is patched:
+
+- ``zero3-no-gather``: the loader of transformers main between PR 36335 and PR 36455 (4.50.0.dev0): the
+  state dict is copied with plain ``_load_from_state_dict``, without ``deepspeed.zero.GatheredParameters``,
+  so every ZeRO-3 placeholder of shape [0] meets a full checkpoint tensor:
+  ``size mismatch for ...: copying a param with shape torch.Size([3420]) from checkpoint, the shape in
+  current model is torch.Size([0])``.
+- ``silent-corruption``: the loader quietly loads a wrong tensor for one vision-tower weight (as a key
+  mix-up would): no error, wrong weights.
+
+Targets transformers 4.49's ``_load_state_dict_into_model``; fails loudly if it is missing, so a test
+cannot pass because the fault silently did nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import os
+import sys
+
+TARGET = "transformers.modeling_utils"
+FAULT = os.environ.get("VLMBUILD_FAULT", "")
+
+
+def _no_gather(mu):
+    original = mu._load_state_dict_into_model
+
+    def load_without_gathering(*args, **kwargs):
+        real = mu.is_deepspeed_zero3_enabled
+        mu.is_deepspeed_zero3_enabled = lambda: False  # as if the ZeRO-3 branch had been deleted
+        try:
+            return original(*args, **kwargs)
+        finally:
+            mu.is_deepspeed_zero3_enabled = real
+
+    mu._load_state_dict_into_model = load_without_gathering
+
+
+def _silent_corruption(mu):
+    original = mu._load_state_dict_into_model
+
+    def load_corrupted(model_to_load, state_dict, *args, **kwargs):
+        keys = sorted(k for k in state_dict if k.startswith("visual.") and k.endswith("mlp.up_proj.weight"))
+        if keys:
+            state_dict = dict(state_dict)
+            t = state_dict[keys[0]]
+            state_dict[keys[0]] = t.flip(0).contiguous()  # same shape and dtype, other values
+        return original(model_to_load, state_dict, *args, **kwargs)
+
+    mu._load_state_dict_into_model = load_corrupted
+
+
+FAULTS = {"zero3-no-gather": _no_gather, "silent-corruption": _silent_corruption}
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != TARGET:
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_patch(module):
+            exec_module(module)
+            if not hasattr(module, "_load_state_dict_into_model"):
+                raise RuntimeError(f"fault {FAULT!r}: {TARGET} has no _load_state_dict_into_model to patch")
+            FAULTS[FAULT](module)
+            print(f"[fault injected: {FAULT}]", file=sys.stderr)
+
+        spec.loader.exec_module = exec_and_patch
+        return spec
+
+
+if FAULT:
+    if FAULT not in FAULTS:
+        raise RuntimeError(f"VLMBUILD_FAULT={FAULT!r}: unknown fault; known: {sorted(FAULTS)}")
+    sys.meta_path.insert(0, _PatchOnImport())

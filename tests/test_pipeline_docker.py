@@ -1,0 +1,319 @@
+"""Build → smoke → tag → push on a real Docker engine and a real registry on 127.0.0.1 (started when absent).
+
+The local variant is built from its committed lockfile (the real torch 2.6.0 stack) on a debootstrapped
+bookworm base, smoked on CPU inside the image, tagged with its evidence, pushed and pulled back by digest.
+Failures are real: DeepSpeed 0.15.4 (the seed's) fails the smoke, a tampered hash fails the build.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli
+
+pytestmark = pytest.mark.docker
+docker = pytest.importorskip("docker")
+
+REGISTRY = os.environ.get("VLMBUILD_REGISTRY", "127.0.0.1:5000")
+TEST_REPO = f"{REGISTRY}/vlmbuild-test/vlm-r1"
+OWNER = "io.vlmbuild.owner"
+
+
+@pytest.fixture(scope="session")
+def client():
+    """A real engine; the tests start one (and the registry) themselves when none answers."""
+    from vlmbuild import engine_setup
+
+    if not engine_setup.daemon_answers() or not engine_setup.registry_answers():
+        engine_setup.main()
+    c = docker.from_env(timeout=900)
+    yield c
+    # Clean up what the tests made: our test repository's tags and stopped containers of ours.
+    for image in c.images.list(name=TEST_REPO):
+        for tag in image.tags:
+            if tag.startswith(TEST_REPO):
+                c.images.remove(tag, noprune=False)
+    for container in c.containers.list(all=True, filters={"label": OWNER}):
+        container.remove(force=True)
+    c.images.prune(filters={"dangling": True})
+
+
+def tag_id(client, ref: str) -> str | None:
+    try:
+        return client.images.get(ref).id
+    except docker.errors.ImageNotFound:
+        return None
+
+
+def our_containers(client) -> list:
+    return client.containers.list(all=True, filters={"label": OWNER})
+
+
+def local_tag() -> tuple[str, str]:
+    from vlmbuild.lockfile import read_lockfile
+    from vlmbuild.spec import load_spec
+
+    variant = load_spec(REPO / "images" / "vlm-r1.yaml").variant("local")
+    lock = read_lockfile(variant.lockfile_path)
+    return variant.tag(lock.pins), lock.sha256
+
+
+@pytest.fixture(scope="session")
+def built_local(client, tmp_path_factory):
+    """The README's main job, into a test repository: build + CPU smoke + tag."""
+    report = tmp_path_factory.mktemp("build") / "build.json"
+    started = time.monotonic()
+    result = run_cli("build", "vlm-r1", "--variant", "local", "--smoke-device", "cpu", "--repository", TEST_REPO,
+                     "--report", str(report), timeout=3600)
+    assert result.code == 0, result.out[-6000:] + result.err[-3000:]
+    tag, lock_sha = local_tag()
+    return {"result": result, "report": json.loads(report.read_text()), "tag": tag, "lock_sha": lock_sha,
+            "seconds": time.monotonic() - started}
+
+
+def test_build_tags_the_tested_image_with_its_evidence(client, built_local):
+    tag, lock_sha = built_local["tag"], built_local["lock_sha"]
+    build = built_local["report"]["builds"][0]
+    assert build["passed"] and build["smoke_device"] == "cpu"
+    assert build["tags"] == [tag, f"{tag}-{lock_sha[:12]}"]  # local is not the default: no latest
+    image_id = tag_id(client, f"{TEST_REPO}:{tag}")
+    assert image_id == build["image_id"] == tag_id(client, f"{TEST_REPO}:{tag}-{lock_sha[:12]}")
+    assert tag_id(client, f"{TEST_REPO}:latest") is None
+    labels = client.images.get(image_id).labels
+    assert labels["io.vlmbuild.smoke.result"] == "passed"
+    assert labels["io.vlmbuild.smoke.device"] == "cpu"
+    assert labels["io.vlmbuild.smoke.validated-on"].startswith("cpu-only")
+    assert labels["io.vlmbuild.lock-sha256"] == lock_sha
+    assert json.loads(labels["io.vlmbuild.versions"])["torch"] == "2.6.0"
+    assert json.loads(labels["io.vlmbuild.smoke.checks"]) == {
+        "stack": "passed", "zero3_load": "passed", "train_step": "passed", "checkpoint_resume": "passed"}
+    # the evidence file inside the image is the report the labels vouch for
+    from vlmbuild.engine import Engine
+    import hashlib
+
+    report_bytes = Engine().read_image_file(image_id, "/opt/vlmbuild/smoke-report.json")
+    assert hashlib.sha256(report_bytes).hexdigest() == labels["io.vlmbuild.smoke.report-sha256"]
+    report = json.loads(report_bytes)
+    assert report["passed"] and report["mode"] == "cpu"
+    assert report["checks"][0]["details"]["lock"]["mismatches"] == 0
+    # the released image is the tested one plus one evidence layer
+    candidate = client.images.get(build["candidate_id"])
+    assert client.images.get(image_id).attrs["RootFS"]["Layers"][:-1] == candidate.attrs["RootFS"]["Layers"]
+    assert not our_containers(client)
+
+
+def scan_layers(image) -> list[str]:
+    """Every path, in every layer of the saved image, that smells of build secrets or caches."""
+    suspicious = ("build-ca", "vlmbuild-build", ".cache/pip", ".cache/uv", "pip-cache", "/uv-cache")
+    found = []
+    stream = io.BufferedReader(_ChunkReader(image.save(named=False)), buffer_size=1 << 20)
+    with tarfile.open(fileobj=stream, mode="r|") as outer:
+        for member in outer:
+            if not member.name.endswith(".tar") or not member.isfile():
+                continue
+            inner_file = outer.extractfile(member)
+            with tarfile.open(fileobj=inner_file, mode="r|") as layer:
+                for entry in layer:
+                    if any(s in entry.name for s in suspicious):
+                        found.append(f"{member.name}: {entry.name}")
+    return found
+
+
+class _ChunkReader(io.RawIOBase):
+    def __init__(self, chunks):
+        self.chunks, self.buf = iter(chunks), b""
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        while not self.buf:
+            try:
+                self.buf = next(self.chunks)
+            except StopIteration:
+                return 0
+        n = min(len(b), len(self.buf))
+        b[:n], self.buf = self.buf[:n], self.buf[n:]
+        return n
+
+
+def extra_host_cas() -> list[str]:
+    """A line from each certificate the host trusts beyond Debian's stock bundle (the intercepting proxy's)."""
+    host = os.environ.get("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt")
+    stock = Path("/usr/share/ca-certificates")
+    stock_text = "".join(p.read_text(errors="ignore") for p in stock.rglob("*.crt")) if stock.is_dir() else ""
+    out = []
+    if not Path(host).is_file():
+        return out
+    for block in Path(host).read_text(errors="ignore").split("-----BEGIN CERTIFICATE-----")[1:]:
+        lines = [l for l in block.splitlines() if l and "END CERTIFICATE" not in l]
+        if len(lines) > 3 and lines[2] not in stock_text:
+            out.append(lines[2])
+    return out
+
+
+def test_final_image_holds_no_ca_no_proxy_no_cache(client, built_local):
+    image = client.images.get(f"{TEST_REPO}:{built_local['tag']}")
+    env = "\n".join(image.attrs["Config"].get("Env") or [])
+    assert not any(k in env.upper() for k in ("PROXY", "SSL_CERT_FILE", "PIP_CERT", "TOKEN"))
+    history = json.dumps(client.api.history(image.id))
+    assert "build-ca" not in history and "vlmbuild-build" not in history and "PROXY" not in history.upper()
+    assert scan_layers(image) == []
+    # and no file anywhere in the image holds the certificates the build had to trust
+    needles = extra_host_cas()
+    script = ("test ! -e /tmp/vlmbuild-build && test ! -e /root/.cache/pip && test ! -e /root/.cache/uv && "
+              "test -z \"$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v lock | grep -v partial)\"")
+    for needle in needles:
+        script += f" && ! grep -rqsF -- '{needle}' /etc /opt /usr/local /root /tmp /workspace"
+    out = client.containers.run(image.id, ["bash", "-c", script + " && echo CLEAN"], remove=True,
+                                network_mode="none", labels={OWNER: "test"})
+    assert out.decode().strip() == "CLEAN"
+
+
+def test_push_needs_an_explicit_flag_for_cpu_evidence(built_local):
+    result = run_cli("push", "vlm-r1", "--variant", "local", "--repository", TEST_REPO)
+    assert result.code == 1 and "--allow-cpu-evidence" in result.err
+
+
+def test_push_then_pull_back_by_digest(client, built_local):
+    tag = built_local["tag"]
+    result = run_cli("push", "vlm-r1", "--variant", "local", "--repository", TEST_REPO, "--allow-cpu-evidence",
+                     timeout=1800)
+    assert result.code == 0, result.out[-3000:] + result.err[-3000:]
+    line = next(l for l in result.out.splitlines() if l.startswith(f"pushed {TEST_REPO}:{tag} "))
+    digest = line.split()[-1]
+    assert digest.startswith("sha256:")
+    pulled = client.images.pull(f"{TEST_REPO}@{digest}")
+    assert pulled.id == tag_id(client, f"{TEST_REPO}:{tag}")
+    assert pulled.labels["io.vlmbuild.smoke.result"] == "passed"
+
+
+def test_smoke_reruns_on_a_built_image(built_local, tmp_path):
+    report = tmp_path / "again.json"
+    result = run_cli("smoke", f"{TEST_REPO}:{built_local['tag']}", "--device", "cpu", "--report", str(report),
+                     timeout=1200)
+    assert result.code == 0, result.out[-3000:]
+    assert json.loads(report.read_text())["passed"] is True
+
+
+# ------------------------------------------------------------------ failures
+
+
+@pytest.fixture(scope="session")
+def seed_on_local_base(tmp_path_factory) -> Path:
+    """A copy of the repo whose spec has one more variant: the seed's DeepSpeed 0.15.4 on the local base."""
+    root = tmp_path_factory.mktemp("seedrepo")
+    import shutil
+
+    shutil.copytree(REPO / "images", root / "images")
+    shutil.copytree(REPO / "lockfiles", root / "lockfiles")
+    spec = root / "images" / "vlm-r1.yaml"
+    spec.write_text(spec.read_text() + """
+  local-seed:
+    expect: rejected
+    description: the seed's DeepSpeed 0.15.4 on the local base (test only)
+    base_image: vlmbuild-local/debian:bookworm
+    python: "3.11"
+    cuda: null
+    tag: "bookworm-py{python}-torch{torch}-ds{deepspeed}-tf{transformers}"
+    packages:
+      deepspeed: "==0.15.4"
+""")
+    result = run_cli("lock", "vlm-r1", "--variant", "local-seed", root=root, timeout=600)
+    assert result.code == 0, result.err
+    return root
+
+
+def test_rules_refuse_the_seed_before_any_build(seed_on_local_base):
+    result = run_cli("build", "vlm-r1", "--variant", "local-seed", root=seed_on_local_base)
+    assert result.code == 1
+    assert "violates known-bad rules; not building" in result.err
+    assert "ds-0.16.3-triton-3.2-no-gpu-import" in result.err
+
+
+def test_a_variant_that_fails_the_smoke_is_not_tagged_and_moves_no_tag(client, built_local, seed_on_local_base):
+    from vlmbuild.lockfile import read_lockfile
+    from vlmbuild.spec import load_spec
+
+    variant = load_spec(seed_on_local_base / "images" / "vlm-r1.yaml").variant("local-seed")
+    lock = read_lockfile(variant.lockfile_path)
+    tag = variant.tag(lock.pins)
+    # an existing tag of that name, on another image: it must not move
+    placeholder = client.images.get("vlmbuild-local/debian:bookworm")
+    placeholder.tag(TEST_REPO, tag)
+    images_before = {i.id for i in client.images.list(all=True)}
+    result = run_cli("build", "vlm-r1", "--variant", "local-seed", "--ignore-rules", "--smoke-device", "cpu",
+                     "--repository", TEST_REPO, root=seed_on_local_base, timeout=3600)
+    assert result.code == 1, result.out[-3000:]
+    assert "nothing was tagged" in result.err
+    assert "0 active drivers" in result.out and "ds-0.16.3-triton-3.2-no-gpu-import" in result.out
+    assert tag_id(client, f"{TEST_REPO}:{tag}") == placeholder.id
+    assert tag_id(client, f"{TEST_REPO}:{tag}-{lock.sha256[:12]}") is None
+    assert not our_containers(client)
+    # the failed candidate is gone (intermediate build cache may stay; no new top-level image does)
+    new_tops = {i.id for i in client.images.list()} - images_before
+    assert new_tops == set()
+
+
+def test_a_tampered_lock_hash_fails_the_build(client, built_local, tmp_path):
+    import re
+    import shutil
+
+    root = tmp_path / "repo"
+    shutil.copytree(REPO / "images", root / "images")
+    shutil.copytree(REPO / "lockfiles", root / "lockfiles")
+    lock = root / "lockfiles" / "vlm-r1" / "local.txt"
+    text = lock.read_text()
+    # every hash of trl (top layer: only that layer rebuilds) replaced by a wrong one
+    block = re.search(r"^trl==0\.17\.0 \\\n((?:    --hash=sha256:[0-9a-f]{64}(?: \\)?\n)+)", text, re.M)
+    assert block
+    lock.write_text(text.replace(block.group(1), re.sub(r"[0-9a-f]{64}", "0" * 64, block.group(1))))
+    result = run_cli("build", "vlm-r1", "--variant", "local", "--smoke-device", "cpu", "--repository",
+                     f"{TEST_REPO}-tampered", root=root, timeout=1800)
+    assert result.code == 1, result.out[-3000:]
+    assert "build failed at step" in result.err and "[layer-training]" in result.err
+    assert "hash" in result.err.lower()
+    assert not client.images.list(name=f"{TEST_REPO}-tampered")
+
+
+def test_a_hanging_smoke_is_killed_and_nothing_is_tagged(client, built_local):
+    before = tag_id(client, f"{TEST_REPO}:{built_local['tag']}")
+    result = run_cli("build", "vlm-r1", "--variant", "local", "--smoke-device", "cpu", "--smoke-timeout", "3",
+                     "--repository", TEST_REPO, timeout=1800)
+    assert result.code == 1, result.out[-3000:]
+    assert "killed at the timeout" in result.out
+    assert tag_id(client, f"{TEST_REPO}:{built_local['tag']}") == before
+    assert not our_containers(client)
+
+
+def test_ctrl_c_during_the_smoke_removes_our_container_and_tags_nothing(client, built_local):
+    before = tag_id(client, f"{TEST_REPO}:{built_local['tag']}")
+    proc = subprocess.Popen([sys.executable, "-m", "vlmbuild", "build", "vlm-r1", "--variant", "local",
+                             "--smoke-device", "cpu", "--repository", TEST_REPO],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and not client.containers.list(filters={"label": f"{OWNER}=smoke"}):
+        time.sleep(0.5)
+    assert client.containers.list(filters={"label": f"{OWNER}=smoke"}), "the smoke never started"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-2000:]
+    assert not our_containers(client)
+    assert tag_id(client, f"{TEST_REPO}:{built_local['tag']}") == before
+
+
+def test_no_daemon_is_a_clear_exit_2(tmp_path):
+    result = run_cli("build", "vlm-r1", "--variant", "local",
+                     env={"DOCKER_HOST": f"unix://{tmp_path}/no-such.sock"})
+    assert result.code == 2
+    assert "no Docker daemon answers" in result.err and "Traceback" not in result.err

@@ -1,0 +1,102 @@
+"""Compatibility rules: data with sources, pre-releases count, conditions gate, error texts map to rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlmbuild.rules import RulesFileError, load_rules, parse_rules
+
+SEED_ERROR = (
+    "RuntimeError: Error(s) in loading state_dict for Qwen2_5_VLForConditionalGeneration:\n"
+    "\tsize mismatch for visual.blocks.3.mlp.up_proj.bias: copying a param with shape torch.Size([3420]) from "
+    "checkpoint, the shape in current model is torch.Size([0])."
+)
+RECIPE = ["zero3", "bf16", "generation", "resume", "gpu_less_host"]
+
+
+@pytest.fixture(scope="module")
+def rules():
+    return load_rules()
+
+
+def test_every_context_row_is_a_rule_with_sources(rules):
+    assert len(rules.rules) >= 9
+    for rule in rules.rules:
+        assert rule.sources and all(s.startswith("https://") for s in rule.sources)
+        assert rule.fix and rule.symptom
+
+
+def test_transformers_main_prerelease_is_flagged_under_zero3(rules):
+    hits = rules.evaluate({"transformers": "4.50.0.dev0", "torch": "2.6.0", "deepspeed": "0.15.4"}, ["zero3"])
+    assert "tf-main-zero3-load-no-gather" in [v.rule.id for v in hits]
+
+
+def test_released_transformers_is_not_flagged_by_the_main_rule(rules):
+    for version in ("4.49.0", "4.50.0", "4.50.3"):
+        hits = rules.evaluate({"transformers": version}, ["zero3"])
+        assert "tf-main-zero3-load-no-gather" not in [v.rule.id for v in hits], version
+
+
+def test_condition_gates_the_rule(rules):
+    versions = {"transformers": "4.50.0.dev0"}
+    assert not [v for v in rules.evaluate(versions, []) if v.rule.id == "tf-main-zero3-load-no-gather"]
+
+
+def test_seed_stack_is_flagged(rules):
+    seed = {"torch": "2.6.0", "deepspeed": "0.15.4", "transformers": "4.49.0", "triton": "3.2.0", "trl": "0.17.0"}
+    ids = {v.rule.id for v in rules.evaluate(seed, RECIPE)}
+    assert {"ds-0.15-torch-2.6-resume-weights-only", "ds-0.16.3-triton-3.2-no-gpu-import"} <= ids
+
+
+def test_good_stack_is_clean(rules):
+    good = {"torch": "2.6.0", "deepspeed": "0.19.8", "transformers": "4.49.0", "triton": "3.2.0", "trl": "0.17.0",
+            "accelerate": "1.15.0"}
+    assert [v for v in rules.evaluate(good, RECIPE) if v.rule.severity == "error"] == []
+
+
+def test_alternatives_any_of(rules):
+    ids = lambda vllm: {v.rule.id for v in rules.evaluate({"vllm": vllm, "torch": "2.6.0"}, [])}  # noqa: E731
+    assert "vllm-pins-torch-2.5.1" in ids("0.6.6.post1")
+    assert "vllm-pins-torch-2.5.1" in ids("0.7.3")
+    assert "vllm-pins-torch-2.5.1" not in ids("0.8.2")
+
+
+def test_package_names_are_normalized(rules):
+    hits = rules.evaluate({"Flash_Attn": "2.8.3", "torch": "2.6.0"}, [])
+    assert "flash-attn-2.8-torch-2.6-abi" in [v.rule.id for v in hits]
+
+
+def test_error_text_maps_to_the_seed_rule(rules):
+    assert [r.id for r in rules.match_error(SEED_ERROR)] == ["tf-main-zero3-load-no-gather"]
+    assert [r.id for r in rules.match_error("RuntimeError: 0 active drivers ([]). There should only be one.")] == [
+        "ds-0.16.3-triton-3.2-no-gpu-import"]
+    assert rules.match_error("everything is fine") == []
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("schema: 1\nrules: [{id: x}]", "rules[0].severity: missing"),
+    ("schema: 1\nrules:\n- {id: x, severity: fatal, title: t, packages: {a: '>1'}, symptom: s, fix: f, sources: [https://x]}",
+     "expected one of"),
+    ("schema: 1\nrules:\n- {id: x, severity: error, title: t, packages: {a: '=>1'}, symptom: s, fix: f, sources: [https://x]}",
+     "invalid specifier"),
+    ("schema: 1\nrules:\n- {id: x, severity: error, title: t, packages: {a: '>1'}, symptom: s, fix: f, sources: [http://x]}",
+     "https:// URLs"),
+    ("schema: 1\nrules:\n- {id: x, severity: error, title: t, packages: {a: '>1'}, when: [moon], symptom: s, fix: f, sources: [https://x]}",
+     "when"),
+    ("schema: 1\nrules:\n- {id: x, severity: error, title: t, packages: {a: '>1'}, patterns: ['('], symptom: s, fix: f, sources: [https://x]}",
+     "invalid regular expression"),
+])
+def test_malformed_rules_are_refused(text, fragment):
+    with pytest.raises(RulesFileError, match=None) as info:
+        parse_rules(text, "rules.yaml")
+    assert fragment in str(info.value)
+    assert str(info.value).startswith("rules.yaml")
+
+
+def test_pep440_bound_gotcha_is_handled_by_the_data(rules):
+    """`<4.50.0` excludes 4.50.0.dev0 under PEP 440; the data must be written so the seed's version matches."""
+    from packaging.specifiers import SpecifierSet
+
+    assert not SpecifierSet("<4.50.0").contains("4.50.0.dev0", prereleases=True)
+    rule = rules.get("tf-main-zero3-load-no-gather")
+    assert rule.matches({"transformers": "4.50.0.dev0"}, ["zero3"]) == {"transformers": "4.50.0.dev0"}

@@ -1,0 +1,124 @@
+"""The smoke's logic that needs no torch: merging ranks, reports, explanations, GPU facts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+from vlmbuild.smoke import report as report_mod
+from vlmbuild.smoke.__main__ import merge_rank_results
+from vlmbuild.smoke.stack import _gpu_facts, lock_mismatches
+from vlmbuild.lockfile import parse_lockfile
+
+H = " --hash=sha256:" + "a" * 64
+
+
+def write_rank(d: Path, rank: int, checks=None, fatal=None) -> None:
+    payload = {"rank": rank, "checks": checks or []}
+    if fatal:
+        payload["fatal"] = fatal
+    (d / f"rank{rank}.json").write_text(json.dumps(payload))
+
+
+def check(name, status="passed", error=None):
+    return {"name": name, "status": status, "seconds": 1.0, "error": error, "details": {}}
+
+
+def test_a_fatal_start_fails_the_first_check_and_skips_the_rest(tmp_path):
+    write_rank(tmp_path, 0, fatal="RuntimeError: 0 active drivers ([]). There should only be one.")
+    out = merge_rank_results(tmp_path, 2, False, 3.0, 60, "log")
+    assert [c["status"] for c in out] == ["failed", "skipped", "skipped"]
+    assert "0 active drivers" in out[0]["error"]
+
+
+def test_a_failure_on_any_rank_wins_and_keeps_its_own_message(tmp_path):
+    write_rank(tmp_path, 0, [check("zero3_load", "failed", "failed on another rank")])
+    write_rank(tmp_path, 1, [check("zero3_load", "failed", "size mismatch ... torch.Size([0])")])
+    out = merge_rank_results(tmp_path, 2, False, 3.0, 60, "log")
+    assert out[0]["error"] == "size mismatch ... torch.Size([0])"
+
+
+def test_a_timeout_is_a_failure_not_a_pass(tmp_path):
+    write_rank(tmp_path, 0, [check("zero3_load")])
+    out = merge_rank_results(tmp_path, 2, True, 61.0, 60, "log")
+    assert out[0]["status"] == "passed" and out[1]["status"] == "failed" and "timed out" in out[1]["error"]
+    assert out[2]["status"] == "skipped"
+
+
+def test_report_explains_failures_with_the_rules_and_never_calls_cpu_a_gpu_pass():
+    report = report_mod.finalize({
+        "mode": "cpu", "world_size": 2, "seconds": 10.0,
+        "checks": [check("stack"), check("zero3_load", "failed",
+                                         "size mismatch for visual.blocks.3.mlp.up_proj.bias: copying a param with "
+                                         "shape torch.Size([3420]) from checkpoint, the shape in current model is "
+                                         "torch.Size([0]).")],
+    })
+    assert report["passed"] is False
+    assert [e["id"] for e in report["checks"][1]["explanations"]] == ["tf-main-zero3-load-no-gather"]
+    text = report_mod.summary(report)
+    assert "RESULT: FAIL on CPU (CPU only: not a GPU validation)" in text
+    assert "https://github.com/huggingface/transformers/pull/36455" in text
+
+
+def test_an_empty_report_does_not_pass():
+    assert report_mod.finalize({"mode": "cpu", "checks": []})["passed"] is False
+
+
+def test_lock_mismatches_name_each_package():
+    lock = parse_lockfile("torch==2.6.0" + H + "\ntransformers==4.49.0" + H + "\n")
+    assert lock_mismatches(lock, {"torch": "2.6.0", "transformers": "4.49.0"}) == []
+    assert lock_mismatches(lock, {"torch": "2.5.1"}) == [
+        "torch: locked 2.6.0, installed 2.5.1", "transformers: locked 4.49.0, not installed"]
+
+
+class FakeCuda:
+    """A stand-in for torch.cuda: no GPU exists on this machine, so the GPU path's decisions are tested
+    against the values a real device reports (a mock only for what cannot exist here)."""
+
+    def __init__(self, capability, arch_list, bf16=True, count=1):
+        self.capability, self.arch_list, self.bf16, self.count = capability, arch_list, bf16, count
+
+    def device_count(self):
+        return self.count
+
+    def get_device_capability(self, i):
+        return self.capability
+
+    def get_arch_list(self):
+        return self.arch_list
+
+    def get_device_name(self, i):
+        return "Fake GPU"
+
+    def is_bf16_supported(self):
+        return self.bf16
+
+
+def fake_torch(cuda, nccl=True):
+    return SimpleNamespace(cuda=cuda, distributed=SimpleNamespace(is_nccl_available=lambda: nccl))
+
+
+TORCH_26_ARCHES = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
+
+
+def test_gpu_facts_accept_an_h100_on_torch_26():
+    facts, problems = _gpu_facts(fake_torch(FakeCuda((9, 0), TORCH_26_ARCHES)))
+    assert problems == [] and facts["capability"] == "9.0"
+
+
+def test_gpu_facts_refuse_a_blackwell_gpu_on_torch_26_without_ptx():
+    _, problems = _gpu_facts(fake_torch(FakeCuda((12, 0), TORCH_26_ARCHES)))
+    assert any("sm_120" in p for p in problems)
+
+
+def test_gpu_facts_accept_ptx_fallback():
+    _, problems = _gpu_facts(fake_torch(FakeCuda((12, 0), TORCH_26_ARCHES + ["compute_90"])))
+    assert problems == []
+
+
+def test_gpu_facts_refuse_no_nccl_no_bf16_and_no_device():
+    _, problems = _gpu_facts(fake_torch(FakeCuda((7, 0), TORCH_26_ARCHES, bf16=False), nccl=False))
+    assert any("NCCL" in p for p in problems) and any("bf16" in p for p in problems)
+    _, problems = _gpu_facts(fake_torch(FakeCuda((9, 0), TORCH_26_ARCHES, count=0)))
+    assert problems == ["GPU mode but torch sees no CUDA device"]

@@ -1,0 +1,72 @@
+"""Spec validation: the real spec loads; every file of the broken-spec corpus is refused with its key path."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, SPECS
+from vlmbuild.errors import SpecError
+from vlmbuild.spec import load_spec
+
+BROKEN = sorted((SPECS / "broken").glob("*.yaml"))
+
+
+def expectations(path: Path) -> tuple[str, str]:
+    head = path.read_text().splitlines()[:2]
+    key = re.match(r"# expect-key: ?(.*)$", head[0]).group(1).strip()
+    text = re.match(r"# expect-text: (.*)$", head[1]).group(1).strip()
+    return key, text
+
+
+def test_the_real_spec_loads_with_its_variants():
+    spec = load_spec(REPO / "images" / "vlm-r1.yaml")
+    assert set(spec.variants) >= {"seed", "cu124", "local"}
+    assert spec.variants["seed"].expected_rejected
+    assert spec.variants["seed"].packages["deepspeed"] == "==0.15.4"
+    assert spec.variants["cu124"].base_image == "nvidia/cuda:12.4.1-cudnn-devel-ubuntu22.04"
+    assert (spec.variants["cu124"].python, spec.variants["cu124"].cuda) == ("3.10", "12.4")
+    local = spec.variants["local"]
+    assert (local.python, local.cuda) == ("3.11", None)
+    # the local variant is the same stack, not a fork: same packages, same template
+    assert local.packages == spec.variants["cu124"].packages
+    assert not local.wheels
+
+
+def test_layers_put_heavy_packages_first_and_fast_movers_last():
+    spec = load_spec(REPO / "images" / "vlm-r1.yaml")
+    names = [layer.name for layer in spec.layers]
+    assert spec.layer_of("torch").name == names[0]
+    assert spec.layer_of("nvidia-cudnn-cu12").name == names[0]
+    assert spec.layer_of("triton").name == names[0]
+    for fast in ("transformers", "trl", "accelerate", "tokenizers"):
+        assert spec.layer_of(fast).name == names[-1], fast
+    assert spec.layer_of("some-unknown-package").name == "libraries"
+
+
+def test_the_valid_mini_spec_loads():
+    spec = load_spec(SPECS / "valid" / "mini.yaml")
+    assert spec.variant("good").tag({"torch": "2.6.0", "deepspeed": "0.19.8"}) == "py3.11-torch2.6.0-ds0.19.8"
+
+
+def test_the_corpus_is_not_empty():
+    assert len(BROKEN) >= 20
+
+
+@pytest.mark.parametrize("path", BROKEN, ids=[p.stem for p in BROKEN])
+def test_broken_spec_is_refused_naming_file_and_key(path: Path):
+    key, text = expectations(path)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    message = str(info.value)
+    assert message.startswith(str(path)), message
+    assert info.value.key == key, message
+    assert text in message, message
+
+
+def test_a_tag_that_renders_invalid_is_refused():
+    spec = load_spec(SPECS / "valid" / "mini.yaml")
+    with pytest.raises(SpecError, match="not a valid docker tag"):
+        spec.variant("good").tag({"torch": "2.6.0+cu124/x", "deepspeed": "0.19.8"})
