@@ -5,10 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from packaging.utils import canonicalize_name
-
-from .lockfile import LockfileError, read_lockfile
 from .lock import variant_status
+from .lockfile import LockfileError, read_lockfile
 from .rules import RuleSet, Violation, installed_versions
 from .spec import Variant
 

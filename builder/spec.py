@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 from packaging.requirements import InvalidRequirement, Requirement
@@ -58,7 +59,7 @@ class Layer:
 @dataclass
 class Variant:
     name: str
-    image: "ImageSpec"
+    image: ImageSpec
     description: str
     expect: str
     base_image: str

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import SPECS
 
 
@@ -18,7 +17,7 @@ def assert_clean_error(result, *fragments: str) -> None:
 
 
 def test_every_command_has_help(cli):
-    for cmd in ((), ("matrix",), ("check",), ("lock",), ("render",), ("smoke",), ("build",), ("push",)):
+    for cmd in ((), ("matrix",), ("check",), ("lock",), ("render",), ("smoke",), ("build",), ("push",), ("summary",)):
         result = cli(*cmd, "--help")
         assert result.code == 0 and "Usage:" in result.out, cmd
 
@@ -92,3 +91,28 @@ def test_render_writes_a_context(cli, tmp_path: Path):
     assert result.code == 0, result.err
     assert "bookworm-py3.11-torch2.6.0-ds0.19.8-tf4.49.0" in result.out
     assert (tmp_path / "ctx" / "Dockerfile").is_file()
+
+
+def test_readme_version_table_is_the_generated_one(cli):
+    from conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- versions:start -->\n", 1)[1].split("<!-- versions:end -->", 1)[0].strip()
+    generated = cli("matrix", "--markdown")
+    assert generated.code == 0
+    assert block == generated.out.strip(), "README's version table drifted: paste `vlmbuild matrix --markdown`"
+
+
+def test_summary_of_a_build_report(cli, tmp_path: Path):
+    report = tmp_path / "build.json"
+    report.write_text(json.dumps({"schema_version": 1, "builds": [{
+        "image": "vlm-r1", "variant": "cu124", "passed": True, "smoke_device": "gpu", "tags": ["t1", "t1-abc"],
+        "digests": {"t1": "sha256:" + "f" * 64}, "build_seconds": 300.0, "smoke_seconds": 40.0,
+        "smoke_report": {"checks": [{"name": "stack", "status": "passed"}, {"name": "zero3_load", "status": "passed"}]},
+    }]}))
+    result = cli("summary", str(report))
+    assert result.code == 0
+    assert "| vlm-r1/cu124 | passed on GPU | t1, t1-abc | `sha256:ffffffffffff` | stack passed, zero3_load passed | 300 | 40 |" in result.out
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    assert_clean_error(cli("summary", str(bad)), "not a JSON build report")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 from vlmbuild.lock import LockError, lock_variant, variant_status
 from vlmbuild.lockfile import LockfileError, parse_lockfile, read_lockfile

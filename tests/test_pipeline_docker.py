@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, run_cli
 
 pytestmark = pytest.mark.docker
@@ -98,8 +97,9 @@ def test_build_tags_the_tested_image_with_its_evidence(client, built_local):
     assert json.loads(labels["io.vlmbuild.smoke.checks"]) == {
         "stack": "passed", "zero3_load": "passed", "train_step": "passed", "checkpoint_resume": "passed"}
     # the evidence file inside the image is the report the labels vouch for
-    from vlmbuild.engine import Engine
     import hashlib
+
+    from vlmbuild.engine import Engine
 
     report_bytes = Engine().read_image_file(image_id, "/opt/vlmbuild/smoke-report.json")
     assert hashlib.sha256(report_bytes).hexdigest() == labels["io.vlmbuild.smoke.report-sha256"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from vlmbuild.rules import RulesFileError, load_rules, parse_rules
 
 SEED_ERROR = (

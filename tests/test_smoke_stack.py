@@ -12,7 +12,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import CACHE, FAULTS, REPO
 
 pytestmark = pytest.mark.stack

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+from vlmbuild.lockfile import parse_lockfile
 from vlmbuild.smoke import report as report_mod
 from vlmbuild.smoke.__main__ import merge_rank_results
 from vlmbuild.smoke.stack import _gpu_facts, lock_mismatches
-from vlmbuild.lockfile import parse_lockfile
 
 H = " --hash=sha256:" + "a" * 64
 

@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, SPECS
 from vlmbuild.errors import SpecError
 from vlmbuild.spec import load_spec

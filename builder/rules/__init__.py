@@ -7,10 +7,10 @@ uses this inside every image to explain a failing check.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import yaml
 from packaging.specifiers import InvalidSpecifier, SpecifierSet

@@ -48,7 +48,7 @@ def resolve_mode(requested: str) -> tuple[str, int]:
     try:
         import torch
     except Exception as exc:  # noqa: BLE001 - no torch at all: not an environment the smoke can judge
-        raise UsageProblem(f"cannot import torch ({type(exc).__name__}: {exc}); this is not a training environment")
+        raise UsageProblem(f"cannot import torch ({type(exc).__name__}: {exc}); this is not a training environment") from None
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if requested == "gpu" and gpus == 0:
         raise UsageProblem("--device gpu, but torch sees no CUDA device (is the container run with --gpus all?)")

@@ -20,9 +20,10 @@ import struct
 import sys
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from . import tiny_model
 
@@ -286,7 +287,6 @@ class Smoke:
         dist.barrier()
 
     def load_under_zero3(self) -> Any:
-        import torch
         from transformers import Qwen2_5_VLForConditionalGeneration
         from transformers.integrations import HfDeepSpeedConfig
 
