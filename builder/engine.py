@@ -20,6 +20,7 @@ from pathlib import Path
 
 import docker
 import requests
+import urllib3
 
 from .errors import CheckFailed, VlmbuildError
 from .progress import Progress
@@ -57,7 +58,10 @@ def engine_errors(what: str) -> Iterator[None]:
         raise EngineError(f"{what}: image not found: {exc.explanation}") from None
     except docker.errors.APIError as exc:
         raise EngineError(f"{what}: the Docker engine refused: {exc.explanation or exc}") from None
-    except (requests.exceptions.ConnectionError, docker.errors.DockerException, ConnectionError) as exc:
+    except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, docker.errors.DockerException,
+            ConnectionError) as exc:
+        # A daemon that goes away mid-stream surfaces as urllib3's ProtocolError ("Connection broken"), since
+        # docker-py reads build and push streams from the raw response; refused connections as requests' errors.
         raise EngineError(f"{what}: lost the Docker daemon ({type(exc).__name__}: {exc}). Is dockerd running? "
                           "(.ci/setup starts one)") from None
 
@@ -184,7 +188,10 @@ class Engine:
             timed_out, exit_code = False, None
             try:
                 exit_code = container.wait(timeout=timeout)["StatusCode"]
-            except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
+            except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError) as exc:
+                # docker-py reports the wait's timeout as a ReadTimeout, some versions wrapped in ConnectionError
+                if not isinstance(exc, requests.exceptions.ReadTimeout) and "timed out" not in str(exc).lower():
+                    raise EngineError(f"lost the Docker daemon while the smoke ran ({exc})") from None
                 timed_out = True
                 progress.info(f"smoke timed out after {timeout}s: killing its container")
                 try:
