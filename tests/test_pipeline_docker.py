@@ -402,9 +402,14 @@ class SocketRelay:
 
 
 def test_the_daemon_going_away_mid_build_is_a_clear_exit_2(client, built_local, tmp_path):
+    # A base of its own, so the interrupted build shares no cache with the others (an interrupted
+    # --no-cache build would leave fresh intermediate images that shadow the cached chain).
+    base = "vlmbuild-test/cut-base:1"
+    client.images.build(fileobj=io.BytesIO(b"FROM vlmbuild-local/debian:bookworm\nLABEL io.vlmbuild.test=cut\n"),
+                        tag=base, rm=True)
     relay = SocketRelay(tmp_path / "docker.sock")
     proc = subprocess.Popen([sys.executable, "-m", "vlmbuild", "build", "vlm-r1", "--variant", "local",
-                             "--smoke-device", "cpu", "--repository", f"{TEST_REPO}-cut", "--no-cache"],
+                             "--smoke-device", "cpu", "--repository", f"{TEST_REPO}-cut", "--base-image", base],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "DOCKER_HOST": f"unix://{relay.path}"})
     deadline = time.monotonic() + 300
@@ -415,6 +420,7 @@ def test_the_daemon_going_away_mid_build_is_a_clear_exit_2(client, built_local, 
     assert proc.returncode == 2, out[-2000:] + err[-2000:]
     assert "lost the Docker daemon" in err and "Traceback" not in err
     assert not client.images.list(name=f"{TEST_REPO}-cut")
+    client.images.remove(base)
 
 
 def test_two_builds_of_one_variant_at_once_leave_tags_on_a_passed_image(client, built_local):
