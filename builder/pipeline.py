@@ -16,7 +16,6 @@ import hashlib
 import json
 import re
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -266,6 +265,3 @@ def write_build_report(path: Path, outcomes: list[BuildOutcome]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(payload, indent=2) + "\n")
 
-
-def stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)

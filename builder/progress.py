@@ -8,6 +8,7 @@ import time
 from collections import deque
 
 from rich.console import Console
+from rich.text import Text
 
 STEP_RE = re.compile(r"^Step (\d+)/(\d+) : (.*)$")
 STAGE_RE = re.compile(r"^FROM \S+(?: AS (\S+))?", re.I)
@@ -32,7 +33,7 @@ class Progress:
         self.last_lines: deque[str] = deque(maxlen=keep)
         self._status = None
         if self.tty:
-            self._status = self.console.status(self._status_text())
+            self._status = self.console.status(Text(self._status_text()))
             self._status.start()
 
     def elapsed(self) -> float:
@@ -44,7 +45,7 @@ class Progress:
         return f"{self.title}: step {n}/{total}{where} {text[:70]} ({_fmt(time.monotonic() - self.step_started)} in step, {_fmt(self.elapsed())} total)"
 
     def info(self, message: str) -> None:
-        self.console.print(f"[{_fmt(self.elapsed()):>6}] {message}")
+        self.console.print(f"[{_fmt(self.elapsed()):>6}] {message}", markup=False)  # build output has [brackets]
 
     def build_line(self, line: str) -> None:
         line = line.rstrip("\n")
@@ -66,7 +67,7 @@ class Progress:
             if line.startswith(" ---> Using cache"):
                 self.info("  (cached)")
         if self._status:
-            self._status.update(self._status_text())
+            self._status.update(Text(self._status_text()))
 
     def push_event(self, event: dict, layers: dict[str, str]) -> None:
         layer, status = event.get("id"), event.get("status", "")
@@ -77,8 +78,8 @@ class Progress:
         if status in ("Pushed", "Layer already exists", "Mounted from"):
             self.info(f"  layer {layer}: {status.lower()}")
         elif self._status and detail.get("total"):
-            self._status.update(f"{self.title}: layer {layer} {status} {detail['current'] / 1e6:.0f}/"
-                                f"{detail['total'] / 1e6:.0f} MB ({_fmt(self.elapsed())})")
+            self._status.update(Text(f"{self.title}: layer {layer} {status} {detail['current'] / 1e6:.0f}/"
+                                     f"{detail['total'] / 1e6:.0f} MB ({_fmt(self.elapsed())})"))
 
     def close(self) -> None:
         if self._status:

@@ -10,11 +10,9 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from ..lockfile import Lockfile
@@ -62,7 +60,7 @@ def _gpu_facts(torch: Any) -> tuple[dict[str, Any], list[str]]:
 
 
 def check_stack(mode: str, lock: Lockfile | None, variant: dict[str, Any] | None) -> dict[str, Any]:
-    """Raises AssertionError-free: returns details, raises StackProblem with every problem found."""
+    """The stack facts as details; raises StackProblem listing every problem found (not just the first)."""
     problems: list[str] = []
     details: dict[str, Any] = {"python": sys.version.split()[0]}
     installed = installed_versions()
@@ -121,9 +119,3 @@ def default_paths() -> tuple[Path | None, Path | None]:
     variant = base / "variant.json"
     return (lock if lock.is_file() else None, variant if variant.is_file() else None)
 
-
-def distribution_version(name: str) -> str | None:
-    try:
-        return metadata.version(canonicalize_name(name))
-    except metadata.PackageNotFoundError:
-        return None
