@@ -48,17 +48,27 @@ def tiny_config() -> Any:
     )
 
 
-def image_text_batch(device: Any, dtype: Any, seed: int = 1234, text_tokens: int = 12) -> dict[str, Any]:
-    """One sample: BOS, <vision_start>, 4 image tokens, then text. Labels only on the text."""
+def image_text_batch(device: Any, dtype: Any, config: Any = None, seed: int = 1234, text_tokens: int = 12) -> dict[str, Any]:
+    """One sample: BOS, <vision_start>, the image's tokens, then text; labels only on the text.
+
+    Token ids come from ``config`` (a real Qwen2.5-VL's are in the 151k range), the tiny vocabulary's otherwise.
+    """
     import torch
 
+    def token(name: str, default: int) -> int:
+        value = getattr(config, name, None) if config is not None else None
+        return default if value is None else int(value)
+
+    bos, eos = token("bos_token_id", BOS), token("eos_token_id", EOS)
+    vision_start, image_token = token("vision_start_token_id", VISION_START), token("image_token_id", IMAGE_TOKEN)
+    vocab = token("vocab_size", VOCAB_SIZE)
     gen = torch.Generator().manual_seed(seed)
     t, h, w = IMAGE_GRID_THW
     n_patches = t * h * w
     n_image_tokens = n_patches // 4
-    text = torch.randint(10, VOCAB_SIZE, (text_tokens,), generator=gen)
+    text = torch.randint(10, min(vocab, 1000), (text_tokens,), generator=gen)
     ids = torch.cat(
-        [torch.tensor([BOS, VISION_START]), torch.full((n_image_tokens,), IMAGE_TOKEN), text, torch.tensor([EOS])]
+        [torch.tensor([bos, vision_start]), torch.full((n_image_tokens,), image_token), text, torch.tensor([eos])]
     )
     labels = ids.clone()
     labels[: 2 + n_image_tokens] = -100

@@ -336,8 +336,9 @@ class Smoke:
         return engine
 
     def batch(self) -> dict[str, Any]:
+        # A real checkpoint gets a short sequence; its own token ids (vision start, image) are used.
         text_tokens = 8 if self.real_model else 12
-        return tiny_model.image_text_batch(self.device, self.dtype, text_tokens=text_tokens)
+        return tiny_model.image_text_batch(self.device, self.dtype, config=self.model.config, text_tokens=text_tokens)
 
     def train_steps(self, engine: Any, steps: int) -> list[float]:
         losses = []
