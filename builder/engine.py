@@ -66,6 +66,13 @@ def engine_errors(what: str) -> Iterator[None]:
                           "(.ci/setup starts one)") from None
 
 
+def event_error(event: dict) -> str | None:
+    """The error message of a build or push stream event, if it reports one."""
+    if "error" not in event and "errorDetail" not in event:
+        return None
+    return (event.get("errorDetail") or {}).get("message") or event.get("error") or "unknown error"
+
+
 def proxy_buildargs() -> dict[str, str]:
     """The host's proxy settings, as Docker's predefined build args: they reach RUN steps but are kept out
     of the image's history and config (https://docs.docker.com/reference/dockerfile/#predefined-args)."""
@@ -85,12 +92,11 @@ class Engine:
     # ------------------------------------------------------------ images
 
     def image_id(self, ref: str) -> str | None:
-        try:
-            return self.client.images.get(ref).id
-        except docker.errors.ImageNotFound:
-            return None
-        except (docker.errors.APIError, requests.exceptions.ConnectionError) as exc:
-            raise EngineError(f"looking up {ref}: {exc}") from None
+        with engine_errors(f"looking up {ref}"):
+            try:
+                return self.client.images.get(ref).id
+            except docker.errors.ImageNotFound:
+                return None
 
     def labels(self, ref: str) -> dict[str, str]:
         with engine_errors(f"inspecting {ref}"):
@@ -109,9 +115,9 @@ class Engine:
                         progress.build_line(line)
                 if "aux" in event and "ID" in event["aux"]:
                     image_id = event["aux"]["ID"]
-                if "errorDetail" in event or "error" in event:
+                message = event_error(event)
+                if message:
                     n, total, text = progress.step
-                    message = (event.get("errorDetail") or {}).get("message") or event.get("error")
                     tail = "\n".join(f"    {l}" for l in progress.last_lines)
                     raise BuildFailed(f"build failed at step {n}/{total} [{progress.stage}] {text}\n"
                                       f"  {message}\n  last output lines:\n{tail}")
@@ -152,8 +158,8 @@ class Engine:
         digest = None
         with engine_errors(f"pushing {repository}:{tag}"):
             for event in self.api.push(repository, tag=tag, stream=True, decode=True):
-                if "error" in event or "errorDetail" in event:
-                    message = (event.get("errorDetail") or {}).get("message") or event.get("error")
+                message = event_error(event)
+                if message:
                     raise EngineError(f"pushing {repository}:{tag} failed: {message}")
                 if "aux" in event and "Digest" in event["aux"]:
                     digest = event["aux"]["Digest"]

@@ -6,6 +6,7 @@ uses this inside every image to explain a failing check.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -175,6 +176,12 @@ def load_rules(path: Path | None = None) -> RuleSet:
     """The rules shipped with vlmbuild, or those of ``path``."""
     if path is not None:
         return parse_rules(Path(path).read_text(), str(path))
+    return _shipped_rules()
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped_rules() -> RuleSet:
+    # Parsed once per process: the smoke explains every failing check with them.
     text = resources.files(__name__).joinpath(RULES_FILE).read_text()
     return parse_rules(text, f"vlmbuild/rules/{RULES_FILE}")
 

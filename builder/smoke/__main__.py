@@ -203,15 +203,16 @@ def run_verify_install(args: argparse.Namespace) -> int:
     if lock_path is None or not lock_path.is_file():
         raise UsageProblem("verify-install: no lockfile (give --lockfile)")
     try:
-        problems = verify_install(read_lockfile(lock_path))
+        lock = read_lockfile(lock_path)
     except LockfileError as exc:
         raise UsageProblem(str(exc)) from None
+    problems = verify_install(lock)
     if problems:
         print(f"verify-install: the installed packages disagree with {lock_path}:", file=sys.stderr)
         for p in problems:
             print(f"  {p}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"verify-install: {len(read_lockfile(lock_path).pins)} packages installed exactly as locked")
+    print(f"verify-install: {len(lock.pins)} packages installed exactly as locked")
     return EXIT_OK
 
 
