@@ -235,7 +235,7 @@ def smoke(ctx: Context, image_ref: str | None, local: bool, python: str | None, 
     if local:
         from .smoke_local import run_local
 
-        code = run_local(python or sys.executable, device, report, model_dir, lockfile, timeout)
+        code = run_local(python or sys.executable, device, report, model_dir, lockfile, timeout, ctx.root)
     else:
         from .pipeline import smoke_image
 

@@ -24,7 +24,7 @@ from .spec import Variant
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # What of vlmbuild ships inside the image: the smoke and what it imports, nothing that needs click/jinja/docker.
-SMOKE_SOURCES = ("__init__.py", "lockfile.py", "rules", "smoke")
+SMOKE_SOURCES = ("__init__.py", "contract.py", "lockfile.py", "rules", "smoke")
 KEY_PACKAGES = ("torch", "deepspeed", "transformers", "accelerate", "trl", "triton", "flash-attn")
 LABEL_PREFIX = "io.vlmbuild"
 IMAGE_LOCK_PATH = "/opt/vlmbuild/lock.txt"
@@ -114,6 +114,22 @@ def variant_labels(variant: Variant, lock: Lockfile, tag: str, base_image: str) 
     return labels
 
 
+def variant_metadata(variant: Variant, lock: Lockfile, tag: str) -> str:
+    """variant.json, what the smoke reads of the variant it runs in: CUDA, conditions, the modules to import."""
+    return json.dumps({
+        "schema": 1,
+        "image": variant.image.name,
+        "variant": variant.name,
+        "tag": tag,
+        "python": variant.python,
+        "cuda": variant.cuda,
+        "conditions": list(variant.image.conditions),
+        "imports": list(variant.imports),
+        "key_versions": key_versions(lock),
+        "lock_sha256": lock.sha256,
+    }, indent=2) + "\n"
+
+
 def _split_layers(variant: Variant, lock: Lockfile) -> list[tuple[str, list]]:
     buckets: dict[str, list] = {layer.name: [] for layer in variant.image.layers}
     for req in lock.requirements:
@@ -175,17 +191,7 @@ def render(variant: Variant, output: Path, base_image: str | None = None, ca_bun
         (smoke_dir / "bin").mkdir()
         (smoke_dir / "bin" / SMOKE_ENTRYPOINT).write_text(SMOKE_ENTRY_SH)
         (smoke_dir / "lock.txt").write_text(lock.text)
-        (smoke_dir / "variant.json").write_text(json.dumps({
-            "schema": 1,
-            "image": variant.image.name,
-            "variant": variant.name,
-            "tag": tag,
-            "python": variant.python,
-            "cuda": variant.cuda,
-            "conditions": list(variant.image.conditions),
-            "key_versions": key_versions(lock),
-            "lock_sha256": lock.sha256,
-        }, indent=2) + "\n")
+        (smoke_dir / "variant.json").write_text(variant_metadata(variant, lock, tag))
 
         env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(str(variant.image.template.parent)),

@@ -13,11 +13,27 @@ import tempfile
 from pathlib import Path
 
 from .errors import VlmbuildError
-from .render import stage_smoke_sources
+from .lockfile import LockfileError, read_lockfile
+from .render import stage_smoke_sources, variant_metadata
+from .spec import find_spec_path, load_spec
+
+
+def variant_for_lockfile(lockfile: Path, root: Path) -> str | None:
+    """variant.json for the variant a vlmbuild lockfile names in its header (image, variant), so that a local
+    smoke imports what that variant's image would; None for a lockfile that names none."""
+    try:
+        lock = read_lockfile(lockfile)
+    except LockfileError as exc:
+        raise VlmbuildError(str(exc)) from None
+    image, name = lock.header.get("image"), lock.header.get("variant")
+    if not image or not name:
+        return None
+    variant = load_spec(find_spec_path(image, root)).variant(name)
+    return variant_metadata(variant, lock, variant.tag(lock.pins))
 
 
 def run_local(python: str, device: str, report: Path | None, model_dir: Path | None, lockfile: Path | None,
-              timeout: int) -> int:
+              timeout: int, root: Path) -> int:
     if shutil.which(python) is None and not Path(python).is_file():
         raise VlmbuildError(f"--python {python}: no such interpreter")
     staging = Path(tempfile.mkdtemp(prefix="vlmbuild-smoke-src-"))
@@ -33,6 +49,10 @@ def run_local(python: str, device: str, report: Path | None, model_dir: Path | N
             cmd += ["--model-dir", str(Path(model_dir).absolute())]
         if lockfile:
             cmd += ["--lockfile", str(Path(lockfile).absolute())]
+            metadata = variant_for_lockfile(Path(lockfile), root)
+            if metadata:
+                (staging / "variant.json").write_text(metadata)
+                cmd += ["--variant-json", str(staging / "variant.json")]
         try:
             # A little slack over the smoke's own timeout, which kills its ranks first.
             return subprocess.run(cmd, env=env, timeout=timeout + 120).returncode

@@ -24,9 +24,12 @@ from .rules import KNOWN_CONDITIONS
 
 SCHEMA = 1
 TOP_KEYS = {"schema", "name", "description", "repository", "template", "default_variant", "recipe", "smoke",
-            "labels", "defaults", "layers", "variants"}
+            "labels", "defaults", "groups", "layers", "variants"}
 REQUIRED_TOP = {"schema", "name", "repository", "template", "default_variant", "defaults", "layers", "variants"}
-VARIANT_KEYS = {"description", "expect", "base_image", "python", "cuda", "platform", "tag", "packages", "wheels"}
+VARIANT_KEYS = {"description", "expect", "base_image", "python", "cuda", "platform", "tag", "packages", "wheels",
+                "imports"}
+GROUP_KEYS = {"description", "packages", "imports"}
+MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 REQUIRED_DEFAULTS = {"base_image", "python", "platform", "tag", "packages"}
 EXPECTS = ("pass", "rejected")
 DEVICES = ("auto", "gpu", "cpu")
@@ -54,6 +57,18 @@ class Layer:
     name: str
     match: tuple[str, ...]
     rest: bool
+    group: str | None = None
+
+
+@dataclass(frozen=True)
+class Group:
+    """Packages installed beside the stack for a purpose (the recipe's run-time imports), with the modules the
+    smoke's stack check imports to prove them usable."""
+
+    name: str
+    description: str
+    packages: dict[str, str]
+    imports: tuple[str, ...]
 
 
 @dataclass
@@ -67,8 +82,9 @@ class Variant:
     cuda: str | None
     platform: str
     tag_template: str
-    packages: dict[str, str]  # canonical name -> specifier ("" = any)
+    packages: dict[str, str]  # canonical name -> specifier ("" = any): the stack and every group
     wheels: dict[str, Wheel]
+    imports: tuple[str, ...] = ()  # modules the stack check imports: the stack's, then each group's
 
     @property
     def expected_rejected(self) -> bool:
@@ -114,6 +130,7 @@ class ImageSpec:
     smoke_timeout: int
     labels: dict[str, str]
     layers: tuple[Layer, ...]
+    groups: dict[str, Group] = field(default_factory=dict)
     variants: dict[str, Variant] = field(default_factory=dict)
 
     def variant(self, name: str) -> Variant:
@@ -127,6 +144,8 @@ class ImageSpec:
 
         cname = canonicalize_name(package)
         for layer in self.layers:
+            if layer.group is not None and cname in self.groups[layer.group].packages:
+                return layer
             if any(fnmatchcase(cname, pattern) for pattern in layer.match):
                 return layer
         return next(layer for layer in self.layers if layer.rest)
@@ -161,6 +180,11 @@ class _Checker:
         if pattern is not None and not pattern.match(value):
             raise self.fail(key, f"expected {what or 'a value matching ' + pattern.pattern}, got {value!r}")
         return value
+
+    def modules(self, value: Any, key: str) -> tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(m, str) and MODULE_RE.match(m) for m in value):
+            raise self.fail(key, f"expected a list of importable module names such as [math_verify, antlr4], got {value!r}")
+        return tuple(value)
 
     def specifier(self, name: str, value: Any, key: str) -> str:
         if value is None or value == "":
@@ -244,13 +268,14 @@ def load_spec(path: Path) -> ImageSpec:
     for k, v in labels.items():
         c.string(v, f"labels.{k}")
 
+    groups = _load_groups(c, data.get("groups") or {})
     raw_layers = data["layers"]
     if not isinstance(raw_layers, list) or not raw_layers:
         raise c.fail("layers", "expected a non-empty list of {name, match} or {name, rest: true}")
     layers = []
     for i, raw in enumerate(raw_layers):
         k = f"layers[{i}]"
-        c.mapping(raw, k, allowed={"name", "match", "rest"}, required={"name"})
+        c.mapping(raw, k, allowed={"name", "match", "rest", "group"}, required={"name"})
         lname = c.string(raw["name"], f"{k}.name", NAME_RE, "a lowercase name")
         match = raw.get("match") or []
         if not isinstance(match, list) or not all(isinstance(m, str) and m for m in match):
@@ -258,7 +283,10 @@ def load_spec(path: Path) -> ImageSpec:
         rest = raw.get("rest", False)
         if not isinstance(rest, bool):
             raise c.fail(f"{k}.rest", f"expected true or false, got {rest!r}")
-        layers.append(Layer(lname, tuple(canonicalize_name(m) if "*" not in m else m for m in match), rest))
+        group = raw.get("group")
+        if group is not None and group not in groups:
+            raise c.fail(f"{k}.group", f"names no group; groups are {sorted(groups)}")
+        layers.append(Layer(lname, tuple(canonicalize_name(m) if "*" not in m else m for m in match), rest, group))
     if sum(layer.rest for layer in layers) != 1:
         raise c.fail("layers", "exactly one layer must have 'rest: true' (it takes every package no pattern names)")
     if len({layer.name for layer in layers}) != len(layers):
@@ -270,6 +298,7 @@ def load_spec(path: Path) -> ImageSpec:
         path=path, root=root, name=name, description=str(data.get("description") or ""), repository=repository,
         template=template, default_variant="", conditions=tuple(conditions), smoke_device=device,
         smoke_timeout=timeout, labels={str(k): str(v) for k, v in labels.items()}, layers=tuple(layers),
+        groups=groups,
     )
     raw_variants = c.mapping(data["variants"], "variants")
     if not raw_variants:
@@ -283,6 +312,22 @@ def load_spec(path: Path) -> ImageSpec:
         raise c.fail("default_variant", f"{default_variant!r} is marked 'expect: rejected' and cannot be the default")
     image.default_variant = default_variant
     return image
+
+
+def _load_groups(c: _Checker, raw: Any) -> dict[str, Group]:
+    c.mapping(raw, "groups")
+    groups = {}
+    for gname, graw in raw.items():
+        k = f"groups.{gname}"
+        if not isinstance(gname, str) or not NAME_RE.match(gname):
+            raise c.fail(k, "expected a lowercase group name ([a-z0-9._-])")
+        c.mapping(graw, k, allowed=GROUP_KEYS, required={"packages", "imports"})
+        packages = c.packages(graw["packages"], f"{k}.packages")
+        if not packages or any(spec is None for spec in packages.values()):
+            raise c.fail(f"{k}.packages", "expected a non-empty mapping of package name to specifier ('' for any)")
+        groups[gname] = Group(gname, str(graw.get("description") or ""), dict(packages),
+                              c.modules(graw["imports"], f"{k}.imports"))
+    return groups
 
 
 def _load_variant(c: _Checker, image: ImageSpec, name: str, raw: Any, defaults: dict) -> Variant:
@@ -317,6 +362,12 @@ def _load_variant(c: _Checker, image: ImageSpec, name: str, raw: Any, defaults: 
     tag = c.string(tag, key, what="a tag template")
 
     packages = {n: s for n, s in c.packages(defaults["packages"], "defaults.packages").items() if s is not None}
+    for group in image.groups.values():
+        for n, s in group.packages.items():
+            if n in packages:
+                raise c.fail(f"groups.{group.name}.packages.{n}", "is also in defaults.packages: a package belongs to "
+                                                                  "the stack or to one group")
+            packages[n] = s
     for n, s in c.packages(raw.get("packages") or {}, f"{k}.packages").items():
         if s is None:
             packages.pop(n, None)
@@ -344,10 +395,15 @@ def _load_variant(c: _Checker, image: ImageSpec, name: str, raw: Any, defaults: 
     if "cuda" in _tag_fields(tag) and cuda is None:
         raise c.fail(key, "uses {cuda} but this variant has cuda: null")
 
+    raw_imports, key = pick("imports")
+    imports = c.modules(raw_imports or [], key)
+    for group in image.groups.values():
+        imports += tuple(m for m in group.imports if m not in imports)
+
     return Variant(
         name=name, image=image, description=str(raw.get("description") or ""), expect=expect,
         base_image=base_image, python=python, cuda=cuda, platform=platform, tag_template=tag,
-        packages=packages, wheels=wheels,
+        packages=packages, wheels=wheels, imports=imports,
     )
 
 

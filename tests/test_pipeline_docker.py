@@ -122,7 +122,8 @@ def test_build_tags_the_tested_image_with_its_evidence(client, built_local):
     assert labels["io.vlmbuild.lock-sha256"] == lock_sha
     assert json.loads(labels["io.vlmbuild.versions"])["torch"] == "2.6.0"
     assert json.loads(labels["io.vlmbuild.smoke.checks"]) == {
-        "stack": "passed", "zero3_load": "passed", "train_step": "passed", "checkpoint_resume": "passed"}
+        "stack": "passed", "zero3_load": "passed", "train_step": "passed", "checkpoint_resume": "passed",
+        "grpo": "passed", "optimizer_offload": "passed"}
     # the evidence file inside the image is the report the labels vouch for
     import hashlib
 

@@ -54,7 +54,7 @@ def test_context_is_complete(rendered):
     ctx = rendered["local"].context
     for rel in ("Dockerfile", "build-env.sh", "build-ca.pem", "lock/build-tools.txt", "vlmbuild/lock.txt",
                 "vlmbuild/variant.json", "vlmbuild/bin/vlmbuild-smoke", "vlmbuild/lib/vlmbuild/smoke/worker.py",
-                "vlmbuild/lib/vlmbuild/rules/known_bad.yaml", "vlmbuild/lib/vlmbuild/lockfile.py"):
+                "vlmbuild/lib/vlmbuild/rules/known_bad.yaml", "vlmbuild/lib/vlmbuild/lockfile.py", "vlmbuild/lib/vlmbuild/contract.py"):
         assert (ctx / rel).is_file(), rel
     # only what the smoke needs ships in the image: no CLI, no docker SDK code
     assert not (ctx / "vlmbuild/lib/vlmbuild/cli.py").exists()
@@ -70,11 +70,14 @@ def test_layers_split_the_lock_exactly(rendered):
         lines += [l for l in (result.context / layer.file).read_text().splitlines() if "==" in l or " @ " in l]
     assert len(lines) == len(result.lock.requirements)
     first = (result.context / result.layers[0].file).read_text()
-    last = (result.context / result.layers[-1].file).read_text()
-    assert re.search(r"^torch==", first, re.M) and re.search(r"^transformers==", last, re.M)
+    training = next(layer for layer in result.layers if layer.name == "training")
+    recipe = (result.context / result.layers[-1].file).read_text()
+    assert re.search(r"^torch==", first, re.M)
+    assert re.search(r"^transformers==", (result.context / training.file).read_text(), re.M)
+    assert result.layers[-1].name == "recipe" and re.search(r"^wandb==", recipe, re.M)
 
 
-def test_bumping_transformers_changes_only_the_last_layer(repo_copy: Path, tmp_path: Path):
+def test_bumping_transformers_changes_only_its_layer(repo_copy: Path, tmp_path: Path):
     spec = load_spec(repo_copy / "images" / "vlm-r1.yaml")
     before = render(spec.variant("local"), tmp_path / "before")
     lock = spec.variant("local").lockfile_path
@@ -82,7 +85,7 @@ def test_bumping_transformers_changes_only_the_last_layer(repo_copy: Path, tmp_p
     after = render(load_spec(repo_copy / "images" / "vlm-r1.yaml").variant("local"), tmp_path / "after")
     changed = [l.name for l in after.layers
                if (after.context / l.file).read_bytes() != (before.context / l.file).read_bytes()]
-    assert changed == [before.layers[-1].name]
+    assert changed == ["training"]
     # and the Dockerfile's instructions for the earlier layers are the same text (same build cache keys)
     b, a = stages(before.dockerfile), stages(after.dockerfile)
     for name in ("python-base", "installer", f"layer-{before.layers[0].name}"):

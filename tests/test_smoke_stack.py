@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import CACHE, FAULTS, REPO
+from conftest import CACHE, FAULTS, REPO, run_cli
 
 pytestmark = pytest.mark.stack
 LOCK = REPO / "lockfiles" / "vlm-r1" / "local.txt"
@@ -30,20 +30,48 @@ def by_name(report) -> dict:
     return {c["name"]: c for c in report["checks"]}
 
 
-def test_good_stack_passes_every_check(cli, stack_python, tmp_path):
-    result, report = smoke(cli, stack_python, tmp_path, "--lockfile", str(LOCK))
+@pytest.fixture(scope="module")
+def good_run(stack_python, tmp_path_factory):
+    """One smoke of the good stack, against its lockfile; several tests read its report."""
+    return smoke(run_cli, stack_python, tmp_path_factory.mktemp("good"), "--lockfile", str(LOCK))
+
+
+def test_good_stack_passes_every_check(good_run):
+    result, report = good_run
     assert result.code == 0, result.out + result.err
-    assert report["schema_version"] == 1 and report["mode"] == "cpu" and report["world_size"] == 2
+    assert report["schema_version"] == 2 and report["mode"] == "cpu" and report["world_size"] == 2
     assert report["passed"] is True
     checks = by_name(report)
-    assert list(checks) == ["stack", "zero3_load", "train_step", "checkpoint_resume"]
+    assert list(checks) == ["stack", "zero3_load", "train_step", "checkpoint_resume", "grpo", "optimizer_offload"]
+    for name, check in checks.items():  # every check says where it ran and on how many ranks
+        assert (check["device"], check["world_size"]) == ("cpu", 1 if name == "stack" else 2), name
     assert checks["stack"]["details"]["lock"]["mismatches"] == 0
+    # the stack check imported the recipe's modules (the spec's list, through the lockfile's environment)
+    assert {"math_verify", "Levenshtein", "json_repair", "wandb", "pip"} <= set(checks["stack"]["details"]["imports"])
     load = checks["zero3_load"]["details"]
     assert load["partitioned"] == load["parameters"] > 0 and load["vision_parameters"] > 0
     losses = checks["train_step"]["details"]["losses"]
     assert len(losses) >= 3 and losses[-1] < losses[0]
     assert checks["checkpoint_resume"]["details"]["optimizer_tensors_compared"] >= 2
     assert "RESULT: PASS on CPU (CPU only: not a GPU validation)" in result.out
+
+
+def test_grpo_runs_the_recipe_path_under_zero3(good_run):
+    """trl's GRPOTrainer with the recipe's zero3 config: generation, reference model, steps, consolidated save."""
+    result, report = good_run
+    assert result.code == 0, result.out[-3000:] + result.err[-2000:]
+    grpo = by_name(report)["grpo"]["details"]
+    assert grpo["steps"] == 2 and grpo["generations"] >= 2 and min(grpo["completion_lengths"]) > 0
+    assert grpo["reference_model"] is True and grpo["parameters_changed"] > 0
+    assert grpo["optimizer"] == "torch.optim.adamw.AdamW"  # made by the HF Trainer: the recipe's config has none
+    ds = grpo["deepspeed_config"]
+    assert ds["stage"] == 3 and ds["overlap_comm"] is True and ds["train_batch_size"] == 2
+    assert isinstance(ds["reduce_bucket_size"], (int, float))  # an "auto" the HF integration resolved
+    save = grpo["consolidated_save"]
+    assert save["files"] == ["model.safetensors"] and save["tensors_compared"] == grpo["parameters"]
+    offload = by_name(report)["optimizer_offload"]["details"]
+    assert offload["optimizer"].endswith("DeepSpeedCPUAdam") and offload["steps"] == 1
+    assert offload["deepspeed_config"]["offload_optimizer"] == "cpu"
 
 
 def test_transformers_main_regression_fails_zero3_load_and_is_explained(cli, stack_python, tmp_path):
@@ -69,17 +97,37 @@ def test_silent_weight_corruption_fails_zero3_load(cli, stack_python, tmp_path):
     assert "shape [128, 64]" in check["error"]
 
 
-@pytest.fixture(scope="module")
-def seed_deepspeed_overlay() -> Path:
-    """DeepSpeed 0.15.4, the seed's, laid over the good venv with PYTHONPATH."""
+def overlay(requirement: str) -> Path:
+    """One package at another version, laid over the good venv with PYTHONPATH (made once, kept in the cache)."""
     from vlmbuild.lock import uv_binary
 
-    overlay = CACHE / "overlay-deepspeed-0.15.4"
-    if not (overlay / ".complete").is_file():
-        subprocess.run([uv_binary(), "pip", "install", "-q", "--target", str(overlay), "--no-deps",
-                        "--python-version", "3.11", "deepspeed==0.15.4"], check=True)
-        (overlay / ".complete").write_text("ok")
-    return overlay
+    path = CACHE / f"overlay-{requirement.replace('==', '-')}"
+    if not (path / ".complete").is_file():
+        subprocess.run([uv_binary(), "pip", "install", "-q", "--target", str(path), "--no-deps",
+                        "--python-version", "3.11", requirement], check=True)
+        (path / ".complete").write_text("ok")
+    return path
+
+
+@pytest.fixture(scope="module")
+def seed_deepspeed_overlay() -> Path:
+    """DeepSpeed 0.15.4, the seed's."""
+    return overlay("deepspeed==0.15.4")
+
+
+def test_trl_015_with_new_deepspeed_fails_at_generation_because_it_ran(cli, stack_python, tmp_path):
+    """Rule row 3 for real: trl 0.15.2 beside DeepSpeed 0.19.8. Loading, training and resuming pass; GRPO's
+    generation under ZeRO-3 dies with the upstream error, which the rule then explains."""
+    result, report = smoke(cli, stack_python, tmp_path, env={"PYTHONPATH": str(overlay("trl==0.15.2"))})
+    assert result.code == 1
+    checks = by_name(report)
+    assert [checks[n]["status"] for n in ("zero3_load", "train_step", "checkpoint_resume")] == ["passed"] * 3
+    grpo = checks["grpo"]
+    assert grpo["status"] == "failed"
+    assert "'DeepSpeedZeRoOffload' object has no attribute '_register_hooks_recursively'" in grpo["error"]
+    assert "unwrap_model_for_generation" in grpo["traceback"]  # it got there by running, not by a version
+    assert [e["id"] for e in grpo["explanations"]] == ["ds-0.16.4-trl-0.15-generation-hooks"]
+    assert checks["optimizer_offload"]["status"] == "skipped"
 
 
 def test_seed_stack_fails_where_it_really_breaks_on_cpu(cli, stack_python, tmp_path, seed_deepspeed_overlay):
@@ -121,6 +169,7 @@ def test_verify_install_compares_the_environment_with_the_lock(stack_python, tmp
 MAKE_CHECKPOINT = """
 import sys, torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from vlmbuild.smoke.tiny_model import tiny_processor
 # A 'real' checkpoint as far as the smoke can tell: its own token ids, not the tiny model's (a real
 # Qwen2.5-VL uses 151652 for <vision_start> and 151655 for the image token).
 cfg = Qwen2_5_VLConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -131,20 +180,113 @@ cfg = Qwen2_5_VLConfig(vocab_size=256, hidden_size=64, intermediate_size=128, nu
                        spatial_merge_size=2, fullatt_block_indexes=[1]))
 torch.manual_seed(1)
 Qwen2_5_VLForConditionalGeneration(cfg).save_pretrained(sys.argv[1], safe_serialization=True)
+ids = {"<|endoftext|>": 250, "<|im_end|>": 251, "<|pad|>": 252, "<|vision_start|>": 253, "<|image_pad|>": 254,
+       "<|video_pad|>": 255, "<|vision_end|>": 248, "<|im_start|>": 249}
+tiny_processor(256, ids).save_pretrained(sys.argv[1])  # a checkpoint ships its tokenizer and image processor
 """
 
 
+def make_checkpoint(python: Path, where: Path) -> Path:
+    from vlmbuild.render import stage_smoke_sources
+
+    staged = where.parent / "src"
+    stage_smoke_sources(staged)
+    subprocess.run([str(python), "-c", MAKE_CHECKPOINT, str(where)], check=True, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": str(staged / "lib")})
+    return where
+
+
 def test_model_dir_runs_the_checks_on_a_given_checkpoint(cli, stack_python, tmp_path):
-    model = tmp_path / "model"
-    subprocess.run([str(stack_python), "-c", MAKE_CHECKPOINT, str(model)], check=True, capture_output=True)
+    model = make_checkpoint(stack_python, tmp_path / "model")
     result, report = smoke(cli, stack_python, tmp_path, "--model-dir", str(model))
     assert result.code == 0, result.out[-3000:] + result.err[-2000:]
     checks = by_name(report)
     assert report["model"] == str(model)
     assert checks["zero3_load"]["details"]["parameters"] > 56  # untied lm_head: not the tiny built-in model
     assert checks["checkpoint_resume"]["status"] == "passed"
+    assert checks["grpo"]["details"]["parameters"] == checks["zero3_load"]["details"]["parameters"]
 
 
-def test_model_dir_without_a_config_is_a_usage_error(cli, stack_python, tmp_path):
+@pytest.mark.parametrize("break_it, message", [
+    (lambda d: None, "no config.json"),
+    (lambda d: (d / "config.json").write_text('{"model_type": "llama"}'), "model_type 'llama'"),
+    (lambda d: (d / "config.json").write_text('{"model_type": "qwen2_5_vl"}'), "no *.safetensors"),
+])
+def test_model_dir_that_is_not_a_qwen25vl_checkpoint_is_a_usage_error(cli, stack_python, tmp_path, break_it, message):
+    break_it(tmp_path)
     result = cli("smoke", "--local", "--python", str(stack_python), "--device", "cpu", "--model-dir", str(tmp_path))
-    assert result.code == 2 and "no config.json" in result.err
+    assert result.code == 2 and message in result.err, result.err
+    assert "Traceback" not in result.err
+
+
+ATTENTION = """
+import sys, torch
+from pathlib import Path
+from transformers import Qwen2_5_VLForConditionalGeneration
+from vlmbuild.smoke import attention, tiny_model
+torch.manual_seed(0)
+model_dir = Path(sys.argv[1])
+Qwen2_5_VLForConditionalGeneration(tiny_model.tiny_config()).save_pretrained(model_dir)
+# The comparison the GPU check makes (flash_attention_2 vs sdpa in bf16), here eager vs sdpa in fp32 on the CPU.
+details = attention.compare_attention(model_dir, torch.device("cpu"), torch.float32, "eager", "sdpa")
+assert details["vision_rotary"] == "stock transformers", details
+assert details["language_model"]["relative_error"] < 1e-4 and details["vision_tower"]["cosine"] > 0.9999, details
+# A model whose weights differ must fail it: the tolerance is a real bound.
+with torch.no_grad():
+    bad = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir)
+    for p in bad.visual.blocks[0].attn.parameters():
+        p.mul_(1.5)
+    bad.save_pretrained(model_dir / "bad")
+try:
+    attention.compare_attention(model_dir / "bad", torch.device("cpu"), torch.float32, "eager", "sdpa")
+except attention.AttentionProblem:
+    raise SystemExit("same weights on both sides: eager and sdpa must agree")
+print("ok")
+"""
+
+
+def test_attention_comparison_runs_on_cpu_with_eager_against_sdpa(stack_python, tmp_path):
+    """The GPU-only attention check cannot run here (no GPU, no flash-attn); its comparison code runs with two
+    attention implementations the CPU has."""
+    from vlmbuild.render import stage_smoke_sources
+
+    stage_smoke_sources(tmp_path / "src")
+    proc = subprocess.run([str(stack_python), "-c", ATTENTION, str(tmp_path / "model")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path / "src" / "lib")})
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+ROTARY = """
+import torch
+from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as modeling
+from vlmbuild.smoke import attention
+
+def flash_attn_apply_rotary_emb(x, cos, sin, *args, **kwargs):
+    # A stand-in for flash-attn's rotary kernel (flash-attn cannot be installed here: no GPU, no wheel), with
+    # its dtype assertion: flash_attn/ops/triton/rotary.py, "Input and cos/sin must have the same dtype".
+    assert x.dtype == cos.dtype, f"Input and cos/sin must have the same dtype, got {x.dtype} and {cos.dtype}"
+    return x
+
+modeling.apply_rotary_emb = flash_attn_apply_rotary_emb
+q = k = torch.zeros(1, 4, 2, 8, dtype=torch.bfloat16)
+cos = sin = torch.zeros(4, 8, dtype=torch.bfloat16)  # what 4.49 hands over under bf16
+try:
+    modeling.apply_rotary_pos_emb_flashatt(q, k, cos, sin)
+    raise SystemExit("the stand-in kernel did not assert: the test proves nothing")
+except AssertionError as exc:
+    assert attention.ROTARY_DTYPE_ASSERTION.search(str(exc))
+with attention.fp32_vision_rotary():
+    out_q, _ = modeling.apply_rotary_pos_emb_flashatt(q, k, cos, sin)
+assert out_q.dtype == torch.bfloat16
+assert modeling.apply_rotary_pos_emb_flashatt.__name__ == "apply_rotary_pos_emb_flashatt"  # undone on exit
+print("ok")
+"""
+
+
+def test_the_recipes_fp32_rotary_fix_meets_flash_attns_dtype_assertion(stack_python, tmp_path):
+    from vlmbuild.render import stage_smoke_sources
+
+    stage_smoke_sources(tmp_path / "src")
+    proc = subprocess.run([str(stack_python), "-c", ROTARY], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path / "src" / "lib")})
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -6,10 +6,13 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+from vlmbuild import contract
 from vlmbuild.lockfile import parse_lockfile
 from vlmbuild.smoke import report as report_mod
-from vlmbuild.smoke.__main__ import merge_rank_results
-from vlmbuild.smoke.stack import _gpu_facts, lock_mismatches
+from vlmbuild.smoke.__main__ import fail_on_bad_exit, merge_rank_results
+from vlmbuild.smoke.stack import _gpu_facts, lock_mismatches, modules_to_import
+
+CPU_WORKER_CHECKS = contract.checks_for("cpu", flash_attention=False)[1:]
 
 H = " --hash=sha256:" + "a" * 64
 
@@ -27,23 +30,50 @@ def check(name, status="passed", error=None):
 
 def test_a_fatal_start_fails_the_first_check_and_skips_the_rest(tmp_path):
     write_rank(tmp_path, 0, fatal="RuntimeError: 0 active drivers ([]). There should only be one.")
-    out = merge_rank_results(tmp_path, 2, False, 3.0, 60, "log")
-    assert [c["status"] for c in out] == ["failed", "skipped", "skipped"]
+    out = merge_rank_results(tmp_path, 2, False, 3.0, 60, "log", CPU_WORKER_CHECKS)
+    assert [c["status"] for c in out] == ["failed"] + ["skipped"] * (len(CPU_WORKER_CHECKS) - 1)
     assert "0 active drivers" in out[0]["error"]
 
 
 def test_a_failure_on_any_rank_wins_and_keeps_its_own_message(tmp_path):
     write_rank(tmp_path, 0, [check("zero3_load", "failed", "failed on another rank")])
     write_rank(tmp_path, 1, [check("zero3_load", "failed", "size mismatch ... torch.Size([0])")])
-    out = merge_rank_results(tmp_path, 2, False, 3.0, 60, "log")
+    out = merge_rank_results(tmp_path, 2, False, 3.0, 60, "log", CPU_WORKER_CHECKS)
     assert out[0]["error"] == "size mismatch ... torch.Size([0])"
 
 
 def test_a_timeout_is_a_failure_not_a_pass(tmp_path):
     write_rank(tmp_path, 0, [check("zero3_load")])
-    out = merge_rank_results(tmp_path, 2, True, 61.0, 60, "log")
+    out = merge_rank_results(tmp_path, 2, True, 61.0, 60, "log", CPU_WORKER_CHECKS)
     assert out[0]["status"] == "passed" and out[1]["status"] == "failed" and "timed out" in out[1]["error"]
     assert out[2]["status"] == "skipped"
+
+
+def test_a_rank_that_dies_after_its_last_result_fails_the_run():
+    checks = [check(name) for name in CPU_WORKER_CHECKS]
+    assert fail_on_bad_exit([dict(c) for c in checks], 0, "log") == checks
+    out = fail_on_bad_exit([dict(c) for c in checks], -11, "Segmentation fault")
+    assert out[-1]["status"] == "failed" and "exited with status -11" in out[-1]["error"]
+    assert not contract.report_passed({"checks": out})
+
+
+def test_the_checks_each_mode_runs():
+    assert contract.checks_for("cpu", flash_attention=True) == (
+        "stack", "zero3_load", "train_step", "checkpoint_resume", "grpo", "optimizer_offload")
+    assert contract.checks_for("gpu", flash_attention=False)[-1] == "optimizer_offload"
+    assert contract.checks_for("gpu", flash_attention=True)[-1] == "attention"
+
+
+def test_the_pass_test_needs_every_check_passed():
+    assert contract.report_passed({"checks": [check("stack"), check("grpo")]})
+    assert not contract.report_passed({"checks": [check("stack"), check("grpo", "skipped")]})
+    assert not contract.report_passed({"checks": []}) and not contract.report_passed(None)
+
+
+def test_the_stack_check_imports_what_the_variant_names_and_flash_attn_when_installed():
+    variant = {"imports": ["trl", "math_verify", "torch"]}
+    assert modules_to_import(variant, {}) == ["torch", "transformers", "deepspeed", "trl", "math_verify"]
+    assert modules_to_import(None, {"flash-attn": "2.7.4.post1"})[-1] == "flash_attn"
 
 
 def test_report_explains_failures_with_the_rules_and_never_calls_cpu_a_gpu_pass():

@@ -41,8 +41,23 @@ def test_layers_put_heavy_packages_first_and_fast_movers_last():
     assert spec.layer_of("nvidia-cudnn-cu12").name == names[0]
     assert spec.layer_of("triton").name == names[0]
     for fast in ("transformers", "trl", "accelerate", "tokenizers"):
-        assert spec.layer_of(fast).name == names[-1], fast
+        assert spec.layer_of(fast).name == "training", fast
+    # the recipe's packages sit in a layer of their own, above the training layer
+    assert names[-1] == "recipe" and names.index("recipe") > names.index("training")
+    for package in ("wandb", "math-verify", "python-levenshtein", "json-repair"):
+        assert spec.layer_of(package).name == "recipe", package
     assert spec.layer_of("some-unknown-package").name == "libraries"
+
+
+def test_the_recipe_group_is_data_with_its_imports():
+    spec = load_spec(REPO / "images" / "vlm-r1.yaml")
+    recipe = spec.groups["recipe"]
+    assert {"babel", "math-verify", "python-levenshtein", "json-repair", "openai", "matplotlib", "pycocotools",
+            "wandb", "tensorboardx"} <= set(recipe.packages)
+    assert {"math_verify", "latex2sympy2_extended", "antlr4", "Levenshtein", "json_repair"} <= set(recipe.imports)
+    for variant in spec.variants.values():  # every variant carries the group and imports it
+        assert set(recipe.packages) <= set(variant.packages), variant.name
+        assert set(recipe.imports) <= set(variant.imports) and "pip" in variant.packages, variant.name
 
 
 def test_the_valid_mini_spec_loads():

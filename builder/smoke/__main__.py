@@ -24,13 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .. import __version__, contract
 from ..lockfile import LockfileError, read_lockfile
 from . import report as report_mod
 from .stack import StackProblem, check_stack, default_paths, verify_install
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-WORKER_CHECKS = ("zero3_load", "train_step", "checkpoint_resume")
 
 
 class UsageProblem(Exception):
@@ -70,13 +69,15 @@ def worker_env(mode: str, world: int) -> dict[str, str]:
     return env
 
 
-def run_workers(args: argparse.Namespace, mode: str, world: int, workdir: Path) -> tuple[list[dict[str, Any]], str]:
+def run_workers(args: argparse.Namespace, mode: str, world: int, workdir: Path,
+                checks: tuple[str, ...]) -> tuple[list[dict[str, Any]], str]:
     results_dir = workdir / "results"
     results_dir.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(world),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            "-m", "vlmbuild.smoke.worker", "--device", mode, "--workdir", str(workdir),
-           "--results-dir", str(results_dir), "--timeout", str(max(60, int(args.timeout)))]
+           "--results-dir", str(results_dir), "--timeout", str(max(60, int(args.timeout))),
+           "--checks", ",".join(checks)]
     if args.model_dir:
         cmd += ["--model-dir", str(args.model_dir)]
     log_path = workdir / "workers.log"
@@ -95,11 +96,23 @@ def run_workers(args: argparse.Namespace, mode: str, world: int, workdir: Path) 
                 proc.wait()
     elapsed = time.monotonic() - started
     log_tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
-    return merge_rank_results(results_dir, world, timed_out, elapsed, args.timeout, log_tail), log_tail
+    merged = merge_rank_results(results_dir, world, timed_out, elapsed, args.timeout, log_tail, checks)
+    return fail_on_bad_exit(merged, None if timed_out else proc.returncode, log_tail), log_tail
+
+
+def fail_on_bad_exit(checks: list[dict[str, Any]], returncode: int | None, log_tail: str) -> list[dict[str, Any]]:
+    """torchrun's exit status counts: a rank that dies after its last result was written (a crash in teardown,
+    a hang killed by the watchdog) turns the last passing check into a failure instead of a silent PASS."""
+    if returncode in (0, None) or not checks or any(c["status"] != "passed" for c in checks):
+        return checks
+    last = checks[-1]
+    last.update(status="failed", error=f"every check reported a pass, but the ranks exited with status {returncode}; "
+                                       f"last output:\n{log_tail}")
+    return checks
 
 
 def merge_rank_results(results_dir: Path, world: int, timed_out: bool, elapsed: float, timeout: float,
-                       log_tail: str) -> list[dict[str, Any]]:
+                       log_tail: str, checks: tuple[str, ...]) -> list[dict[str, Any]]:
     """Rank 0's view, with any rank's failure folded in; checks that never reported become failures."""
     per_rank = []
     for rank in range(world):
@@ -115,7 +128,7 @@ def merge_rank_results(results_dir: Path, world: int, timed_out: bool, elapsed: 
             elif current["error"] == "failed on another rank" and check.get("error") != "failed on another rank":
                 merged[check["name"]] = check
     out = []
-    for name in WORKER_CHECKS:
+    for name in checks:
         if name in merged:
             out.append(merged[name])
             continue
@@ -134,7 +147,8 @@ def merge_rank_results(results_dir: Path, world: int, timed_out: bool, elapsed: 
 
 def run_stack(mode: str, lock_path: Path | None, variant: dict[str, Any] | None) -> dict[str, Any]:
     started = time.monotonic()
-    entry: dict[str, Any] = {"name": "stack", "status": "passed", "error": None, "details": {}}
+    entry: dict[str, Any] = {"name": "stack", "status": "passed", "error": None, "details": {},
+                             "world_size": 1, "device": mode}
     try:
         lock = read_lockfile(lock_path) if lock_path else None
         entry["details"] = check_stack(mode, lock, variant)
@@ -146,6 +160,39 @@ def run_stack(mode: str, lock_path: Path | None, variant: dict[str, Any] | None)
     return entry
 
 
+def validate_model_dir(path: Path) -> None:
+    """A Qwen2.5-VL checkpoint as the hub ships one: config, safetensors weights, tokenizer and image processor."""
+    where = f"--model-dir {path}"
+    if not path.is_dir():
+        raise UsageProblem(f"{where}: no such directory")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UsageProblem(f"{where}: no config.json there (a Qwen2.5-VL checkpoint directory?)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageProblem(f"{where}: config.json is not readable JSON ({exc})") from None
+    if config.get("model_type") != "qwen2_5_vl":
+        raise UsageProblem(f"{where}: config.json says model_type {config.get('model_type')!r}; the smoke checks "
+                           "Qwen2.5-VL checkpoints (model_type 'qwen2_5_vl')")
+    if not any(path.glob("*.safetensors")):
+        raise UsageProblem(f"{where}: no *.safetensors weights (the smoke compares them byte for byte)")
+    missing = [name for name in ("preprocessor_config.json", "tokenizer_config.json") if not (path / name).is_file()]
+    if missing:
+        raise UsageProblem(f"{where}: no {' or '.join(missing)} (the grpo check feeds image+text prompts through "
+                           "the checkpoint's own processor)")
+
+
+def flash_attention_installed() -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.version("flash-attn")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     default_lock, default_variant = default_paths()
@@ -154,17 +201,18 @@ def run(args: argparse.Namespace) -> int:
     if lock_path is not None and not lock_path.is_file():
         raise UsageProblem(f"--lockfile {lock_path}: no such file")
     variant = json.loads(variant_path.read_text()) if variant_path else None
-    if args.model_dir and not (Path(args.model_dir) / "config.json").is_file():
-        raise UsageProblem(f"--model-dir {args.model_dir}: no config.json there (a Qwen2.5-VL checkpoint directory?)")
+    if args.model_dir:
+        validate_model_dir(Path(args.model_dir))
     mode, world = resolve_mode(args.device)
     if mode == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"  # before the stack check imports deepspeed
         os.environ.setdefault("LOCAL_SIZE", str(world))
 
+    planned = contract.checks_for(mode, flash_attention=flash_attention_installed())
     workdir = Path(tempfile.mkdtemp(prefix="vlmbuild-smoke-", dir=args.workdir))
     try:
         checks = [run_stack(mode, lock_path, variant)]
-        worker_checks, _ = run_workers(args, mode, world, workdir)
+        worker_checks, _ = run_workers(args, mode, world, workdir, tuple(c for c in planned if c != "stack"))
         checks += worker_checks
     finally:
         if not args.keep_workdir:

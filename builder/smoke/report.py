@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..contract import report_passed
 from ..rules import load_rules
 
-SCHEMA_VERSION = 1
-CHECK_ORDER = ("stack", "zero3_load", "train_step", "checkpoint_resume")
+SCHEMA_VERSION = 2  # 2: every check records its world_size and device; checks grpo, optimizer_offload, attention
 
 
 def explain(check: dict[str, Any]) -> list[dict[str, Any]]:
@@ -27,7 +27,7 @@ def finalize(report: dict[str, Any]) -> dict[str, Any]:
     for check in report["checks"]:
         if check["status"] != "passed":
             check["explanations"] = explain(check)
-    report["passed"] = bool(report["checks"]) and all(c["status"] == "passed" for c in report["checks"])
+    report["passed"] = report_passed(report)
     return report
 
 
@@ -37,7 +37,8 @@ def summary(report: dict[str, Any]) -> str:
              f"{report.get('device_name') or 'cpu'}"]
     for check in report["checks"]:
         status = {"passed": "PASS", "failed": "FAIL", "skipped": "SKIP"}[check["status"]]
-        lines.append(f"  {status} {check['name']:<18} {check['seconds']:7.1f}s  {_detail(check)}")
+        where = f"{check.get('device', mode)} x{check.get('world_size', '?')}"
+        lines.append(f"  {status} {check['name']:<18} {check['seconds']:7.1f}s  {where:<8} {_detail(check)}")
         if check["status"] == "failed" and check.get("error"):
             for err_line in str(check["error"]).splitlines()[:10]:
                 lines.append(f"       {err_line}")
@@ -71,6 +72,17 @@ def _detail(check: dict[str, Any]) -> str:
     if name == "checkpoint_resume":
         return (f"{d.get('parameters_compared')} parameters and {d.get('optimizer_tensors_compared')} optimizer "
                 f"tensors equal after load, next loss {d.get('loss_after_resume', 0):.3f}")
+    if name == "grpo":
+        save = d.get("consolidated_save") or {}
+        return (f"{d.get('steps')} GRPO steps, {d.get('generations')} generation(s) under ZeRO-3, "
+                f"{d.get('parameters_changed')} parameters moved; consolidated save of {save.get('tensors_compared')} "
+                "tensors equal to the trained parameters")
+    if name == "optimizer_offload":
+        return f"{d.get('steps')} step(s) with {str(d.get('optimizer', '')).rsplit('.', 1)[-1]}, state offloaded to the CPU"
+    if name == "attention":
+        vt, lm = d.get("vision_tower") or {}, d.get("language_model") or {}
+        return (f"{d.get('candidate')} vs {d.get('reference')}: vision rel. error {vt.get('relative_error', 0):.1e}, "
+                f"language model {lm.get('relative_error', 0):.1e}; vision rotary: {d.get('vision_rotary')}")
     return ""
 
 

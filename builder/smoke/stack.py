@@ -10,15 +10,28 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from packaging.version import Version
 
+from .. import contract
 from ..lockfile import Lockfile
 from ..rules import installed_versions, load_rules
 
-IMPORTS = ("torch", "transformers", "deepspeed")
+# What every run imports; an image's variant.json adds the modules its spec names (the stack's and each group's).
+BASE_IMPORTS = ("torch", "transformers", "deepspeed")
+
+
+def modules_to_import(variant: dict[str, Any] | None, installed: dict[str, str]) -> list[str]:
+    modules = list(BASE_IMPORTS)
+    for module in (variant or {}).get("imports") or []:
+        if module not in modules:
+            modules.append(module)
+    if "flash-attn" in installed and "flash_attn" not in modules:
+        modules.append("flash_attn")
+    return modules
 
 
 def lock_mismatches(lock: Lockfile, installed: dict[str, str]) -> list[str]:
@@ -74,11 +87,16 @@ def check_stack(mode: str, lock: Lockfile | None, variant: dict[str, Any] | None
     else:
         details["lock"] = None
 
-    for module in IMPORTS:
+    modules = modules_to_import(variant, installed)
+    import_seconds: dict[str, float] = {}
+    for module in modules:
+        started = time.monotonic()
         try:
             importlib.import_module(module)
         except Exception as exc:  # noqa: BLE001 - the import error is the finding (e.g. triton's "0 active drivers")
             problems.append(f"import {module} failed: {type(exc).__name__}: {exc}")
+        import_seconds[module] = round(time.monotonic() - started, 3)
+    details["imports"] = import_seconds
     import torch
 
     details["torch_cuda"] = torch.version.cuda
@@ -113,9 +131,8 @@ class StackProblem(Exception):
 
 
 def default_paths() -> tuple[Path | None, Path | None]:
-    """Inside an image the lockfile and variant metadata lie at fixed paths."""
-    base = Path("/opt/vlmbuild")
-    lock = base / "lock.txt"
-    variant = base / "variant.json"
+    """Inside an image the lockfile and variant metadata lie at fixed paths (the contract's)."""
+    lock = Path(contract.LOCK_PATH)
+    variant = Path(contract.VARIANT_PATH)
     return (lock if lock.is_file() else None, variant if variant.is_file() else None)
 

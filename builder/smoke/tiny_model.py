@@ -7,11 +7,19 @@ because ``spatial_merge_size == 2``.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 # Token ids of the tiny vocabulary.
 BOS, EOS, PAD, VISION_START, IMAGE_TOKEN, VIDEO_TOKEN = 0, 1, 2, 3, 4, 5
 VOCAB_SIZE = 128
+# The tokenizer's special tokens, in id order: the Qwen2.5-VL names, so its processor finds them.
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|pad|>", "<|vision_start|>", "<|image_pad|>", "<|video_pad|>",
+                  "<|vision_end|>", "<|im_start|>")
+# One character a token; the rest of the vocabulary is filled with unused tokens up to VOCAB_SIZE.
+CHARACTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:;?!'\n<>/=-+*()[]{}#%&_|"
+# 56x56 pixels: 4x4 patches of 14 pixels, merged 2x2 into 4 image tokens (the grid of IMAGE_GRID_THW).
+IMAGE_SIDE = 56
 # One image of 4x4 patches (temporal 1); merged 2x2 it becomes 4 image tokens.
 IMAGE_GRID_THW = (1, 4, 4)
 PATCH_DIM = 3 * 2 * 14 * 14  # channels * temporal_patch_size * patch_size**2 = 1176
@@ -80,3 +88,58 @@ def image_text_batch(device: Any, dtype: Any, config: Any = None, seed: int = 12
         "pixel_values": pixel_values.to(device=device, dtype=dtype),
         "image_grid_thw": torch.tensor([IMAGE_GRID_THW], device=device),
     }
+
+
+def tiny_processor(vocab_size: int = VOCAB_SIZE, special_ids: dict[str, int] | None = None) -> Any:
+    """A Qwen2.5-VL processor (image processor + tokenizer) for a tiny vocabulary, made without the hub.
+
+    One token per character (a WordLevel model over CHARACTERS), the special tokens at the ids the tiny config
+    names (or at ``special_ids``, token -> id, for a checkpoint of other ids), and an image processor that sizes
+    every image to IMAGE_SIDE x IMAGE_SIDE pixels.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2_5_VLProcessor, Qwen2TokenizerFast, Qwen2VLImageProcessor
+
+    specials = special_ids or {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    by_id = {i: token for token, i in specials.items()}
+    plain = iter(list(dict.fromkeys(CHARACTERS)) + ["<|unk|>"])
+    vocab: dict[str, int] = {}
+    for i in range(vocab_size):
+        token = by_id.get(i) or next(plain, None) or f"<|unused_{i}|>"
+        vocab[token] = i
+    if "<|unk|>" not in vocab:
+        raise ValueError(f"a vocabulary of {vocab_size} has no room for the tiny tokenizer's characters")
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = Qwen2TokenizerFast(
+        tokenizer_object=core, bos_token=SPECIAL_TOKENS[BOS], eos_token=SPECIAL_TOKENS[EOS],
+        pad_token=SPECIAL_TOKENS[PAD], unk_token="<|unk|>", additional_special_tokens=list(SPECIAL_TOKENS[3:]),
+    )
+    pixels = IMAGE_SIDE * IMAGE_SIDE
+    image_processor = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=14,
+                                            temporal_patch_size=2, merge_size=2)
+    return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def load_processor(model_dir: Path) -> Any:
+    """The processor a real checkpoint ships (tokenizer + preprocessor_config.json)."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(str(model_dir))
+
+
+def tiny_images(count: int, seed: int = 0) -> list[Any]:
+    """Random RGB images of IMAGE_SIDE pixels, made locally."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (IMAGE_SIDE, IMAGE_SIDE, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def chat_prompt(question: str) -> str:
+    """A user turn holding one image and a question, then the assistant's turn: what the chat template of
+    Qwen2.5-VL renders for an image+text message."""
+    return (f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n"
+            "<|im_start|>assistant\n")

@@ -1,127 +1,35 @@
-"""One rank of the smoke: the ZeRO-3 checks that need a process group.
+"""One rank of the smoke: the checks that need a process group.
 
 Started by the launcher through ``torch.distributed.run`` (torchrun), world size 2 on CPU (gloo) and
 ``min(2, GPUs)`` on GPU (NCCL), so ZeRO-3 really partitions across ranks. Each rank writes its own
 results file; the launcher merges them. Every check ends with an all-reduce of its verdict so that all
-ranks agree and none walks into the next collective alone.
+ranks agree and none walks into the next collective alone. Every result records the world size and the
+device it ran on.
 
-Needs only what a training image has: torch, transformers, deepspeed, safetensors' file format (parsed
-here with the standard library, so a broken ``safetensors`` cannot vouch for itself).
+Needs what a training image has: torch, transformers, deepspeed; trl, accelerate and datasets for the GRPO
+checks; flash-attn for the GPU attention check.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
-import struct
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from . import tiny_model
+from .common import CheckFailed, all_ranks_ok, mean_over_ranks, set_comm_device
+from .weights import checkpoint_digests, diff_params, gathered_param_digests
 
 TRAIN_STEPS = 4
 LEARNING_RATE = 1e-3
 CHECKPOINT_TAG = "smoke"
-
-
-class CheckFailed(Exception):
-    """A check ran to the end and found the environment wrong (as opposed to crashing)."""
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def tensor_digest(tensor: Any) -> str:
-    import torch
-
-    t = tensor.detach().to("cpu").contiguous()
-    if t.numel() == 0:
-        return hashlib.sha256(b"").hexdigest()
-    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
-def safetensors_digests(path: Path) -> dict[str, dict[str, Any]]:
-    """sha256, shape and dtype of every tensor in a .safetensors file, read byte for byte.
-
-    The format is an 8-byte little-endian header length, a JSON header, then raw little-endian data.
-    """
-    out: dict[str, dict[str, Any]] = {}
-    with open(path, "rb") as fh:
-        (header_len,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(header_len))
-        data_start = 8 + header_len
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            begin, end = info["data_offsets"]
-            fh.seek(data_start + begin)
-            out[name] = {
-                "sha256": hashlib.sha256(fh.read(end - begin)).hexdigest(),
-                "shape": list(info["shape"]),
-                "dtype": info["dtype"],
-            }
-    return out
-
-
-def checkpoint_digests(model_dir: Path) -> dict[str, dict[str, Any]]:
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise CheckFailed(f"no .safetensors files in {model_dir}")
-    digests: dict[str, dict[str, Any]] = {}
-    for f in files:
-        digests.update(safetensors_digests(f))
-    return digests
-
-
-def all_ranks_ok(ok: bool) -> bool:
-    """True only if every rank says ok (MIN all-reduce)."""
-    import torch
-    import torch.distributed as dist
-
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=comm_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-def mean_over_ranks(value: float) -> float:
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor([value], dtype=torch.float64, device=comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return float(t.item()) / dist.get_world_size()
-
-
-_DEVICE = "cpu"
-
-
-def comm_device() -> str:
-    return _DEVICE
-
-
-@contextmanager
-def gathered(module: Any) -> Iterator[None]:
-    import deepspeed
-
-    params = list(module.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        yield
-
-
-def gathered_param_digests(module: Any) -> dict[str, dict[str, Any]]:
-    with gathered(module):
-        return {
-            name: {"sha256": tensor_digest(p.data), "shape": list(p.data.shape), "dtype": str(p.data.dtype)}
-            for name, p in module.named_parameters()
-        }
 
 
 def optimizer_snapshot(engine: Any) -> dict[str, Any]:
@@ -166,22 +74,6 @@ def compare_snapshots(before: dict[str, Any], after: dict[str, Any]) -> list[str
     return problems
 
 
-def diff_params(reference: dict[str, dict[str, Any]], loaded: dict[str, dict[str, Any]], what: str) -> list[str]:
-    problems = []
-    for name in sorted(set(reference) | set(loaded)):
-        if name not in loaded:
-            problems.append(f"{name}: in {what} but not in the model")
-        elif name not in reference:
-            problems.append(f"{name}: in the model but not in {what}")
-        elif reference[name]["sha256"] != loaded[name]["sha256"]:
-            problems.append(
-                f"{name}: not bit-identical to {what} ("
-                f"{what} shape {reference[name]['shape']} {reference[name]['dtype']}, "
-                f"model shape {loaded[name]['shape']} {loaded[name]['dtype']})"
-            )
-    return problems
-
-
 # ---------------------------------------------------------------- the checks
 
 
@@ -204,6 +96,7 @@ class Smoke:
             self.dtype = torch.float32
         self.model_dir = Path(args.model_dir) if args.model_dir else self.workdir / "tiny-model"
         self.real_model = bool(args.model_dir)
+        self.checks = tuple(args.checks.split(","))
         self.results: list[dict[str, Any]] = []
         self.model: Any = None
         self.engine: Any = None
@@ -237,9 +130,12 @@ class Smoke:
     # -- check runner
 
     def run_check(self, name: str, fn: Callable[[], dict[str, Any] | None], needs: tuple[str, ...] = ()) -> bool:
+        if name not in self.checks:
+            return False
         failed_deps = [r["name"] for r in self.results if r["name"] in needs and r["status"] != "passed"]
         start = time.monotonic()
-        entry: dict[str, Any] = {"name": name, "status": "passed", "seconds": 0.0, "error": None, "details": {}}
+        entry: dict[str, Any] = {"name": name, "status": "passed", "seconds": 0.0, "error": None, "details": {},
+                                 "world_size": self.world, "device": self.device_description()}
         if failed_deps:
             entry.update(status="skipped", error=f"not run: {', '.join(failed_deps)} did not pass")
             self.results.append(entry)
@@ -267,6 +163,13 @@ class Smoke:
         self.results.append(entry)
         self.write_results()
         return agreed
+
+    def device_description(self) -> str:
+        if not self.gpu:
+            return "cpu"
+        import torch
+
+        return f"cuda ({torch.cuda.get_device_name(self.local_rank)})"
 
     def write_results(self) -> None:
         out = Path(self.args.results_dir) / f"rank{self.rank}.json"
@@ -305,13 +208,17 @@ class Smoke:
         self.model = self.load_under_zero3()
 
         names = [n for n, _ in self.model.named_parameters()]
-        not_partitioned = [
-            n for n, p in self.model.named_parameters() if not hasattr(p, "ds_id") or p.data.numel() != 0
-        ]
+        # Partitioned: a ZeRO-3 parameter (ds_id) whose local .data is the empty placeholder and whose shard on
+        # this rank is a strict part of the whole (with world size 1 the "shard" is all of it: say so).
+        partitioned = [n for n, p in self.model.named_parameters()
+                       if hasattr(p, "ds_id") and p.data.numel() == 0 and p.ds_tensor.numel() > 0
+                       and (self.world == 1 or p.ds_tensor.numel() < p.ds_numel)]
+        not_partitioned = [n for n in names if n not in set(partitioned)]
         if not_partitioned:
             raise CheckFailed(
                 f"{len(not_partitioned)} of {len(names)} parameters are not ZeRO-3 partitioned "
-                f"(no ds_id or full data on this rank), first: {', '.join(not_partitioned[:5])}"
+                f"(no ds_id, full data on this rank, or the whole tensor in one shard), first: "
+                f"{', '.join(not_partitioned[:5])}"
             )
         loaded = gathered_param_digests(self.model)
         problems = diff_params(reference, loaded, "the checkpoint")
@@ -321,7 +228,8 @@ class Smoke:
                 + "\n  ".join(problems[:8])
             )
         vision = sum(1 for n in names if n.startswith("visual."))
-        return {"parameters": len(names), "vision_parameters": vision, "partitioned": len(names), "bit_identical": True}
+        return {"parameters": len(names), "vision_parameters": vision, "partitioned": len(partitioned),
+                "bit_identical": True}
 
     # -- check 3: train_step
 
@@ -394,20 +302,64 @@ class Smoke:
             "loss_after_resume": losses[0],
         }
 
+    # -- checks 5 and 6: grpo, optimizer_offload
+
+    def processor(self) -> Any:
+        return tiny_model.load_processor(self.model_dir) if self.real_model else tiny_model.tiny_processor()
+
+    def check_grpo(self) -> dict[str, Any]:
+        from . import grpo
+
+        output = self.workdir / "grpo"
+        try:
+            trainer, facts = grpo.run_grpo(self.model_dir, self.processor(), output, "zero3", grpo.GRPO_STEPS,
+                                           self.world, self.gpu, self.dtype)
+            facts["consolidated_save"] = grpo.verify_consolidated_save(trainer, output / "final")
+        except grpo.GrpoProblem as exc:
+            raise CheckFailed(str(exc)) from None
+        return facts
+
+    def check_optimizer_offload(self) -> dict[str, Any]:
+        from . import grpo
+
+        try:
+            trainer, facts = grpo.run_grpo(self.model_dir, self.processor(), self.workdir / "grpo-offload",
+                                           "zero3_offload", grpo.OFFLOAD_STEPS, self.world, self.gpu, self.dtype)
+        except grpo.GrpoProblem as exc:
+            raise CheckFailed(str(exc)) from None
+        if "CPUAdam" not in facts["optimizer"]:
+            raise CheckFailed(f"the offload config trained with {facts['optimizer']}, not DeepSpeed's CPU Adam")
+        if facts["deepspeed_config"]["offload_optimizer"] != "cpu":
+            raise CheckFailed("the optimizer state was not offloaded to the CPU")
+        return facts
+
+    # -- check 7 (GPU): attention
+
+    def check_attention(self) -> dict[str, Any]:
+        from . import attention
+
+        try:
+            return attention.compare_attention(self.model_dir, self.device, self.dtype, "flash_attention_2", "sdpa")
+        except attention.AttentionProblem as exc:
+            raise CheckFailed(str(exc)) from None
+
     def run(self) -> None:
         self.run_check("zero3_load", self.check_zero3_load)
         self.run_check("train_step", self.check_train_step, needs=("zero3_load",))
         self.run_check("checkpoint_resume", self.check_checkpoint_resume, needs=("train_step",))
+        self.run_check("grpo", self.check_grpo, needs=("zero3_load",))
+        self.run_check("optimizer_offload", self.check_optimizer_offload, needs=("grpo",))
+        self.run_check("attention", self.check_attention, needs=("zero3_load",))
 
 
 def main(argv: list[str] | None = None) -> int:
-    global _DEVICE
     parser = argparse.ArgumentParser(prog="vlmbuild.smoke.worker")
     parser.add_argument("--device", choices=["cpu", "gpu"], required=True)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--results-dir", required=True)
     parser.add_argument("--model-dir", default=None)
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--checks", required=True, help="comma-separated check names, in the contract's order")
     args = parser.parse_args(argv)
 
     rank = int(os.environ.get("RANK", "0"))
@@ -418,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         import deepspeed
 
         if args.device == "gpu":
-            _DEVICE = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            set_comm_device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
             import torch
 
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -1,0 +1,74 @@
+"""The contract between the builder and the images it makes: in-image paths, label keys, check names, the pass test.
+
+Both sides import this one module: the builder (labels it writes, files it reads back, what it calls passed) and
+the smoke inside every image (where it finds the lockfile, which checks it runs, what it reports). Standard
+library only: it ships inside every image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+# ---------------------------------------------------------------- inside the image
+
+IMAGE_DIR = "/opt/vlmbuild"
+LOCK_PATH = f"{IMAGE_DIR}/lock.txt"
+VARIANT_PATH = f"{IMAGE_DIR}/variant.json"
+REPORT_PATH = f"{IMAGE_DIR}/smoke-report.json"
+SMOKE_ENTRYPOINT = "vlmbuild-smoke"
+VENV = "/opt/venv"
+
+# ---------------------------------------------------------------- labels
+
+LABEL_PREFIX = "io.vlmbuild"
+SMOKE_LABEL = f"{LABEL_PREFIX}.smoke"
+LABEL_LOCK_SHA256 = f"{LABEL_PREFIX}.lock-sha256"
+LABEL_VERSIONS = f"{LABEL_PREFIX}.versions"
+LABEL_RESULT = f"{SMOKE_LABEL}.result"
+LABEL_DEVICE = f"{SMOKE_LABEL}.device"
+LABEL_VALIDATED_ON = f"{SMOKE_LABEL}.validated-on"
+LABEL_WORLD_SIZE = f"{SMOKE_LABEL}.world-size"
+LABEL_CHECKS = f"{SMOKE_LABEL}.checks"
+LABEL_REPORT_PATH = f"{SMOKE_LABEL}.report-path"
+LABEL_REPORT_SHA256 = f"{SMOKE_LABEL}.report-sha256"
+LABEL_SECONDS = f"{SMOKE_LABEL}.seconds"
+# Marks the containers we start, so that leftovers of an interrupted run can be found and removed.
+OWNER_LABEL = f"{LABEL_PREFIX}.owner"
+
+# ---------------------------------------------------------------- checks
+
+# Every check the smoke can run, in the order it runs them. "gpu" checks run only in GPU mode.
+CHECKS: tuple[tuple[str, str, str], ...] = (
+    ("stack", "any", "installed versions equal the lockfile; CUDA build, GPU arch, NCCL, bf16; rules; every module "
+                     "of the stack and the recipe imports"),
+    ("zero3_load", "any", "from_pretrained under ZeRO-3: every parameter partitioned, every gathered tensor "
+                          "bit-identical to the checkpoint file"),
+    ("train_step", "any", "deepspeed.initialize, gradient checkpointing, optimizer steps on an image+text batch, "
+                          "loss falling"),
+    ("checkpoint_resume", "any", "save_checkpoint, load into a fresh engine: parameters, fp32 partitions and Adam "
+                                 "moments equal; one more step"),
+    ("grpo", "any", "trl's GRPOTrainer with the recipe's ZeRO-3 config: generation through "
+                    "unwrap_model_for_generation, rule-based rewards, a reference model, optimizer steps, the "
+                    "consolidated 16-bit save equal to the trained parameters"),
+    ("optimizer_offload", "any", "one GRPO step with the recipe's zero3_offload config: DeepSpeed's CPU Adam, "
+                                 "optimizer state and parameters on the CPU"),
+    ("attention", "gpu", "flash_attention_2 against sdpa in bf16, vision tower and language model"),
+)
+CHECK_NAMES = tuple(name for name, _, _ in CHECKS)
+WORKER_CHECKS = tuple(name for name in CHECK_NAMES if name != "stack")
+
+
+def checks_for(mode: str, flash_attention: bool) -> tuple[str, ...]:
+    """The checks a run in ``mode`` ("cpu" or "gpu") performs; ``attention`` needs a GPU and flash-attn."""
+    return tuple(name for name, where, _ in CHECKS
+                 if where == "any" or (where == mode == "gpu" and (name != "attention" or flash_attention)))
+
+
+def report_passed(report: Mapping[str, Any] | None) -> bool:
+    """The one pass test, used by the smoke for its verdict and by the builder before it tags or pushes:
+    a report with checks, every one of which passed."""
+    if not report:
+        return False
+    checks = report.get("checks") or []
+    return bool(checks) and all(c.get("status") == "passed" for c in checks)

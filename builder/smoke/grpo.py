@@ -1,0 +1,320 @@
+"""Checks ``grpo`` and ``optimizer_offload``: GRPO as VLM-R1 runs it, on trl's ``GRPOTrainer`` from the image.
+
+VLM-R1 trains with ``VLMGRPOTrainer``, a subclass of trl's ``GRPOTrainer`` that feeds images to generation and
+to the loss. ``SmokeGRPOTrainer`` is our own such subclass, as small as it can be: trl's class keeps loading the
+reference model under ZeRO-3 and building its DeepSpeed engine (``prepare_deepspeed``), the repeat sampler, the
+seeding and the HF Trainer's DeepSpeed integration; the subclass only generates image+text prompts through trl's
+ZeRO-3 path
+(``unwrap_model_for_generation`` on the DeepSpeed engine: gather, remove the ZeRO-3 hooks, generate, put them
+back; https://github.com/huggingface/trl/issues/2962 is what breaks there) and computes GRPO's loss with the image.
+
+One run: the HF Trainer resolves the recipe's DeepSpeed config (``recipe_configs``), makes the optimizer,
+takes ``GRPO_STEPS`` optimizer steps with gradient checkpointing, then ``save_model`` writes the consolidated
+16-bit safetensors, which is read back byte for byte and compared with the gathered parameters.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from . import tiny_model
+from .recipe_configs import recipe_config
+
+GRPO_STEPS = 2
+OFFLOAD_STEPS = 1
+NUM_GENERATIONS = 2
+MAX_COMPLETION_TOKENS = 8
+LEARNING_RATE = 1e-3  # the tiny model must move measurably in two steps (bf16 rounds away the recipe's 1e-6)
+BETA = 0.04  # trl's and VLM-R1's default KL weight: the reference model (its own ZeRO-3 engine) takes part
+QUESTIONS = ("How many squares are in the image?", "What is 3+4?", "Name the colour.", "Count the dots.")
+ANSWERS = ("4", "7", "red", "9")
+ANSWER_RE = re.compile(r"<answer>.*?</answer>", re.S)
+
+
+class GrpoProblem(Exception):
+    """The GRPO run finished but what it produced is wrong."""
+
+
+# ---------------------------------------------------------------- rule-based rewards (as the recipe's are)
+
+
+def format_reward(completions: list[str], **_: Any) -> list[float]:
+    """1.0 when the completion wraps an answer in <answer>...</answer> (VLM-R1's format reward, in spirit)."""
+    return [1.0 if ANSWER_RE.search(c) else 0.0 for c in completions]
+
+
+def answer_reward(completions: list[str], answer: list[str], **_: Any) -> list[float]:
+    """Similarity to the expected answer, plus a dense term from the characters themselves, so that two
+    different completions practically never tie and the policy gradient is not zero."""
+    out = []
+    for text, expected in zip(completions, answer, strict=True):
+        similarity = difflib.SequenceMatcher(None, text, expected).ratio()
+        dense = (sum(map(ord, text)) / max(1, len(text))) / 256.0 if text else 0.0
+        out.append(similarity + 0.1 * dense)
+    return out
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+def make_trainer_class() -> type:
+    """``SmokeGRPOTrainer``, made at run time: trl is imported only when the check runs."""
+    import torch
+    from accelerate.utils import gather
+    from transformers import AutoModelForCausalLM, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from trl import GRPOTrainer
+    from trl.models import unwrap_model_for_generation
+
+    # trl loads the reference model under ZeRO-3 with AutoModelForCausalLM, which in transformers 4.49 has no
+    # Qwen2.5-VL entry ("Unrecognized configuration class ... Qwen2_5_VLConfig"). Registering the class through
+    # the public Auto API lets trl's own code load it and wrap it with its prepare_deepspeed, in every trl version.
+    AutoModelForCausalLM.register(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, exist_ok=True)
+
+    class SmokeGRPOTrainer(GRPOTrainer):
+        def __init__(self, *, model: Any, processor: Any, args: Any, **kwargs: Any) -> None:
+            super().__init__(model=model, args=args, processing_class=processor.tokenizer, **kwargs)
+            self.processor = processor
+            self.generation_calls = 0
+            self.completion_lengths: list[int] = []
+            self.losses: list[float] = []
+            self.rewards: list[list[float]] = []
+
+        # -- generation and scoring (trl's _generate_and_score_completions, with images)
+
+        def _prepare_inputs(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+            device = self.accelerator.device
+            encoded = self.processor(text=[x["prompt"] for x in inputs], images=[x["image"] for x in inputs],
+                                     return_tensors="pt", padding=True, padding_side="left")
+            encoded = {k: v.to(device) for k, v in encoded.items()}
+            encoded["pixel_values"] = encoded["pixel_values"].to(self.model.dtype)
+            tokenizer = self.processor.tokenizer
+            # The engine, not the module: trl gathers the ZeRO-3 shards and takes the engine's hooks off and
+            # back on around generate(); that is the path that broke (trl#2962, deepspeed >= 0.16.4).
+            with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped:
+                out = unwrapped.generate(**encoded, max_new_tokens=MAX_COMPLETION_TOKENS, do_sample=True,
+                                         temperature=1.0, top_k=0, pad_token_id=tokenizer.pad_token_id,
+                                         eos_token_id=tokenizer.eos_token_id)
+            self.generation_calls += 1
+            prompt_len = encoded["input_ids"].size(1)
+            completion_ids = out[:, prompt_len:]
+            is_eos = completion_ids == tokenizer.eos_token_id
+            first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), completion_ids.size(1))
+            completion_mask = (torch.arange(completion_ids.size(1), device=device)[None, :] <= first_eos[:, None]).int()
+            self.completion_lengths += completion_mask.sum(1).tolist()
+
+            texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+            rewards = torch.zeros(len(inputs), device=device)
+            for func in self.reward_funcs:
+                rewards += torch.tensor(func(completions=texts, answer=[x["answer"] for x in inputs]),
+                                        dtype=torch.float32, device=device)
+            # Groups of NUM_GENERATIONS completions of one prompt span the ranks: normalise over all of them.
+            all_rewards = gather(rewards)
+            self.rewards.append(all_rewards.tolist())
+            grouped = all_rewards.view(-1, self.num_generations)
+            advantages = (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)
+            rank = self.accelerator.process_index
+            advantages = advantages.reshape(-1)[rank * len(inputs):(rank + 1) * len(inputs)]
+
+            batch = {
+                "input_ids": torch.cat([encoded["input_ids"], completion_ids], 1),
+                "attention_mask": torch.cat([encoded["attention_mask"], completion_mask], 1),
+                "pixel_values": encoded["pixel_values"],
+                "image_grid_thw": encoded["image_grid_thw"],
+                "completion_mask": completion_mask,
+                "advantages": advantages,
+            }
+            if self.ref_model is not None:
+                with torch.no_grad():
+                    batch["ref_logps"] = self.completion_logps(self.ref_model, batch)
+            return batch
+
+        def completion_logps(self, model: Any, batch: dict[str, Any]) -> Any:
+            keep = batch["completion_mask"].size(1)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"]).logits
+            logits = logits[:, -keep - 1:-1, :].float()
+            targets = batch["input_ids"][:, -keep:]
+            return torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            # GRPO with one iteration per generation: the ratio is 1 in value, its gradient the policy gradient.
+            logps = self.completion_logps(model, inputs)
+            per_token = -torch.exp(logps - logps.detach()) * inputs["advantages"].unsqueeze(1)
+            if "ref_logps" in inputs:
+                delta = inputs["ref_logps"] - logps
+                per_token = per_token + self.beta * (torch.exp(delta) - delta - 1)
+            mask = inputs["completion_mask"]
+            loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+            self.losses.append(float(loss.detach()))
+            return loss
+
+    return SmokeGRPOTrainer
+
+
+# ---------------------------------------------------------------- one run
+
+
+def prompt_dataset(count: int) -> Any:
+    from datasets import Dataset
+
+    images = tiny_model.tiny_images(count)
+    return Dataset.from_list([
+        {"prompt": tiny_model.chat_prompt(QUESTIONS[i % len(QUESTIONS)]), "image": images[i],
+         "answer": ANSWERS[i % len(ANSWERS)]}
+        for i in range(count)
+    ])
+
+
+def training_args(output_dir: Path, config_name: str, steps: int, world: int, gpu: bool, bf16: bool,
+                  seed: int) -> Any:
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        output_dir=str(output_dir),
+        deepspeed=recipe_config(config_name),
+        # NUM_GENERATIONS completions of each prompt per optimizer step, spread over the ranks.
+        per_device_train_batch_size=max(1, NUM_GENERATIONS // world),
+        gradient_accumulation_steps=1,
+        num_generations=NUM_GENERATIONS,
+        max_completion_length=MAX_COMPLETION_TOKENS,
+        max_steps=steps,
+        learning_rate=LEARNING_RATE,
+        beta=BETA,
+        bf16=bf16,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        remove_unused_columns=False,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=seed,
+        # With no GPU and only `deepspeed=`, accelerate picks no backend and counts one process
+        # ("train_batch_size ... 1 != 1 * 1 * 2"). use_cpu with gloo makes it count the process group the smoke
+        # set up; the Accelerator still runs DeepSpeed because the TrainingArguments carry its plugin.
+        **({} if gpu else {"use_cpu": True, "ddp_backend": "gloo"}),
+    )
+
+
+
+
+
+def load_model(model_dir: Path, dtype: Any) -> Any:
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    # Built inside deepspeed.zero.Init: the TrainingArguments made just before hold the live HfDeepSpeedConfig.
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(model_dir), torch_dtype=dtype,
+                                                               attn_implementation="sdpa")
+    model.config.use_cache = False
+    return model
+
+
+def resolved_config_facts(trainer: Any) -> dict[str, Any]:
+    """What the HF integration made of the recipe's config: no 'auto' may be left."""
+    config = trainer.accelerator.state.deepspeed_plugin.deepspeed_config
+    leftover = sorted(_auto_keys(config))
+    if leftover:
+        raise GrpoProblem(f"the HF integration left 'auto' in the DeepSpeed config: {', '.join(leftover)}")
+    zero = config["zero_optimization"]
+    return {
+        "stage": zero["stage"],
+        "overlap_comm": zero["overlap_comm"],
+        "reduce_bucket_size": zero["reduce_bucket_size"],
+        "stage3_param_persistence_threshold": zero["stage3_param_persistence_threshold"],
+        "train_batch_size": config["train_batch_size"],
+        "gradient_clipping": config["gradient_clipping"],
+        "bf16": bool(config.get("bf16", {}).get("enabled")),
+        "offload_optimizer": (zero.get("offload_optimizer") or {}).get("device"),
+        "offload_param": (zero.get("offload_param") or {}).get("device"),
+    }
+
+
+def _auto_keys(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [k for key, value in node.items() for k in _auto_keys(value, f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if node == "auto" else []
+
+
+def optimizer_name(trainer: Any) -> str:
+    engine = trainer.model_wrapped
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    return f"{type(inner).__module__}.{type(inner).__name__}"
+
+
+def run_grpo(model_dir: Path, processor: Any, output_dir: Path, config_name: str, steps: int, world: int,
+             gpu: bool, dtype: Any, seed: int = 42) -> tuple[Any, dict[str, Any]]:
+    """Train ``steps`` GRPO steps; (trainer, facts). Raises GrpoProblem when the run is wrong."""
+    import torch
+    import torch.distributed as dist
+
+    from .weights import gathered_param_digests
+
+    args = training_args(output_dir, config_name, steps, world, gpu, dtype == torch.bfloat16, seed)
+    model = load_model(model_dir, dtype)
+    initial = gathered_param_digests(model)
+    trainer = make_trainer_class()(
+        model=model, processor=processor, args=args,
+        reward_funcs=[format_reward, answer_reward],
+        train_dataset=prompt_dataset(max(4, steps * NUM_GENERATIONS)),
+    )
+    result = trainer.train()
+    if trainer.state.global_step != steps:
+        raise GrpoProblem(f"the trainer took {trainer.state.global_step} optimizer steps, expected {steps}")
+    if trainer.generation_calls < steps or not trainer.completion_lengths:
+        raise GrpoProblem(f"generation ran {trainer.generation_calls} time(s) for {steps} steps")
+    if not all(math.isfinite(x) for x in trainer.losses):
+        raise GrpoProblem(f"loss not finite: {trainer.losses}")
+    engine = trainer.model_wrapped
+    partitioned = sum(1 for p in engine.module.parameters() if hasattr(p, "ds_id"))
+    if partitioned == 0:
+        raise GrpoProblem("the trained model carries no ZeRO-3 parameters (ds_id): it was not trained under ZeRO-3")
+    trained = gathered_param_digests(engine.module)
+    moved = [n for n, d in trained.items() if n in initial and d["sha256"] != initial[n]["sha256"]]
+    if not moved:
+        raise GrpoProblem(f"no parameter changed in {steps} optimizer step(s): the update did not reach the weights "
+                          f"(rewards {trainer.rewards}, losses {trainer.losses})")
+    facts = {
+        "steps": trainer.state.global_step,
+        "world_size": world,
+        "generations": trainer.generation_calls,
+        "completion_lengths": trainer.completion_lengths,
+        "rewards": trainer.rewards,
+        "losses": trainer.losses,
+        "train_loss": float(result.training_loss),
+        "parameters_changed": len(moved),
+        "parameters": len(trained),
+        "partitioned_parameters": partitioned,
+        "optimizer": optimizer_name(trainer),
+        "reference_model": trainer.ref_model is not None,
+        "deepspeed_config": resolved_config_facts(trainer),
+    }
+    dist.barrier()
+    return trainer, facts
+
+
+def verify_consolidated_save(trainer: Any, output_dir: Path) -> dict[str, Any]:
+    """``save_model`` under ZeRO-3 writes the consolidated 16-bit weights; they must be the gathered parameters."""
+    import torch.distributed as dist
+
+    from .weights import checkpoint_digests, diff_params, gathered_param_digests
+
+    trainer.save_model(str(output_dir))
+    dist.barrier()
+    files = sorted(p.name for p in output_dir.glob("*.safetensors"))
+    if not files:
+        present = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
+        raise GrpoProblem(f"save_model wrote no consolidated .safetensors into {output_dir} (found {present}); "
+                          "is stage3_gather_16bit_weights_on_model_save on?")
+    saved = checkpoint_digests(output_dir)
+    live = gathered_param_digests(trainer.model_wrapped.module)
+    problems = diff_params(saved, live, "the consolidated save")
+    if problems:
+        raise GrpoProblem(f"{len(problems)} tensor(s) of the consolidated save differ from the trained parameters; "
+                          "first ones:\n  " + "\n  ".join(problems[:8]))
+    return {"files": files, "tensors_compared": len(saved), "dtype": sorted({d["dtype"] for d in saved.values()})}

@@ -1,0 +1,102 @@
+"""Weights compared bit for bit: sha256 of every tensor of a .safetensors file (parsed here with the standard
+library, so a broken ``safetensors`` cannot vouch for itself) and of every gathered ZeRO-3 parameter."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .common import CheckFailed
+
+# safetensors' dtype names against torch's
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def tensor_digest(tensor: Any) -> str:
+    import torch
+
+    t = tensor.detach().to("cpu").contiguous()
+    if t.numel() == 0:
+        return hashlib.sha256(b"").hexdigest()
+    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def safetensors_digests(path: Path) -> dict[str, dict[str, Any]]:
+    """sha256, shape and dtype of every tensor in a .safetensors file, read byte for byte.
+
+    The format is an 8-byte little-endian header length, a JSON header, then raw little-endian data.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    with open(path, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(header_len))
+        data_start = 8 + header_len
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            fh.seek(data_start + begin)
+            out[name] = {
+                "sha256": hashlib.sha256(fh.read(end - begin)).hexdigest(),
+                "shape": list(info["shape"]),
+                "dtype": "torch." + SAFETENSORS_DTYPES.get(info["dtype"], info["dtype"].lower()),
+            }
+    return out
+
+
+def checkpoint_digests(model_dir: Path) -> dict[str, dict[str, Any]]:
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise CheckFailed(f"no .safetensors files in {model_dir}")
+    digests: dict[str, dict[str, Any]] = {}
+    for f in files:
+        digests.update(safetensors_digests(f))
+    return digests
+
+
+def checkpoint_dtype(model_dir: Path) -> str:
+    """The dtype most of a checkpoint's floating-point tensors are stored in, as torch names it."""
+    counts: dict[str, int] = {}
+    for info in checkpoint_digests(model_dir).values():
+        if info["dtype"] in ("torch.float32", "torch.float16", "torch.bfloat16", "torch.float64"):
+            counts[info["dtype"]] = counts.get(info["dtype"], 0) + 1
+    return max(counts, key=counts.get) if counts else "torch.float32"
+
+
+@contextmanager
+def gathered(module: Any) -> Iterator[None]:
+    import deepspeed
+
+    params = list(module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def gathered_param_digests(module: Any) -> dict[str, dict[str, Any]]:
+    with gathered(module):
+        return {
+            name: {"sha256": tensor_digest(p.data), "shape": list(p.data.shape), "dtype": str(p.data.dtype)}
+            for name, p in module.named_parameters()
+        }
+
+
+def diff_params(reference: dict[str, dict[str, Any]], loaded: dict[str, dict[str, Any]], what: str) -> list[str]:
+    problems = []
+    for name in sorted(set(reference) | set(loaded)):
+        if name not in loaded:
+            problems.append(f"{name}: in {what} but not in the model")
+        elif name not in reference:
+            problems.append(f"{name}: in the model but not in {what}")
+        elif reference[name]["sha256"] != loaded[name]["sha256"]:
+            problems.append(
+                f"{name}: not bit-identical to {what} ("
+                f"{what} shape {reference[name]['shape']} {reference[name]['dtype']}, "
+                f"model shape {loaded[name]['shape']} {loaded[name]['dtype']})"
+            )
+    return problems
