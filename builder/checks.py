@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from .lock import variant_status
-from .lockfile import LockfileError, read_lockfile
-from .rules import RuleSet, Violation, installed_versions
+from .lockfile import Lockfile, LockfileError, read_lockfile
+from .rules import RECIPE_CONDITIONS, RuleSet, Violation, installed_versions, training_conditions
 from .spec import Variant
-
-# The VLM-R1 recipe, for `check --env` when the caller names no conditions.
-RECIPE_CONDITIONS = ("zero3", "bf16", "generation", "resume")
 
 
 @dataclass
@@ -34,10 +30,8 @@ class VariantVerdict:
 
 
 def variant_conditions(variant: Variant, versions: dict[str, str]) -> tuple[str, ...]:
-    conds = set(variant.image.conditions)
-    if "flash-attn" in versions:
-        conds.add("flash_attention_2")
-    return tuple(sorted(conds))
+    """A variant is checked under its image's recipe conditions (gpu_less_host is one of them when declared)."""
+    return training_conditions(variant.image.conditions or RECIPE_CONDITIONS, versions, gpu_less_host=False)
 
 
 def declared_versions(variant: Variant) -> dict[str, str]:
@@ -49,12 +43,14 @@ def declared_versions(variant: Variant) -> dict[str, str]:
     return out
 
 
-def check_variant(variant: Variant, rules: RuleSet) -> VariantVerdict:
-    status = variant_status(variant)
+def check_variant(variant: Variant, rules: RuleSet, lock: Lockfile | None = None) -> VariantVerdict:
+    """The variant's locked versions (its declared pins while it has no lockfile) against the rules;
+    ``lock`` when the caller has read it already."""
+    status = variant_status(variant, lock)
     notes = []
     if status.state in ("fresh", "stale"):
         try:
-            versions = read_lockfile(variant.lockfile_path).pins
+            versions = (lock or read_lockfile(variant.lockfile_path)).pins
             source = f"lockfile {variant.lockfile_path.name}" + (" (stale)" if status.state == "stale" else "")
             if status.state == "stale":
                 notes.append(f"lockfile is stale: {status.detail}")
@@ -73,12 +69,7 @@ def check_variant(variant: Variant, rules: RuleSet) -> VariantVerdict:
 def environment_conditions(when: tuple[str, ...] | None, versions: dict[str, str]) -> tuple[str, ...]:
     if when:
         return tuple(sorted(set(when)))
-    conds = set(RECIPE_CONDITIONS)
-    if not os.path.exists("/dev/nvidia0"):
-        conds.add("gpu_less_host")
-    if "flash-attn" in versions:
-        conds.add("flash_attention_2")
-    return tuple(sorted(conds))
+    return training_conditions(None, versions)
 
 
 def check_environment(rules: RuleSet, when: tuple[str, ...] | None = None) -> tuple[dict[str, str], tuple[str, ...], list[Violation]]:

@@ -36,12 +36,24 @@ def fail(exc: VlmbuildError) -> None:
     sys.exit(exc.exit_code)
 
 
+class Terminated(BaseException):
+    """SIGTERM (how CI runners cancel a job): raised in the main thread so that it unwinds exactly like Ctrl-C,
+    through every cleanup on the way (the smoke container, the candidate image, the tags, the BuildKit CLI)."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def guarded(fn: Callable) -> Callable:
-    """Bad input → one paragraph on stderr and exit 2, never a traceback."""
+    """Bad input → one paragraph on stderr and exit 2, never a traceback. Ctrl-C → 130, SIGTERM → 143, both
+    after the same cleanup."""
     import functools
+    import signal
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             return fn(*args, **kwargs)
         except VlmbuildError as exc:
@@ -49,6 +61,11 @@ def guarded(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             click.echo("vlmbuild: interrupted", err=True)
             sys.exit(130)
+        except Terminated:
+            click.echo("vlmbuild: terminated (SIGTERM)", err=True)
+            sys.exit(143)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 
@@ -198,17 +215,19 @@ def lock(ctx: Context, image: str | None, variants: tuple[str, ...], check_only:
 @click.option("--variant", required=True, help="The variant to render.")
 @click.option("--output", required=True, type=click.Path(file_okay=False, path_type=Path), help="New directory for the context.")
 @click.option("--base-image", default=None, help="Use this base instead of the spec's (e.g. a locally made one).")
-@click.option("--ca-bundle", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
-              help="CA bundle the build trusts for PyPI (default: $SSL_CERT_FILE). Never reaches the final image.")
 @pass_ctx
 @guarded
-def render(ctx: Context, image: str, variant: str, output: Path, base_image: str | None, ca_bundle: Path | None) -> None:
-    """Write the Dockerfile and the complete build context of a variant into DIR."""
+def render(ctx: Context, image: str, variant: str, output: Path, base_image: str | None) -> None:
+    """Write the Dockerfile and the complete build context of a variant into DIR.
+
+    The context holds no secret: `vlmbuild build` hands the build its CA bundle and network settings as BuildKit
+    secrets `build-ca` and `build-env`; to build it by hand pass both with `--secret id=...,src=FILE`."""
     from .render import render as render_variant
 
-    result = render_variant(ctx.spec(image).variant(variant), output, base_image=base_image, ca_bundle=ca_bundle)
+    result = render_variant(ctx.spec(image).variant(variant), output, base_image=base_image)
     click.echo(f"rendered {image}/{variant} as tag {result.tag} into {result.context} "
-               f"({len(result.layers)} layers: {', '.join(f'{l.name} {l.count}' for l in result.layers)})")
+               f"({', '.join(f'{l.name} {l.count}' for l in result.layers)}, then {len(result.packages)} "
+               "package layers)")
 
 
 # ---------------------------------------------------------------- smoke
@@ -221,97 +240,156 @@ def render(ctx: Context, image: str, variant: str, output: Path, base_image: str
 @click.option("--device", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True)
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the JSON report here.")
 @click.option("--model-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Also check a real local Qwen2.5-VL checkpoint.")
+              help="Also check a real local Qwen2.5-VL checkpoint (mounted read-only into the image).")
 @click.option("--lockfile", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="With --local: compare installed versions with this lockfile.")
+@click.option("--repeat", type=click.IntRange(1, 20), default=1, show_default=True,
+              help="Run the ZeRO-3 load this many times in fresh processes; fail if any run differs.")
 @click.option("--timeout", type=int, default=900, show_default=True, help="Seconds before the smoke is killed.")
 @pass_ctx
 @guarded
 def smoke(ctx: Context, image_ref: str | None, local: bool, python: str | None, device: str, report: Path | None,
-          model_dir: Path | None, lockfile: Path | None, timeout: int) -> None:
+          model_dir: Path | None, lockfile: Path | None, repeat: int, timeout: int) -> None:
     """Run the ZeRO-3 smoke in this environment (--local) or inside a built image (IMAGE_REF)."""
     if local == bool(image_ref):
         raise VlmbuildError("give exactly one of --local or IMAGE_REF")
     if local:
         from .smoke_local import run_local
 
-        code = run_local(python or sys.executable, device, report, model_dir, lockfile, timeout, ctx.root)
+        code = run_local(python or sys.executable, device, report, model_dir, lockfile, timeout, ctx.root, repeat)
     else:
-        from .pipeline import smoke_image
+        from .gate import smoke_image
 
-        code = smoke_image(image_ref, device, report, timeout)
+        code = smoke_image(image_ref, device, report, timeout, repeat, model_dir)
     sys.exit(code)
 
 
-# ---------------------------------------------------------------- build / push
+# ---------------------------------------------------------------- build / push / plan / inspect
 
 
 @main.command()
 @click.argument("image")
 @click.option("--variant", "variants", multiple=True, help="Build this variant (repeatable). Default: every variant "
               "not marked 'expect: rejected'.")
-@click.option("--smoke-device", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True,
-              help="auto: GPU if the engine can give one.")
+@click.option("--smoke-device", type=click.Choice(["auto", "gpu", "cpu"]), default=None,
+              help="Where the smoke runs (default: the spec's smoke.device; auto: GPU if the engine can give one).")
 @click.option("--base-image", default=None, help="Build on this base instead of the spec's.")
 @click.option("--repository", default=None, help="Tag (and push) into this repository instead of the spec's.")
 @click.option("--push", is_flag=True, help="Push the tags that passed.")
 @click.option("--allow-cpu-evidence", is_flag=True, help="With --push: allow pushing an image validated on CPU only.")
 @click.option("--keep-failed", is_flag=True, help="Keep a candidate that failed the smoke (untagged) for inspection.")
 @click.option("--smoke-timeout", type=int, default=None, help="Kill the smoke after SECONDS (default: the spec's).")
+@click.option("--repeat", type=click.IntRange(1, 20), default=None,
+              help="ZeRO-3 loads in fresh processes (default: the spec's smoke.repeat).")
+@click.option("--model-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Smoke with a real local Qwen2.5-VL checkpoint too (mounted read-only).")
+@click.option("--rebuild", is_flag=True, help="Build and smoke again even if the immutable tag already names a "
+              "validated image of the same inputs (that tag stays where it is).")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a JSON build report (tags, digests, smoke reports) here.")
 @click.option("--ignore-rules", is_flag=True, help="Build a variant the rules reject (the smoke still judges it).")
-@click.option("--no-cache", "nocache", is_flag=True, help="Build without the engine's layer cache.")
+@click.option("--no-cache", "nocache", is_flag=True, help="Build without BuildKit's layer cache.")
 @pass_ctx
 @guarded
-def build(ctx: Context, image: str, variants: tuple[str, ...], smoke_device: str, base_image: str | None,
+def build(ctx: Context, image: str, variants: tuple[str, ...], smoke_device: str | None, base_image: str | None,
           repository: str | None, push: bool, allow_cpu_evidence: bool, keep_failed: bool, smoke_timeout: int | None,
-          report: Path | None, ignore_rules: bool, nocache: bool) -> None:
+          repeat: int | None, model_dir: Path | None, rebuild: bool, report: Path | None, ignore_rules: bool,
+          nocache: bool) -> None:
     """Build, smoke and tag variants of IMAGE; an image that fails the smoke is never tagged."""
-    from .pipeline import BuildOptions, SmokeFailed, build_variant, write_build_report
+    from .gate import BuildOptions, PushFailed, SmokeFailed, build_variant, write_build_report
 
     options = BuildOptions(smoke_device=smoke_device, base_image=base_image, push=push, keep_failed=keep_failed,
                            smoke_timeout=smoke_timeout, ignore_rules=ignore_rules, repository=repository,
-                           allow_cpu_push=allow_cpu_evidence, nocache=nocache)
+                           allow_cpu_push=allow_cpu_evidence, nocache=nocache, rebuild=rebuild, repeat=repeat,
+                           model_dir=model_dir)
     selected = ctx.variants(image, variants, include_rejected=False)
     if not selected:
         raise VlmbuildError(f"{image}: no variant to build (all are marked 'expect: rejected'; name one with --variant)")
-    outcomes, failures = [], []
+    outcomes, failures, push_errors = [], [], []
     for variant in selected:
         try:
             outcomes.append(build_variant(variant, options))
         except SmokeFailed as exc:
             outcomes.append(exc.outcome)
             failures.append(str(exc))
+        except PushFailed as exc:
+            outcomes.append(exc.outcome)
+            push_errors.append(exc)
         finally:
             if report:
                 write_build_report(report, outcomes)
     for o in outcomes:
         state = "PASS" if o.passed else "FAIL"
-        click.echo(f"{state} {o.image}/{o.variant}: build {o.build_seconds:.0f}s, smoke {o.smoke_seconds:.0f}s on "
-                   f"{(o.smoke_device or '?').upper()}" + (f", tags {', '.join(o.tags)}" if o.tags else ", not tagged"))
+        how = ("already built and validated, reused" if o.reused else
+               f"build {o.build_seconds:.0f}s, smoke {o.smoke_seconds:.0f}s ({'; '.join(o.passes) or '-'})")
+        click.echo(f"{state} {o.image}/{o.variant}: {how}"
+                   + (f", tags {', '.join(o.tags)}" if o.tags else ", not tagged")
+                   + (f"; push failed: {o.push_error}" if o.push_error else ""))
     if failures:
         raise CheckFailed("; ".join(failures))
+    if push_errors:
+        raise push_errors[0]
 
 
 @main.command()
 @click.argument("image")
 @click.option("--variant", "variants", multiple=True, help="Push this variant (repeatable). Default: all buildable.")
 @click.option("--repository", default=None, help="The repository the image was tagged in (default: the spec's).")
+@click.option("--base-image", default=None, help="The base it was built on, if not the spec's.")
 @click.option("--allow-cpu-evidence", is_flag=True, help="Allow pushing an image whose smoke ran on CPU only.")
 @pass_ctx
 @guarded
-def push(ctx: Context, image: str, variants: tuple[str, ...], repository: str | None, allow_cpu_evidence: bool) -> None:
+def push(ctx: Context, image: str, variants: tuple[str, ...], repository: str | None, base_image: str | None,
+         allow_cpu_evidence: bool) -> None:
     """Push the tags of IMAGE's variants that passed the smoke; print each pushed digest."""
     from .engine import Engine
-    from .pipeline import push_tags, tags_for
-    from .render import load_variant_lock
+    from .release import push_tags
+    from .resolve import resolve_for_tags
 
     engine = Engine()
     for variant in ctx.variants(image, variants, include_rejected=False):
-        lock = load_variant_lock(variant)
-        repo = repository or variant.image.repository
-        push_tags(engine, variant, repo, tags_for(variant, variant.tag(lock.pins), lock.sha256), allow_cpu_evidence)
+        resolved = resolve_for_tags(variant, engine, base_image, repository)
+        push_tags(engine, resolved, resolved.tags, allow_cpu_evidence)
+
+
+@main.command()
+@click.argument("image")
+@click.option("--variant", "variants", multiple=True, help="This variant (repeatable). Default: all buildable.")
+@click.option("--repository", default=None, help="Tag into this repository instead of the spec's.")
+@click.option("--base-image", default=None, help="Build on this base instead of the spec's.")
+@pass_ctx
+@guarded
+def plan(ctx: Context, image: str, variants: tuple[str, ...], repository: str | None, base_image: str | None) -> None:
+    """What a build would make, resolved against this engine: base, identity, tags, and whether it exists."""
+    from .engine import Engine
+    from .release import validated_image
+    from .resolve import resolve_for_tags
+
+    engine = Engine()
+    for variant in ctx.variants(image, variants, include_rejected=False):
+        r = resolve_for_tags(variant, engine, base_image, repository)
+        existing = validated_image(engine, r)
+        click.echo(json.dumps({
+            "image": image, "variant": variant.name, "repository": r.repository, "tags": r.tags,
+            "immutable_tag": r.immutable_tag, "identity": r.identity, "base": r.base.ref,
+            "base_image_id": r.base.image_id, "base_digest": r.base.digest, "lock_sha256": r.lock.sha256,
+            "built": existing,
+        }, indent=2))
+
+
+@main.command()
+@click.argument("image_ref")
+@click.option("--json", "as_json", is_flag=True, help="The findings as JSON.")
+@guarded
+def inspect(image_ref: str, as_json: bool) -> None:
+    """Re-verify an image's evidence from the image itself (report, lockfile, SBOM, installed packages) and show
+    what each layer holds. Exit 1 when anything disagrees."""
+    from .inspect_image import format_inspection, inspect_image
+
+    result = inspect_image(image_ref)
+    click.echo(json.dumps(result.as_json(), indent=2) if as_json else format_inspection(result))
+    if not result.ok:
+        sys.exit(1)
 
 
 @main.command()

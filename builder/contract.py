@@ -25,6 +25,7 @@ LABEL_PREFIX = "io.vlmbuild"
 SMOKE_LABEL = f"{LABEL_PREFIX}.smoke"
 LABEL_LOCK_SHA256 = f"{LABEL_PREFIX}.lock-sha256"
 LABEL_VERSIONS = f"{LABEL_PREFIX}.versions"
+LABEL_SMOKE_ENTRYPOINT = f"{LABEL_PREFIX}.smoke-entrypoint"
 LABEL_RESULT = f"{SMOKE_LABEL}.result"
 LABEL_DEVICE = f"{SMOKE_LABEL}.device"
 LABEL_VALIDATED_ON = f"{SMOKE_LABEL}.validated-on"
@@ -54,15 +55,31 @@ CHECKS: tuple[tuple[str, str, str], ...] = (
     ("optimizer_offload", "any", "one GRPO step with the recipe's zero3_offload config: DeepSpeed's CPU Adam, "
                                  "optimizer state and parameters on the CPU"),
     ("attention", "gpu", "flash_attention_2 against sdpa in bf16, vision tower and language model"),
+    ("zero3_repeat", "repeat", "the ZeRO-3 load again in fresh processes (--repeat N): every run bit-identical "
+                               "to the checkpoint and to each other"),
+    ("prebuilt_ops", "image", "the DeepSpeed ops the image was built with are installed and none was compiled "
+                              "while the checks ran"),
 )
+# What a check needs to have run before it (the launcher refuses a selection without them).
+DEPENDS = {"train_step": ("zero3_load",), "checkpoint_resume": ("train_step",), "grpo": ("zero3_load",),
+           "optimizer_offload": ("grpo",), "attention": ("zero3_load",), "zero3_repeat": ("zero3_load",)}
 CHECK_NAMES = tuple(name for name, _, _ in CHECKS)
-WORKER_CHECKS = tuple(name for name in CHECK_NAMES if name != "stack")
+SBOM_PATH = f"{IMAGE_DIR}/sbom.cdx.json"
+BUILT_WHEELS_PATH = f"{IMAGE_DIR}/built-wheels.sha256"
+# The checks that run in the torchrun ranks (the others run in the launcher).
+WORKER_CHECKS = ("zero3_load", "train_step", "checkpoint_resume", "grpo", "optimizer_offload", "attention")
 
 
-def checks_for(mode: str, flash_attention: bool) -> tuple[str, ...]:
-    """The checks a run in ``mode`` ("cpu" or "gpu") performs; ``attention`` needs a GPU and flash-attn."""
-    return tuple(name for name, where, _ in CHECKS
-                 if where == "any" or (where == mode == "gpu" and (name != "attention" or flash_attention)))
+def checks_for(mode: str, flash_attention: bool, prebuilt_ops: bool = False, repeat: int = 1) -> tuple[str, ...]:
+    """The checks a run in ``mode`` ("cpu" or "gpu") performs: ``attention`` needs a GPU and flash-attn,
+    ``prebuilt_ops`` an image whose DeepSpeed was built with the ops this mode's accelerator loads,
+    ``zero3_repeat`` a repeat count above one."""
+    out = []
+    for name, where, _ in CHECKS:
+        if (where == "any" or (where == "image" and prebuilt_ops) or (where == "repeat" and repeat > 1)
+                or (where == mode == "gpu" and flash_attention)):
+            out.append(name)
+    return tuple(out)
 
 
 def report_passed(report: Mapping[str, Any] | None) -> bool:
@@ -72,3 +89,9 @@ def report_passed(report: Mapping[str, Any] | None) -> bool:
         return False
     checks = report.get("checks") or []
     return bool(checks) and all(c.get("status") == "passed" for c in checks)
+
+
+def evidence_passed(evidence: Mapping[str, Any] | None) -> bool:
+    """The pass test of an image's evidence file: at least one smoke pass, every pass passed."""
+    passes = (evidence or {}).get("passes") or []
+    return bool(passes) and all(report_passed(p) for p in passes)

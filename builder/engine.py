@@ -1,17 +1,15 @@
-"""The container engine, through the Docker SDK for Python: build, run the smoke, tag, push.
+"""The container engine, through the Docker SDK for Python: run the smoke, add evidence, tag, push.
 
-The SDK speaks the classic builder only (no BuildKit: https://github.com/docker/docker-py/issues/2230),
-which is what our engines offer. Every failure of the engine becomes an EngineError (exit 2) or a
-BuildFailed (exit 1) with a message for a person; containers we start are removed on every path out.
+Builds go through BuildKit (vlmbuild.buildkit: the SDK speaks only the classic builder,
+https://github.com/docker/docker-py/issues/2230). Every failure of the engine becomes an EngineError (exit 2)
+or a BuildFailed (exit 1) with a message for a person; containers we start are removed on every path out.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,22 +20,21 @@ import docker
 import requests
 import urllib3
 
+from . import buildkit, contract
+from .buildkit import BuildFailed  # noqa: F401 - re-exported: the gate catches it from here
 from .errors import CheckFailed, VlmbuildError
+from .localbase import ensure_local_base
 from .progress import Progress
+from .resolve import Base
+from .spec import LOCAL_BASE_PREFIX, split_digest
 
-PROXY_ARGS = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy", "FTP_PROXY",
-              "ftp_proxy", "ALL_PROXY", "all_proxy")
 CONTAINER_REPORT_DIR = "/tmp/vlmbuild-smoke"
-# Labels that mark what we started, so an interrupted run's leftovers can be found and removed.
-OWNER_LABEL = "io.vlmbuild.owner"
+CONTAINER_MODEL_DIR = "/model"
+OWNER_LABEL = contract.OWNER_LABEL
 
 
 class EngineError(VlmbuildError):
     """No daemon, or the daemon went away, or it refused a request: exit 2."""
-
-
-class BuildFailed(CheckFailed):
-    """A Dockerfile step failed: exit 1, with the failing step and its last output lines."""
 
 
 @dataclass
@@ -47,6 +44,11 @@ class SmokeRun:
     logs: str
     seconds: float
     timed_out: bool
+    device: str = "cpu"
+
+    @property
+    def passed(self) -> bool:
+        return self.exit_code == 0 and contract.report_passed(self.report)
 
 
 @contextmanager
@@ -73,12 +75,6 @@ def event_error(event: dict) -> str | None:
     return (event.get("errorDetail") or {}).get("message") or event.get("error") or "unknown error"
 
 
-def proxy_buildargs() -> dict[str, str]:
-    """The host's proxy settings, as Docker's predefined build args: they reach RUN steps but are kept out
-    of the image's history and config (https://docs.docker.com/reference/dockerfile/#predefined-args)."""
-    return {k: v for k, v in os.environ.items() if k in PROXY_ARGS and v}
-
-
 class Engine:
     def __init__(self, timeout: int = 600) -> None:
         try:
@@ -102,42 +98,112 @@ class Engine:
         with engine_errors(f"inspecting {ref}"):
             return self.client.images.get(ref).labels or {}
 
-    def build(self, context: Path, progress: Progress, buildargs: dict[str, str] | None = None,
-              nocache: bool = False) -> str:
-        """Build ``context`` untagged; the image id. Streams steps into ``progress``."""
-        image_id = None
-        with engine_errors(f"building {context}"):
-            stream = self.api.build(path=str(context), rm=True, forcerm=True, pull=False, decode=True,
-                                    buildargs={**proxy_buildargs(), **(buildargs or {})}, nocache=nocache)
-            for event in stream:
-                if "stream" in event:
-                    for line in event["stream"].splitlines():
-                        progress.build_line(line)
-                if "aux" in event and "ID" in event["aux"]:
-                    image_id = event["aux"]["ID"]
-                message = event_error(event)
-                if message:
-                    n, total, text = progress.step
-                    tail = "\n".join(f"    {l}" for l in progress.last_lines)
-                    raise BuildFailed(f"build failed at step {n}/{total} [{progress.stage}] {text}\n"
-                                      f"  {message}\n  last output lines:\n{tail}")
-        if image_id is None:
-            raise EngineError(f"building {context}: the engine reported no image id (the daemon went away?)")
-        return image_id
+    def layers(self, ref: str) -> tuple[str, ...]:
+        with engine_errors(f"inspecting {ref}"):
+            return tuple(self.client.images.get(ref).attrs["RootFS"].get("Layers") or ())
 
-    def add_evidence(self, image_id: str, files: dict[str, bytes], labels: dict[str, str],
-                     progress: Progress) -> str:
-        """The tested image plus one layer of evidence files and labels: a new image id."""
-        lines = [f"FROM {image_id}"]
-        with tempfile.TemporaryDirectory(prefix="vlmbuild-evidence-") as tmp:
-            for i, (dest, data) in enumerate(sorted(files.items())):
-                name = f"evidence-{i}"
-                Path(tmp, name).write_bytes(data)
-                lines.append(f"COPY {name} {dest}")
-            if labels:  # one instruction: one history entry
-                lines.append("LABEL " + " \\\n      ".join(f"{k}={json.dumps(v)}" for k, v in sorted(labels.items())))
-            Path(tmp, "Dockerfile").write_text("\n".join(lines) + "\n")
-            return self.build(Path(tmp), progress)
+    def resolve_base(self, ref: str) -> Base:
+        """The base image as the engine has it, checked against its pin.
+
+        A base made on this machine (vlmbuild-local/...) is made when missing; its image id is what the build
+        records. A pinned base (name:tag@sha256:...) is pulled by digest when missing, and must carry that digest:
+        a build never starts from whatever the engine happens to have cached under the tag."""
+        name, digest = split_digest(ref)
+        if ref.startswith(LOCAL_BASE_PREFIX):
+            image_id = ensure_local_base(self.client, ref, echo=lambda m: print(m, flush=True))
+            return Base(ref, image_id, None, self.layers(image_id))
+        if digest is None:  # --base-image naming a local image by tag or id: its id is what counts
+            image_id = self.image_id(ref)
+            if image_id is None:
+                raise EngineError(f"base image {ref}: no such image in this engine (pull or build it first)")
+            return Base(ref, image_id, None, self.layers(image_id))
+        image_id = self.image_id(f"{name.rsplit(':', 1)[0]}@{digest}")
+        if image_id is None:
+            with engine_errors(f"pulling the base {ref}"):
+                self.client.images.pull(name.rsplit(":", 1)[0], tag=digest)
+            image_id = self.image_id(f"{name.rsplit(':', 1)[0]}@{digest}")
+        if image_id is None:
+            raise EngineError(f"base image {ref}: the engine has no image with that digest")
+        with engine_errors(f"inspecting {ref}"):
+            repo_digests = self.client.images.get(image_id).attrs.get("RepoDigests") or []
+        if not any(d.endswith(f"@{digest}") for d in repo_digests):
+            raise CheckFailed(f"base image {ref}: the engine's image {image_id[:19]} does not carry the pinned "
+                              f"digest (it has {repo_digests or 'none'}); not building on an unverified base")
+        return Base(ref, image_id, digest, self.layers(image_id))
+
+    def check_built_on(self, image_id: str, base: Base) -> None:
+        """The candidate really starts from the checked base: its first layers are the base's layers."""
+        layers = self.layers(image_id)
+        if base.layers and layers[: len(base.layers)] != base.layers:
+            raise CheckFailed(f"the build did not start from the checked base {base.ref} ({base.image_id[:19]}): "
+                              "its tag moved during the build? Nothing was tagged")
+
+    def untag(self, repository: str, tag: str) -> None:
+        with engine_errors(f"removing the tag {repository}:{tag}"):
+            try:
+                self.client.images.remove(f"{repository}:{tag}", noprune=True)
+            except docker.errors.ImageNotFound:
+                pass
+
+    def remote_digest(self, repository: str, tag: str) -> str | None:
+        """The digest a registry serves for repository:tag, None when it has no such tag."""
+        try:
+            return self.api.inspect_distribution(f"{repository}:{tag}")["Descriptor"]["digest"]
+        except docker.errors.NotFound:
+            return None
+        except docker.errors.APIError as exc:
+            text = str(exc.explanation or exc).lower()
+            if "not found" in text or "manifest unknown" in text or "name unknown" in text:
+                return None
+            raise EngineError(f"asking the registry for {repository}:{tag}: {exc.explanation or exc}") from None
+        except (requests.exceptions.RequestException, docker.errors.DockerException) as exc:
+            raise EngineError(f"asking the registry for {repository}:{tag}: {exc}") from None
+
+    def local_repo_digest(self, image_id: str, repository: str) -> str | None:
+        with engine_errors(f"inspecting {image_id[:19]}"):
+            digests = self.client.images.get(image_id).attrs.get("RepoDigests") or []
+        return next((d.split("@", 1)[1] for d in digests if d.split("@", 1)[0] == repository), None)
+
+    def build(self, context: Path, progress: Progress, nocache: bool = False) -> str:
+        """Build ``context`` untagged with BuildKit; the image id. A daemon lost on the way is an EngineError."""
+        try:
+            return buildkit.build(context, progress, nocache=nocache)
+        except buildkit.BuildFailed:
+            raise
+        except VlmbuildError as exc:
+            if not self.answers():
+                raise EngineError(f"building {context}: lost the Docker daemon ({exc}). Is dockerd running? "
+                                  "(.ci/setup starts one)") from None
+            raise
+
+    def answers(self) -> bool:
+        try:
+            self.client.ping()
+            return True
+        except (docker.errors.DockerException, requests.exceptions.RequestException, urllib3.exceptions.HTTPError):
+            return False
+
+    def add_evidence(self, image_id: str, files: dict[str, bytes], labels: dict[str, str]) -> str:
+        """The tested image plus one layer holding ``files`` and the ``labels``: a new image id.
+
+        A container is created from the image (never started), the files are put into it and it is committed
+        with the labels; no builder is involved and nothing else of the image changes."""
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for dest, data in sorted(files.items()):
+                info = tarfile.TarInfo(dest.lstrip("/"))
+                info.size, info.mode, info.mtime = len(data), 0o644, 0
+                tar.addfile(info, io.BytesIO(data))
+        changes = [f"LABEL {json.dumps(k)}={json.dumps(v)}" for k, v in sorted(labels.items())]
+        with engine_errors(f"adding evidence to {image_id[:19]}"):
+            container = self.client.containers.create(image_id, command=["true"], labels={OWNER_LABEL: "evidence"})
+            try:
+                if not container.put_archive("/", buf.getvalue()):
+                    raise EngineError(f"the engine refused the evidence files for {image_id[:19]}")
+                image = container.commit(changes=changes, message="vlmbuild: smoke evidence")
+            finally:
+                container.remove(force=True)
+        return image.id
 
     def tag(self, image_id: str, repository: str, tag: str) -> None:
         with engine_errors(f"tagging {repository}:{tag}"):
@@ -176,21 +242,29 @@ class Engine:
 
     # ------------------------------------------------------------ the smoke
 
-    def run_smoke(self, image: str, device: str, timeout: int, progress: Progress) -> SmokeRun:
-        """Run the image's smoke in a container of its own, collect the JSON report, always remove it."""
+    def run_smoke(self, image: str, device: str, timeout: int, progress: Progress, repeat: int = 1,
+                  model_dir: Path | None = None) -> SmokeRun:
+        """Run the image's smoke in a container of its own, collect the JSON report, always remove the container:
+        on success, failure, a start that fails, the timeout, Ctrl-C and SIGTERM alike."""
         report_path = f"{CONTAINER_REPORT_DIR}/report.json"
-        command = ["vlmbuild-smoke", "--device", device, "--report", report_path, "--timeout", str(max(60, timeout - 30))]
-        kwargs = dict(
-            command=command, detach=True, network_mode="none",  # the smoke needs no network: prove it
-            shm_size="2g", labels={OWNER_LABEL: "smoke"}, stdin_open=False,
-        )
+        command = [contract.SMOKE_ENTRYPOINT, "--device", device, "--report", report_path,
+                   "--timeout", str(max(60, timeout - 30)), "--repeat", str(repeat)]
+        kwargs: dict = dict(network_mode="none", shm_size="2g", labels={OWNER_LABEL: "smoke"}, stdin_open=False)
+        if model_dir is not None:  # a real checkpoint, read-only
+            kwargs["volumes"] = {str(Path(model_dir).absolute()): {"bind": CONTAINER_MODEL_DIR, "mode": "ro"}}
+            command += ["--model-dir", CONTAINER_MODEL_DIR]
         if device == "gpu":
             kwargs["device_requests"] = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
         container = None
         started = time.monotonic()
         try:
-            with engine_errors(f"starting the smoke in {image[:19]}"):
-                container = self.client.containers.run(image, **kwargs)
+            with engine_errors(f"creating the smoke container of {image}"):
+                container = self.client.containers.create(image, command=command, **kwargs)
+            try:
+                container.start()
+            except docker.errors.APIError as exc:
+                # docker-py's containers.run() would leave this container behind in state Created.
+                raise EngineError(f"the smoke could not start in {image}: {exc.explanation or exc}") from None
             timed_out, exit_code = False, None
             try:
                 exit_code = container.wait(timeout=timeout)["StatusCode"]
@@ -208,7 +282,7 @@ class Engine:
                 logs = container.logs().decode(errors="replace")
                 report = None if timed_out else self._read_file(container, report_path)
             return SmokeRun(exit_code, json.loads(report) if report else None, logs,
-                            time.monotonic() - started, timed_out)
+                            time.monotonic() - started, timed_out, device)
         finally:
             if container is not None:
                 try:
@@ -232,9 +306,34 @@ class Engine:
 
     def read_image_file(self, image: str, path: str) -> bytes | None:
         """A file from an image's filesystem (a created, never started container; removed after)."""
-        with engine_errors(f"reading {path} from {image[:19]}"):
+        return self.read_image_files(image, [path])[path]
+
+    def read_image_files(self, image: str, paths: list[str]) -> dict[str, bytes | None]:
+        with engine_errors(f"reading files from {image[:19]}"):
             container = self.client.containers.create(image, command=["true"], labels={OWNER_LABEL: "inspect"})
             try:
-                return self._read_file(container, path)
+                return {path: self._read_file(container, path) for path in paths}
             finally:
                 container.remove(force=True)
+
+    def run_in_image(self, image: str, command: list[str], timeout: int = 300) -> tuple[int, str]:
+        """(exit status, output) of ``command`` in a container of ``image`` with no network; always removed."""
+        container = None
+        try:
+            with engine_errors(f"running {command[0]} in {image}"):
+                container = self.client.containers.create(image, command=command, network_mode="none",
+                                                          labels={OWNER_LABEL: "inspect"})
+                container.start()
+                code = container.wait(timeout=timeout)["StatusCode"]
+                return code, container.logs().decode(errors="replace")
+        finally:
+            if container is not None:
+                try:
+                    container.remove(force=True)
+                except (docker.errors.APIError, requests.exceptions.ConnectionError):
+                    pass
+
+    def history(self, image: str) -> list[dict]:
+        """The image's history, oldest first."""
+        with engine_errors(f"reading the history of {image[:19]}"):
+            return list(reversed(self.api.history(image)))

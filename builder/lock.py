@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CheckFailed, VlmbuildError
-from .lockfile import HEADER_PREFIX, LockfileError, parse_lockfile, read_lockfile
+from .lockfile import HEADER_PREFIX, Lockfile, LockfileError, parse_lockfile, read_lockfile
 from .spec import Variant
 
 LOCK_FORMAT = 1
-# The uv that installs the lock inside the image, itself installed by pip from a hash-locked file.
-BUILD_TOOLS = ("uv==0.13.9",)
+# What installs the lock inside the image (uv) and describes it (cyclonedx-bom, the CycloneDX SBOM of /opt/venv),
+# itself installed by pip from a hash-locked file into the build's tools stage; neither lands in the image.
+BUILD_TOOLS = ("uv==0.13.9", "cyclonedx-bom")
 BUILD_TOOLS_PYTHON = "3.10"  # uv's wheels are py3-none: one lock serves every variant
 
 
@@ -134,13 +135,14 @@ def lock_build_tools(root: Path) -> Path:
     return path
 
 
-def _status(path: Path, expected_hash: str) -> LockStatus:
-    if not path.is_file():
-        return LockStatus(path, "missing", "no lockfile: run `vlmbuild lock`")
-    try:
-        lock = read_lockfile(path)
-    except LockfileError as exc:
-        return LockStatus(path, "invalid", str(exc))
+def _status(path: Path, expected_hash: str, lock: Lockfile | None = None) -> LockStatus:
+    if lock is None:
+        if not path.is_file():
+            return LockStatus(path, "missing", "no lockfile: run `vlmbuild lock`")
+        try:
+            lock = read_lockfile(path)
+        except LockfileError as exc:
+            return LockStatus(path, "invalid", str(exc))
     recorded = lock.header.get("inputs-sha256")
     if recorded != expected_hash:
         return LockStatus(path, "stale", f"inputs changed since it was locked (recorded {str(recorded)[:12]}, "
@@ -148,16 +150,17 @@ def _status(path: Path, expected_hash: str) -> LockStatus:
     return LockStatus(path, "fresh")
 
 
-def variant_status(variant: Variant) -> LockStatus:
-    return _status(variant.lockfile_path, variant_inputs_hash(variant))
+def variant_status(variant: Variant, lock: Lockfile | None = None) -> LockStatus:
+    """Fresh, stale, missing or invalid; ``lock`` when the caller has read it already."""
+    return _status(variant.lockfile_path, variant_inputs_hash(variant), lock)
 
 
 def build_tools_status(root: Path) -> LockStatus:
     return _status(build_tools_path(root), build_tools_inputs_hash())
 
 
-def require_fresh(variant: Variant) -> None:
-    status = variant_status(variant)
+def require_fresh(variant: Variant, lock: Lockfile | None = None) -> None:
+    status = variant_status(variant, lock)
     if status.state != "fresh":
         raise CheckFailed(f"{status.path}: lockfile {status.state}: {status.detail}")
     tools = build_tools_status(variant.image.root)

@@ -7,9 +7,7 @@ from typing import Any
 from .checks import declared_versions
 from .lockfile import LockfileError, read_lockfile
 from .render import KEY_PACKAGES
-from .spec import Variant
-
-LOCAL_BASE_PREFIX = "vlmbuild-local/"
+from .spec import LOCAL_BASE_PREFIX, Variant, split_digest
 
 
 def variant_versions(variant: Variant) -> tuple[dict[str, str], bool]:
@@ -53,8 +51,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         v = r["versions"]
         tag = r["tag"] + (" (latest)" if r["default"] else "")
+        ref, digest = split_digest(r["base_image"])
+        base = f"`{ref}`" + (f" @ `{digest[:19]}…`" if digest else " (made locally)")
         lines.append(f"| {r['image']} | {r['variant']}{' (rejected)' if r['expect'] == 'rejected' else ''} | "
-                     f"`{tag}` | `{r['base_image']}` | {r['python']} | {r['cuda'] or '-'} | {v.get('torch', '-')} | "
+                     f"`{tag}` | {base} | {r['python']} | {r['cuda'] or '-'} | {v.get('torch', '-')} | "
                      f"{v.get('deepspeed', '-')} | {v.get('transformers', '-')} | {v.get('trl', '-')} | "
                      f"{v.get('accelerate', '-')} |")
     return "\n".join(lines)
@@ -66,13 +66,19 @@ def build_summary(report: dict[str, Any], origin: str) -> str:
     builds = report.get("builds")
     if not isinstance(builds, list):
         raise VlmbuildError(f"{origin}: builds: expected a list (a `vlmbuild build --report` file)")
-    lines = ["| variant | result | tags | digest | checks | build s | smoke s |", "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | result | smoke passes | tags | digest | checks | build s | smoke s |",
+             "|---|---|---|---|---|---|---|---|"]
     for b in builds:
         checks = (b.get("smoke_report") or {}).get("checks") or []
         check_text = ", ".join(f"{c['name']} {c['status']}" for c in checks) or "-"
         digests = ", ".join(f"`{d[:19]}`" for d in (b.get("digests") or {}).values()) or "-"
         result = "passed" if b.get("passed") else "FAILED"
+        if b.get("reused"):
+            result = "already validated (reused)"
+        if b.get("push_error"):
+            result += f"; push failed: {b['push_error']}"
+        passes = "; ".join(b.get("passes") or []) or "-"
         lines.append(f"| {b['image']}/{b['variant']} | {result} on {(b.get('smoke_device') or '?').upper()} | "
-                     f"{', '.join(b.get('tags') or []) or 'not tagged'} | {digests} | {check_text} | "
+                     f"{passes} | {', '.join(b.get('tags') or []) or 'not tagged'} | {digests} | {check_text} | "
                      f"{b.get('build_seconds', 0):.0f} | {b.get('smoke_seconds', 0):.0f} |")
     return "\n".join(lines)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -16,30 +17,42 @@ from pathlib import Path
 
 import jinja2
 
-from . import __version__
+from . import __version__, contract
 from .errors import VlmbuildError
 from .lock import build_tools_path
-from .lockfile import Lockfile, LockfileError, read_lockfile
-from .spec import Variant
+from .lockfile import Lockfile, LockfileError, Requirement, read_lockfile
+from .spec import Layer, Variant
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # What of vlmbuild ships inside the image: the smoke and what it imports, nothing that needs click/jinja/docker.
 SMOKE_SOURCES = ("__init__.py", "contract.py", "lockfile.py", "rules", "smoke")
 KEY_PACKAGES = ("torch", "deepspeed", "transformers", "accelerate", "trl", "triton", "flash-attn")
-LABEL_PREFIX = "io.vlmbuild"
-IMAGE_LOCK_PATH = "/opt/vlmbuild/lock.txt"
-IMAGE_VARIANT_PATH = "/opt/vlmbuild/variant.json"
-IMAGE_REPORT_PATH = "/opt/vlmbuild/smoke-report.json"
-SMOKE_ENTRYPOINT = "vlmbuild-smoke"
+LABEL_PREFIX = contract.LABEL_PREFIX
+SMOKE_ENTRYPOINT = contract.SMOKE_ENTRYPOINT
 
-BUILD_ENV_SH = """\
-# Sourced by the installer stages only (never by the released stage): trust the build's CA if one was
-# handed over, for pip and uv. The released image COPYs installed files from those stages, not this.
-if [ -s /tmp/vlmbuild-build/build-ca.pem ]; then
-  export SSL_CERT_FILE=/tmp/vlmbuild-build/build-ca.pem PIP_CERT=/tmp/vlmbuild-build/build-ca.pem
-fi
-export PIP_NO_CACHE_DIR=1 UV_NO_CACHE=1
-"""
+VENV = contract.VENV
+UV_CACHE = "/root/.cache/uv"
+# Every RUN that installs: the build's secrets, uv's download cache (one for every build on this machine: pip
+# and uv verify hashes on every install, so a shared cache cannot smuggle a file in), uv from the tools stage.
+UV_MOUNTS = (f"--mount=type=secret,id=build-env --mount=type=secret,id=build-ca "
+             f"--mount=type=cache,id=vlmbuild-uv,target={UV_CACHE},sharing=shared "
+             f"--mount=type=bind,from=tools,source=/opt/build-tools,target=/opt/build-tools")
+UV_INSTALL = f"/opt/build-tools/bin/uv pip install --python {VENV}/bin/python --no-deps --compile-bytecode"
+
+
+def normalize_venv(python: str) -> str:
+    """After a package stage's install: keep only the package's files and directories (uv's lock, pyvenv.cfg and
+    the lib64 link are the base venv's, already in the image) and give the directories every package stage shares
+    one fixed timestamp. COPY carries those directories into each package layer: with the build's own times,
+    rebuilding one package would change the bytes of every package layer above it."""
+    lib = f"{VENV}/lib/python{python}"
+    return (f"rm -f {VENV}/.lock {VENV}/pyvenv.cfg {VENV}/lib64 "
+            f"&& touch -h -d @0 {VENV} {VENV}/bin {VENV}/include {VENV}/lib {lib} {lib}/site-packages")
+
+
+# Helper files of the build stages (build_files/), in the context under build/ and bind-mounted here.
+BUILD_FILES = PACKAGE_DIR / "build_files"
+BUILD_FILES_MOUNT = "/tmp/vlmbuild-build"
 
 SMOKE_ENTRY_SH = """\
 #!/bin/sh
@@ -50,10 +63,34 @@ PYTHONPATH="/opt/vlmbuild/lib${PYTHONPATH:+:$PYTHONPATH}" exec /opt/venv/bin/pyt
 
 @dataclass
 class LayerFile:
+    """A lock layer installed in place (``stage`` derives from ``parent``)."""
+
     name: str
     file: str
     count: int
     summary: str
+    stage: str = ""
+    parent: str = ""
+
+
+@dataclass
+class PackageLayer:
+    """One package in a build stage of its own, COPYed into the image as one layer."""
+
+    name: str
+    version: str
+    stage: str
+    file: str
+    built: bool = False  # installed from the wheel the deepspeed-wheel stage built
+
+
+@dataclass
+class DeepSpeedBuild:
+    version: str
+    lock_file: str
+    accelerator: str
+    ops: list[str]
+    env: str
 
 
 @dataclass
@@ -65,6 +102,7 @@ class RenderResult:
     labels: dict[str, str]
     key_versions: dict[str, str]
     layers: list[LayerFile] = field(default_factory=list)
+    packages: list[PackageLayer] = field(default_factory=list)
 
 
 def git_revision(root: Path) -> str | None:
@@ -107,15 +145,16 @@ def variant_labels(variant: Variant, lock: Lockfile, tag: str, base_image: str) 
         f"{LABEL_PREFIX}.variant": variant.name,
         f"{LABEL_PREFIX}.python": variant.python,
         f"{LABEL_PREFIX}.cuda": variant.cuda or "none",
-        f"{LABEL_PREFIX}.lock-sha256": lock.sha256,
-        f"{LABEL_PREFIX}.versions": json.dumps(key_versions(lock), sort_keys=True, separators=(",", ":")),
-        f"{LABEL_PREFIX}.smoke-entrypoint": SMOKE_ENTRYPOINT,
+        contract.LABEL_LOCK_SHA256: lock.sha256,
+        contract.LABEL_VERSIONS: json.dumps(key_versions(lock), sort_keys=True, separators=(",", ":")),
+        contract.LABEL_SMOKE_ENTRYPOINT: SMOKE_ENTRYPOINT,
     })
     return labels
 
 
 def variant_metadata(variant: Variant, lock: Lockfile, tag: str) -> str:
     """variant.json, what the smoke reads of the variant it runs in: CUDA, conditions, the modules to import."""
+    chain, packages = plan_layers(variant, lock)
     return json.dumps({
         "schema": 1,
         "image": variant.image.name,
@@ -125,16 +164,87 @@ def variant_metadata(variant: Variant, lock: Lockfile, tag: str) -> str:
         "cuda": variant.cuda,
         "conditions": list(variant.image.conditions),
         "imports": list(variant.imports),
+        # the ops DeepSpeed is built with in the image (deepspeed-wheel stage), for the accelerator they serve
+        "deepspeed_ops": {"accelerator": variant.accelerator,
+                          "ops": sorted(variant.image.deepspeed_build.ops.get(variant.accelerator, {}))},
+        # the layer plan, bottom to top: `vlmbuild inspect` names what each layer holds with it
+        "layers": [layer.name for layer, _ in chain],
+        "packages": [f"{package.name}=={package.version}" for package, _ in packages],
         "key_versions": key_versions(lock),
         "lock_sha256": lock.sha256,
     }, indent=2) + "\n"
 
 
-def _split_layers(variant: Variant, lock: Lockfile) -> list[tuple[str, list]]:
-    buckets: dict[str, list] = {layer.name: [] for layer in variant.image.layers}
+def _bucket(variant: Variant, lock: Lockfile) -> dict[str, list[Requirement]]:
+    buckets: dict[str, list[Requirement]] = {layer.name: [] for layer in variant.image.layers}
     for req in lock.requirements:
         buckets[variant.image.layer_of(req.name).name].append(req)
-    return [(name, reqs) for name, reqs in buckets.items() if reqs]
+    return buckets
+
+
+def _split_order(layer: Layer, reqs: list[Requirement], variant: Variant) -> list[Requirement]:
+    """A split layer's packages in the order the spec names them (its patterns, or its group's packages)."""
+    from fnmatch import fnmatchcase
+
+    names = list(variant.image.groups[layer.group].packages) if layer.group else list(layer.match)
+
+    def rank(req: Requirement) -> tuple[int, str]:
+        hits = [i for i, pattern in enumerate(names) if fnmatchcase(req.name, pattern)]
+        return (hits[0] if hits else len(names), req.name)
+
+    return sorted(reqs, key=rank)
+
+
+def deepspeed_build(variant: Variant, lock: Lockfile) -> DeepSpeedBuild:
+    req = lock.get("deepspeed")
+    if req is None or req.url is not None:
+        raise VlmbuildError(f"{variant.lockfile_path}: deepspeed must be locked from the index (name==version with "
+                            "its sdist hash) to be built with its ops")
+    how = variant.image.deepspeed_build
+    ops = how.ops.get(variant.accelerator, {})
+    env = {"DS_ACCELERATOR": variant.accelerator, "DS_BUILD_OPS": "0", **{var: "1" for var in ops.values()}}
+    if variant.accelerator == "cuda":
+        # nvcc needs no GPU to compile for these architectures (the CUDA base images carry nvcc).
+        env.update({"TORCH_CUDA_ARCH_LIST": variant.cuda_archs or "", "CUDA_HOME": "/usr/local/cuda"})
+    env.update({
+        # the portable compiler (build_files/portable-cxx) and the parallel build of the ops (build_ext.cfg)
+        "CC": f"{BUILD_FILES_MOUNT}/portable-cxx", "CXX": f"{BUILD_FILES_MOUNT}/portable-cxx",
+        "VLMBUILD_MARCH": how.march, "VLMBUILD_SIMD": how.simd,
+        "DIST_EXTRA_CONFIG": f"{BUILD_FILES_MOUNT}/build_ext.cfg", "MAX_JOBS": "4",
+    })
+    return DeepSpeedBuild(req.version, "lock/sdist-deepspeed.txt", variant.accelerator, sorted(ops),
+                          " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()))
+
+
+def plan_layers(variant: Variant, lock: Lockfile) -> tuple[list[tuple[LayerFile, list[Requirement]]],
+                                                         list[tuple[PackageLayer, Requirement]]]:
+    """The lock cut into layers installed in place (in order) and per-package layers (in order)."""
+    chain: list[tuple[LayerFile, list[Requirement]]] = []
+    packages: list[tuple[PackageLayer, Requirement]] = []
+    buckets = _bucket(variant, lock)
+    parent = "python-base"
+    for layer in variant.image.layers:
+        reqs = buckets[layer.name]
+        if not reqs:
+            continue
+        if layer.split:
+            for req in _split_order(layer, reqs, variant):
+                packages.append((PackageLayer(req.name, req.version, f"pkg-{req.name}", f"lock/pkg-{req.name}.txt",
+                                              built=req.name == "deepspeed"), req))
+            continue
+        names = [r.name for r in reqs]
+        summary = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        index = len(chain) + 1
+        stage = f"layer-{layer.name}"
+        chain.append((LayerFile(layer.name, f"lock/layer-{index}-{layer.name}.txt", len(reqs), summary, stage,
+                                parent), reqs))
+        parent = stage
+    if not chain:
+        raise VlmbuildError(f"{variant.image.path}: layers: no layer installed in place holds a package (torch?)")
+    if not any(p.built for p, _ in packages):
+        raise VlmbuildError(f"{variant.image.path}: layers: deepspeed must sit in a split layer (it is built from "
+                            "its sdist with its ops in a stage of its own)")
+    return chain, packages
 
 
 def stage_smoke_sources(dest: Path) -> None:
@@ -150,18 +260,13 @@ def stage_smoke_sources(dest: Path) -> None:
             shutil.copy2(src, lib / name)
 
 
-def host_ca_bundle() -> Path | None:
-    """The CA bundle this host trusts for PyPI (SSL_CERT_FILE), which containers need to build here."""
-    value = os.environ.get("SSL_CERT_FILE")
-    return Path(value) if value and Path(value).is_file() else None
-
-
-def render(variant: Variant, output: Path, base_image: str | None = None, ca_bundle: Path | None = None) -> RenderResult:
-    """Write the complete build context of ``variant`` into ``output`` (created; must be empty or absent)."""
+def render(variant: Variant, output: Path, base_image: str | None = None, lock: Lockfile | None = None) -> RenderResult:
+    """Write the complete build context of ``variant`` into ``output`` (created; must be empty or absent).
+    ``lock``: the variant's lockfile when the caller has read it already (vlmbuild.resolve)."""
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         raise VlmbuildError(f"{output}: output directory is not empty")
-    lock = load_variant_lock(variant)
+    lock = lock or load_variant_lock(variant)
     tools = build_tools_path(variant.image.root)
     if not tools.is_file():
         raise VlmbuildError(f"{tools}: build-tools lockfile missing: run `vlmbuild lock`")
@@ -169,22 +274,20 @@ def render(variant: Variant, output: Path, base_image: str | None = None, ca_bun
     base = base_image or variant.base_image
     labels = variant_labels(variant, lock, tag, base)
 
+    chain, packages = plan_layers(variant, lock)
+    deepspeed = deepspeed_build(variant, lock)
+
     # Render into a temporary sibling, then move into place: no half-written context on failure.
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         (staging / "lock").mkdir()
         shutil.copy2(tools, staging / "lock" / "build-tools.txt")
-        layers = []
-        for index, (name, reqs) in enumerate(_split_layers(variant, lock), start=1):
-            rel = f"lock/layer-{index}-{name}.txt"
-            (staging / rel).write_text("\n".join(r.render() for r in reqs) + "\n")
-            names = [r.name for r in reqs]
-            summary = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
-            layers.append(LayerFile(name, rel, len(reqs), summary))
-        (staging / "build-env.sh").write_text(BUILD_ENV_SH)
-        ca_src = ca_bundle if ca_bundle is not None else host_ca_bundle()
-        (staging / "build-ca.pem").write_bytes(ca_src.read_bytes() if ca_src else b"")
+        for layer, reqs in chain:
+            (staging / layer.file).write_text("\n".join(r.render() for r in reqs) + "\n")
+        for package, req in packages:
+            (staging / (deepspeed.lock_file if package.built else package.file)).write_text(req.render() + "\n")
+        shutil.copytree(BUILD_FILES, staging / "build", ignore=shutil.ignore_patterns("__pycache__"))
 
         smoke_dir = staging / "vlmbuild"
         stage_smoke_sources(smoke_dir)
@@ -206,7 +309,16 @@ def render(variant: Variant, output: Path, base_image: str | None = None, ca_bun
                 image=variant.image,
                 variant=variant,
                 base_image=base,
-                layers=layers,
+                venv=VENV,
+                uv_mounts=UV_MOUNTS,
+                uv_install=UV_INSTALL,
+                normalize_venv=normalize_venv(variant.python),
+                chain_layers=[layer for layer, _ in chain],
+                package_layers=[package for package, _ in packages],
+                deepspeed=deepspeed,
+                build_files=BUILD_FILES_MOUNT,
+                sbom=contract.SBOM_PATH,
+                built_wheels=contract.BUILT_WHEELS_PATH,
                 labels=labels,
                 lock_sha256=lock.sha256,
             )
@@ -219,4 +331,5 @@ def render(variant: Variant, output: Path, base_image: str | None = None, ca_bun
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return RenderResult(output, dockerfile, tag, lock, labels, key_versions(lock), layers)
+    return RenderResult(output, dockerfile, tag, lock, labels, key_versions(lock), [layer for layer, _ in chain],
+                        [package for package, _ in packages])

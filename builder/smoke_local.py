@@ -6,6 +6,7 @@ under test needs nothing of vlmbuild installed and runs the very code that ships
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -29,11 +30,14 @@ def variant_for_lockfile(lockfile: Path, root: Path) -> str | None:
     if not image or not name:
         return None
     variant = load_spec(find_spec_path(image, root)).variant(name)
-    return variant_metadata(variant, lock, variant.tag(lock.pins))
+    metadata = json.loads(variant_metadata(variant, lock, variant.tag(lock.pins)))
+    # Not the image: this environment's DeepSpeed was not built with the image's ops.
+    metadata.pop("deepspeed_ops", None)
+    return json.dumps(metadata, indent=2) + "\n"
 
 
 def run_local(python: str, device: str, report: Path | None, model_dir: Path | None, lockfile: Path | None,
-              timeout: int, root: Path) -> int:
+              timeout: int, root: Path, repeat: int = 1) -> int:
     if shutil.which(python) is None and not Path(python).is_file():
         raise VlmbuildError(f"--python {python}: no such interpreter")
     staging = Path(tempfile.mkdtemp(prefix="vlmbuild-smoke-src-"))
@@ -42,7 +46,7 @@ def run_local(python: str, device: str, report: Path | None, model_dir: Path | N
         env = dict(os.environ)
         lib = str(staging / "lib")
         env["PYTHONPATH"] = lib + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        cmd = [python, "-m", "vlmbuild.smoke", "--device", device, "--timeout", str(timeout)]
+        cmd = [python, "-m", "vlmbuild.smoke", "--device", device, "--timeout", str(timeout), "--repeat", str(repeat)]
         if report:
             cmd += ["--report", str(Path(report).absolute())]
         if model_dir:

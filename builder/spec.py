@@ -24,10 +24,25 @@ from .rules import KNOWN_CONDITIONS
 
 SCHEMA = 1
 TOP_KEYS = {"schema", "name", "description", "repository", "template", "default_variant", "recipe", "smoke",
-            "labels", "defaults", "groups", "layers", "variants"}
+            "labels", "defaults", "groups", "layers", "deepspeed_build", "variants"}
 REQUIRED_TOP = {"schema", "name", "repository", "template", "default_variant", "defaults", "layers", "variants"}
 VARIANT_KEYS = {"description", "expect", "base_image", "python", "cuda", "platform", "tag", "packages", "wheels",
-                "imports"}
+                "imports", "cuda_archs"}
+ACCELERATORS = ("cpu", "cuda")
+CUDA_ARCHS_RE = re.compile(r"^\d+\.\d+(\+PTX)?(;\d+\.\d+(\+PTX)?)*$")
+BUILD_VAR_RE = re.compile(r"^DS_BUILD_[A-Z0-9_]+$")
+MARCH_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+SIMD_LEVELS = ("AVX512", "AVX256", "SCALAR")
+
+
+@dataclass(frozen=True)
+class DeepSpeedBuildSpec:
+    """How DeepSpeed is built from its sdist: the ops compiled in per accelerator (op name as ds_report shows
+    it -> the DS_BUILD_* variable), and the x86 level the CPU ops target instead of the build machine's own."""
+
+    march: str
+    simd: str
+    ops: dict[str, dict[str, str]]
 GROUP_KEYS = {"description", "packages", "imports"}
 MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 REQUIRED_DEFAULTS = {"base_image", "python", "platform", "tag", "packages"}
@@ -41,6 +56,16 @@ PLATFORM_RE = re.compile(r"^(x86_64|aarch64)-manylinux_2_\d+$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 REPOSITORY_RE = re.compile(r"^[a-z0-9]+([._-][a-z0-9]+)*(:\d+)?(/[a-z0-9]+([._-][a-z0-9]+)*)*$")
 TAG_FIELDS_BUILTIN = ("cuda", "python", "variant")
+# Bases made on the build machine (vlmbuild.localbase): no registry digest exists for them; their image id is
+# what a build records and checks.
+LOCAL_BASE_PREFIX = "vlmbuild-local/"
+DIGEST_RE = re.compile(r"^(?P<ref>[^@\s]+)@(?P<digest>sha256:[0-9a-f]{64})$")
+
+
+def split_digest(ref: str) -> tuple[str, str | None]:
+    """('name:tag', 'sha256:...') of a pinned reference; (ref, None) of an unpinned one."""
+    match = DIGEST_RE.match(ref)
+    return (match.group("ref"), match.group("digest")) if match else (ref, None)
 
 
 @dataclass(frozen=True)
@@ -54,10 +79,14 @@ class Wheel:
 
 @dataclass(frozen=True)
 class Layer:
+    """A group of locked packages installed together. ``split``: one image layer per package, each built in a
+    stage of its own, so that bumping one re-ships that package alone."""
+
     name: str
     match: tuple[str, ...]
     rest: bool
     group: str | None = None
+    split: bool = False
 
 
 @dataclass(frozen=True)
@@ -85,6 +114,12 @@ class Variant:
     packages: dict[str, str]  # canonical name -> specifier ("" = any): the stack and every group
     wheels: dict[str, Wheel]
     imports: tuple[str, ...] = ()  # modules the stack check imports: the stack's, then each group's
+    cuda_archs: str | None = None  # TORCH_CUDA_ARCH_LIST for the CUDA ops compiled into the image
+
+    @property
+    def accelerator(self) -> str:
+        """The DeepSpeed accelerator the image's ops are compiled for."""
+        return "cuda" if self.cuda else "cpu"
 
     @property
     def expected_rejected(self) -> bool:
@@ -128,9 +163,11 @@ class ImageSpec:
     conditions: tuple[str, ...]
     smoke_device: str
     smoke_timeout: int
+    smoke_repeat: int
     labels: dict[str, str]
     layers: tuple[Layer, ...]
     groups: dict[str, Group] = field(default_factory=dict)
+    deepspeed_build: DeepSpeedBuildSpec = field(default_factory=lambda: DeepSpeedBuildSpec("x86-64-v3", "AVX256", {}))
     variants: dict[str, Variant] = field(default_factory=dict)
 
     def variant(self, name: str) -> Variant:
@@ -257,13 +294,16 @@ def load_spec(path: Path) -> ImageSpec:
     conditions = recipe.get("conditions") or []
     if not isinstance(conditions, list) or not set(conditions) <= KNOWN_CONDITIONS:
         raise c.fail("recipe.conditions", f"expected a list drawn from {sorted(KNOWN_CONDITIONS)}, got {conditions!r}")
-    smoke = c.mapping(data.get("smoke") or {}, "smoke", allowed={"device", "timeout"})
+    smoke = c.mapping(data.get("smoke") or {}, "smoke", allowed={"device", "timeout", "repeat"})
     device = smoke.get("device", "auto")
     if device not in DEVICES:
         raise c.fail("smoke.device", f"expected one of {DEVICES}, got {device!r}")
     timeout = smoke.get("timeout", 1200)
     if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout <= 0:
         raise c.fail("smoke.timeout", f"expected a positive number of seconds, got {timeout!r}")
+    repeat = smoke.get("repeat", 1)
+    if not isinstance(repeat, int) or isinstance(repeat, bool) or not 1 <= repeat <= 20:
+        raise c.fail("smoke.repeat", f"expected how many times the ZeRO-3 load runs, 1 to 20, got {repeat!r}")
     labels = c.mapping(data.get("labels") or {}, "labels")
     for k, v in labels.items():
         c.string(v, f"labels.{k}")
@@ -275,7 +315,7 @@ def load_spec(path: Path) -> ImageSpec:
     layers = []
     for i, raw in enumerate(raw_layers):
         k = f"layers[{i}]"
-        c.mapping(raw, k, allowed={"name", "match", "rest", "group"}, required={"name"})
+        c.mapping(raw, k, allowed={"name", "match", "rest", "group", "split"}, required={"name"})
         lname = c.string(raw["name"], f"{k}.name", NAME_RE, "a lowercase name")
         match = raw.get("match") or []
         if not isinstance(match, list) or not all(isinstance(m, str) and m for m in match):
@@ -286,19 +326,29 @@ def load_spec(path: Path) -> ImageSpec:
         group = raw.get("group")
         if group is not None and group not in groups:
             raise c.fail(f"{k}.group", f"names no group; groups are {sorted(groups)}")
-        layers.append(Layer(lname, tuple(canonicalize_name(m) if "*" not in m else m for m in match), rest, group))
+        split = raw.get("split", False)
+        if not isinstance(split, bool):
+            raise c.fail(f"{k}.split", f"expected true or false, got {split!r}")
+        if split and rest:
+            raise c.fail(f"{k}.split", "the 'rest' layer cannot be split (it holds whatever no pattern names)")
+        if not split and layers and layers[-1].split:
+            raise c.fail(f"{k}", "a layer installed in place cannot come after a split layer: put split layers last")
+        layers.append(Layer(lname, tuple(canonicalize_name(m) if "*" not in m else m for m in match), rest, group,
+                            split))
     if sum(layer.rest for layer in layers) != 1:
         raise c.fail("layers", "exactly one layer must have 'rest: true' (it takes every package no pattern names)")
     if len({layer.name for layer in layers}) != len(layers):
         raise c.fail("layers", "layer names must be unique")
 
+    deepspeed_build = _load_deepspeed_build(c, data.get("deepspeed_build") or {"march": "x86-64-v3",
+                                                                                 "simd": "AVX256", "ops": {}})
     defaults = c.mapping(data["defaults"], "defaults", allowed=VARIANT_KEYS - {"description", "expect"},
                          required=REQUIRED_DEFAULTS)
     image = ImageSpec(
         path=path, root=root, name=name, description=str(data.get("description") or ""), repository=repository,
         template=template, default_variant="", conditions=tuple(conditions), smoke_device=device,
-        smoke_timeout=timeout, labels={str(k): str(v) for k, v in labels.items()}, layers=tuple(layers),
-        groups=groups,
+        smoke_timeout=timeout, smoke_repeat=repeat, labels={str(k): str(v) for k, v in labels.items()}, layers=tuple(layers),
+        groups=groups, deepspeed_build=deepspeed_build,
     )
     raw_variants = c.mapping(data["variants"], "variants")
     if not raw_variants:
@@ -312,6 +362,25 @@ def load_spec(path: Path) -> ImageSpec:
         raise c.fail("default_variant", f"{default_variant!r} is marked 'expect: rejected' and cannot be the default")
     image.default_variant = default_variant
     return image
+
+
+def _load_deepspeed_build(c: _Checker, raw: Any) -> DeepSpeedBuildSpec:
+    c.mapping(raw, "deepspeed_build", allowed={"march", "simd", "ops"}, required={"march", "simd", "ops"})
+    march = c.string(raw["march"], "deepspeed_build.march", MARCH_RE, "a gcc -march value such as x86-64-v3")
+    simd = raw["simd"]
+    if simd not in SIMD_LEVELS:
+        raise c.fail("deepspeed_build.simd", f"expected one of {SIMD_LEVELS}, got {simd!r}")
+    c.mapping(raw["ops"], "deepspeed_build.ops", allowed=set(ACCELERATORS))
+    ops: dict[str, dict[str, str]] = {}
+    for accelerator, by_name in raw["ops"].items():
+        k = f"deepspeed_build.ops.{accelerator}"
+        c.mapping(by_name, k)
+        for op, var in by_name.items():
+            if not isinstance(op, str) or not re.match(r"^[a-z0-9_]+$", op):
+                raise c.fail(f"{k}.{op}", "expected a DeepSpeed op name such as cpu_adam")
+            c.string(var, f"{k}.{op}", BUILD_VAR_RE, "the DS_BUILD_* variable that compiles it, e.g. DS_BUILD_CPU_ADAM")
+        ops[accelerator] = dict(by_name)
+    return DeepSpeedBuildSpec(march, simd, ops)
 
 
 def _load_groups(c: _Checker, raw: Any) -> dict[str, Group]:
@@ -346,6 +415,11 @@ def _load_variant(c: _Checker, image: ImageSpec, name: str, raw: Any, defaults: 
         raise c.fail(f"{k}.expect", f"expected one of {EXPECTS}, got {expect!r}")
     base_image, key = pick("base_image")
     base_image = c.string(base_image, key, what="an image reference")
+    _, digest = split_digest(base_image)
+    if digest is None and not base_image.startswith(LOCAL_BASE_PREFIX):
+        raise c.fail(key, f"{base_image!r} is not pinned: a base from a registry is named with its digest "
+                          "(name:tag@sha256:...), so that a build starts from exactly the image it was tested on; "
+                          f"only a base made on the build machine ({LOCAL_BASE_PREFIX}...) goes without one")
     python, key = pick("python")
     if isinstance(python, (int, float)) and not isinstance(python, bool):
         raise c.fail(key, f"expected a quoted Python version such as \"3.10\": YAML reads {python!r} as a number "
@@ -395,6 +469,12 @@ def _load_variant(c: _Checker, image: ImageSpec, name: str, raw: Any, defaults: 
     if "cuda" in _tag_fields(tag) and cuda is None:
         raise c.fail(key, "uses {cuda} but this variant has cuda: null")
 
+    cuda_archs, key = pick("cuda_archs")
+    if cuda_archs is not None:
+        cuda_archs = c.string(cuda_archs, key, CUDA_ARCHS_RE, "a TORCH_CUDA_ARCH_LIST such as '8.0;9.0'")
+    if cuda is not None and image.deepspeed_build.ops.get("cuda") and cuda_archs is None:
+        raise c.fail(f"{k}.cuda_archs", "a CUDA variant with DeepSpeed ops to compile must list the GPU architectures "
+                                         "(TORCH_CUDA_ARCH_LIST) to compile them for")
     raw_imports, key = pick("imports")
     imports = c.modules(raw_imports or [], key)
     for group in image.groups.values():
@@ -403,7 +483,7 @@ def _load_variant(c: _Checker, image: ImageSpec, name: str, raw: Any, defaults: 
     return Variant(
         name=name, image=image, description=str(raw.get("description") or ""), expect=expect,
         base_image=base_image, python=python, cuda=cuda, platform=platform, tag_template=tag,
-        packages=packages, wheels=wheels, imports=imports,
+        packages=packages, wheels=wheels, imports=imports, cuda_archs=cuda_archs,
     )
 
 

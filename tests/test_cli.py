@@ -105,14 +105,18 @@ def test_readme_version_table_is_the_generated_one(cli):
 
 def test_summary_of_a_build_report(cli, tmp_path: Path):
     report = tmp_path / "build.json"
-    report.write_text(json.dumps({"schema_version": 1, "builds": [{
+    report.write_text(json.dumps({"schema_version": 2, "builds": [{
         "image": "vlm-r1", "variant": "cu124", "passed": True, "smoke_device": "gpu", "tags": ["t1", "t1-abc"],
         "digests": {"t1": "sha256:" + "f" * 64}, "build_seconds": 300.0, "smoke_seconds": 40.0,
+        "passes": ["gpu x1", "cpu x2"],
         "smoke_report": {"checks": [{"name": "stack", "status": "passed"}, {"name": "zero3_load", "status": "passed"}]},
-    }]}))
+    }, {"image": "vlm-r1", "variant": "local", "passed": True, "reused": True, "smoke_device": None, "tags": ["t2"],
+        "push_error": "the registry refused", "digests": {}}]}))
     result = cli("summary", str(report))
     assert result.code == 0
-    assert "| vlm-r1/cu124 | passed on GPU | t1, t1-abc | `sha256:ffffffffffff` | stack passed, zero3_load passed | 300 | 40 |" in result.out
+    assert ("| vlm-r1/cu124 | passed on GPU | gpu x1; cpu x2 | t1, t1-abc | `sha256:ffffffffffff` | "
+            "stack passed, zero3_load passed | 300 | 40 |") in result.out
+    assert "already validated (reused); push failed: the registry refused" in result.out
     bad = tmp_path / "bad.json"
     bad.write_text("{nope")
     assert_clean_error(cli("summary", str(bad)), "not a JSON build report")

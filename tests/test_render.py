@@ -29,6 +29,7 @@ def stages(dockerfile: str) -> dict[str, str]:
     parts = re.split(r"^FROM ", dockerfile, flags=re.M)[1:]
     out = {}
     for part in parts:
+        part = "\n".join(line for line in part.splitlines() if not line.startswith("#"))  # comments: no cache key
         first, _, body = part.partition("\n")
         m = re.search(r" AS (\S+)", first)
         out[m.group(1) if m else "final"] = first + "\n" + body
@@ -38,9 +39,7 @@ def stages(dockerfile: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory) -> dict[str, object]:
     spec = load_spec(SPEC)
-    ca = tmp_path_factory.mktemp("ca") / "ca.pem"
-    ca.write_text("-----BEGIN CERTIFICATE-----\nVLMBUILDTESTCA\n-----END CERTIFICATE-----\n")
-    return {name: render(spec.variant(name), tmp_path_factory.mktemp(name) / "ctx", ca_bundle=ca) for name in VARIANTS}
+    return {name: render(spec.variant(name), tmp_path_factory.mktemp(name) / "ctx") for name in VARIANTS}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -52,63 +51,109 @@ def test_rendered_dockerfile_passes_hadolint(rendered, variant):
 
 def test_context_is_complete(rendered):
     ctx = rendered["local"].context
-    for rel in ("Dockerfile", "build-env.sh", "build-ca.pem", "lock/build-tools.txt", "vlmbuild/lock.txt",
+    for rel in ("Dockerfile", "build/fetch_sdist.py", "build/build-deepspeed.sh", "build/portable-cxx",
+                "build/build_ext.cfg", "lock/build-tools.txt", "lock/sdist-deepspeed.txt", "vlmbuild/lock.txt",
                 "vlmbuild/variant.json", "vlmbuild/bin/vlmbuild-smoke", "vlmbuild/lib/vlmbuild/smoke/worker.py",
                 "vlmbuild/lib/vlmbuild/rules/known_bad.yaml", "vlmbuild/lib/vlmbuild/lockfile.py", "vlmbuild/lib/vlmbuild/contract.py"):
         assert (ctx / rel).is_file(), rel
     # only what the smoke needs ships in the image: no CLI, no docker SDK code
     assert not (ctx / "vlmbuild/lib/vlmbuild/cli.py").exists()
-    # every COPY source of the Dockerfile exists in the context
-    for src in re.findall(r"^COPY (?!--from)(\S+)", rendered["local"].dockerfile, flags=re.M):
+    # every COPY source and every bind-mounted context path of the Dockerfile exists in the context
+    dockerfile = rendered["local"].dockerfile
+    for src in re.findall(r"^COPY (?!--from)(\S+)", dockerfile, flags=re.M):
         assert (ctx / src).exists(), src
+    for src in re.findall(r"--mount=type=bind,source=([^,\s]+)", dockerfile):
+        assert (ctx / src).exists(), src
+
+
+def requirement_names(path: Path) -> list[str]:
+    return [re.split(r"[=@ ]", line)[0] for line in path.read_text().splitlines() if "==" in line or " @ " in line]
 
 
 def test_layers_split_the_lock_exactly(rendered):
     result = rendered["local"]
-    lines = []
+    names = []
     for layer in result.layers:
-        lines += [l for l in (result.context / layer.file).read_text().splitlines() if "==" in l or " @ " in l]
-    assert len(lines) == len(result.lock.requirements)
-    first = (result.context / result.layers[0].file).read_text()
-    training = next(layer for layer in result.layers if layer.name == "training")
-    recipe = (result.context / result.layers[-1].file).read_text()
-    assert re.search(r"^torch==", first, re.M)
-    assert re.search(r"^transformers==", (result.context / training.file).read_text(), re.M)
-    assert result.layers[-1].name == "recipe" and re.search(r"^wandb==", recipe, re.M)
+        names += requirement_names(result.context / layer.file)
+    for package in result.packages:
+        names += requirement_names(result.context / ("lock/sdist-deepspeed.txt" if package.built else package.file))
+    assert sorted(names) == sorted(r.name for r in result.lock.requirements)  # every package once, none missing
+    assert [layer.name for layer in result.layers] == ["torch", "libraries"]
+    assert "torch" in requirement_names(result.context / result.layers[0].file)
+    # fast movers each in a layer of their own, the recipe's on top, the most often bumped last
+    order = [p.name for p in result.packages]
+    assert {"transformers", "trl", "accelerate", "deepspeed", "peft", "wandb", "math-verify"} <= set(order)
+    assert order.index("accelerate") > order.index("transformers") and order[-1] == "tensorboardx"
+    assert [p.name for p in result.packages if p.built] == ["deepspeed"]
 
 
-def test_bumping_transformers_changes_only_its_layer(repo_copy: Path, tmp_path: Path):
+def test_bumping_one_package_changes_only_its_layer(repo_copy: Path, tmp_path: Path):
     spec = load_spec(repo_copy / "images" / "vlm-r1.yaml")
     before = render(spec.variant("local"), tmp_path / "before")
     lock = spec.variant("local").lockfile_path
     lock.write_text(lock.read_text().replace("transformers==4.49.0", "transformers==4.49.1"))
     after = render(load_spec(repo_copy / "images" / "vlm-r1.yaml").variant("local"), tmp_path / "after")
-    changed = [l.name for l in after.layers
-               if (after.context / l.file).read_bytes() != (before.context / l.file).read_bytes()]
-    assert changed == ["training"]
-    # and the Dockerfile's instructions for the earlier layers are the same text (same build cache keys)
+    changed = sorted(str(p.relative_to(after.context)) for p in (after.context / "lock").iterdir()
+                     if p.read_bytes() != (before.context / "lock" / p.name).read_bytes())
+    assert changed == ["lock/pkg-transformers.txt"]
+    # every stage's instructions are the same text: the one that rebuilds is the stage whose bind-mounted lock
+    # file changed (BuildKit keys a bind mount by its content), and the final stage differs in its labels only
     b, a = stages(before.dockerfile), stages(after.dockerfile)
-    for name in ("python-base", "installer", f"layer-{before.layers[0].name}"):
-        assert a[name] == b[name], name
+    assert sorted(name for name in a if a[name] != b.get(name)) == ["final"]
+    assert "source=lock/pkg-transformers.txt" in a["pkg-transformers"]
+    def unlabelled(stage: str) -> str:
+        return "\n".join(line for line in stage.splitlines() if not line.startswith("LABEL "))
+
+    assert unlabelled(a["final"]) == unlabelled(b["final"])
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_ca_proxy_and_caches_stay_out_of_the_released_stage(rendered, variant):
+def test_no_secret_in_the_context_and_none_in_the_released_stage(rendered, variant, monkeypatch):
     result = rendered[variant]
-    assert "VLMBUILDTESTCA" in (result.context / "build-ca.pem").read_text()
+    # the context holds no certificate and no proxy setting: they reach the build as BuildKit secrets
+    for path in result.context.rglob("*"):
+        if path.is_file():
+            text = path.read_bytes()
+            assert b"BEGIN CERTIFICATE" not in text and b"PROXY=" not in text.upper(), path
     parts = stages(result.dockerfile)
     final = parts["final"]
-    assert "build-ca" not in final and "build-env" not in final and "/tmp/vlmbuild-build" not in final
+    assert "type=secret" not in final and "type=cache" not in final  # nothing that reaches the network
     assert not re.search(r"(?i)proxy|SSL_CERT_FILE|PIP_CERT", final)
-    # the released stage takes only /opt/venv from the installer-derived stages
-    assert set(re.findall(r"COPY --from=(\S+) (\S+)", final)) == {(f"layer-{l.name}", "/opt/venv/") for l in result.layers}
-    # installs never keep a cache
+    # the released stage takes only /opt/venv from the package stages, and nothing at all from the build stages
+    assert set(re.findall(r"COPY --from=(\S+) (\S+)", final)) == {(p.stage, "/opt/venv/") for p in result.packages}
+    # every RUN that reaches the network mounts the secrets; every install is hash-checked (or installs the wheel
+    # built from the hash-checked sdist) and keeps its downloads in the cache mount, never in a layer
     for name, body in parts.items():
-        if "uv pip install" in body:
-            assert "--no-cache" in body, name
-        if "pip install" in body and "uv pip" not in body:
-            assert "--no-cache-dir" in body, name
-    assert "--require-hashes" in parts[f"layer-{result.layers[0].name}"]
+        for run in re.findall(r"^RUN (.*?)(?=^\S|\Z)", body, flags=re.M | re.S):
+            if "pip install" in run or "apt-get" in run or "build-deepspeed" in run:
+                assert "--mount=type=secret,id=build-env" in run and "/run/secrets/build-env" in run, name
+            if "uv pip install" in run:
+                assert "type=cache,id=vlmbuild-uv" in run, name
+                assert "--require-hashes" in run or "/tmp/wheels/*.whl" in run, name
+            if re.search(r"(?<!uv )pip install", run):
+                assert "--no-cache-dir" in run and "--require-hashes" in run, name
+
+
+def test_deepspeed_is_built_with_the_variants_ops_for_a_portable_cpu(rendered):
+    local, cuda = stages(rendered["local"].dockerfile)["deepspeed-wheel"], stages(rendered["cu124"].dockerfile)["deepspeed-wheel"]
+    assert "DS_ACCELERATOR=cpu" in local and "DS_BUILD_CPU_ADAM=1" in local and "DS_BUILD_SHM_COMM=1" in local
+    assert "DS_ACCELERATOR=cuda" in cuda and "DS_BUILD_FUSED_ADAM=1" in cuda and "TORCH_CUDA_ARCH_LIST=" in cuda
+    assert "DS_BUILD_OPS=0" in local  # nothing but what the spec names
+    for body in (local, cuda):
+        assert "CXX=/tmp/vlmbuild-build/portable-cxx" in body and "VLMBUILD_MARCH=x86-64-v3" in body
+    assert "--no-build-isolation" in (rendered["local"].context / "build/build-deepspeed.sh").read_text()
+
+
+def test_the_portable_compiler_rewrites_the_build_machines_cpu_flags(tmp_path):
+    wrapper = REPO / "builder" / "build_files" / "portable-cxx"
+    fake = tmp_path / "g++"
+    fake.write_text("#!/bin/sh\necho \"$@\"\n")
+    fake.chmod(0o755)
+    out = subprocess.run([str(wrapper), "-O3", "-g", "-march=native", "-D__AVX512__", "-fopenmp", "x.cpp"],
+                         capture_output=True, text=True, check=True,
+                         env={"VLMBUILD_MARCH": "x86-64-v3", "VLMBUILD_SIMD": "AVX256", "VLMBUILD_REAL_CXX": str(fake),
+                              "PATH": "/usr/bin:/bin"}).stdout.split()
+    assert out == ["-O3", "-g0", "-march=x86-64-v3", "-D__AVX256__", "-fopenmp", "x.cpp"]
 
 
 def test_base_image_is_a_parameter_not_a_fork(rendered):

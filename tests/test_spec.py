@@ -25,13 +25,15 @@ def test_the_real_spec_loads_with_its_variants():
     assert set(spec.variants) >= {"seed", "cu124", "local"}
     assert spec.variants["seed"].expected_rejected
     assert spec.variants["seed"].packages["deepspeed"] == "==0.15.4"
-    assert spec.variants["cu124"].base_image == "nvidia/cuda:12.4.1-cudnn-devel-ubuntu22.04"
+    assert spec.variants["cu124"].base_image.startswith("nvidia/cuda:12.4.1-cudnn-devel-ubuntu22.04@sha256:")
+    assert spec.variants["cu124"].wheels["flash-attn"].sha256 == (
+        "ffe17686fa1a0f288de9eae7c32af209d32a27b037ef28614f042b377af5b15a")
     assert (spec.variants["cu124"].python, spec.variants["cu124"].cuda) == ("3.10", "12.4")
     local = spec.variants["local"]
     assert (local.python, local.cuda) == ("3.11", None)
     # the local variant is the same stack, not a fork: same packages, same template
     assert local.packages == spec.variants["cu124"].packages
-    assert not local.wheels
+    assert not local.wheels and local.base_image == "vlmbuild-local/debian:bookworm"
 
 
 def test_layers_put_heavy_packages_first_and_fast_movers_last():

@@ -21,6 +21,8 @@ from packaging.version import InvalidVersion, Version
 RULES_FILE = "known_bad.yaml"
 SEVERITIES = ("error", "warning")
 KNOWN_CONDITIONS = frozenset({"zero3", "bf16", "flash_attention_2", "generation", "resume", "gpu_less_host"})
+# The VLM-R1 recipe's training path, when nobody names the conditions (`check --env`, a smoke outside an image).
+RECIPE_CONDITIONS = ("zero3", "bf16", "generation", "resume")
 RULE_KEYS = {"id", "severity", "title", "packages", "when", "symptom", "patterns", "fix", "sources"}
 
 
@@ -97,6 +99,21 @@ class RuleSet:
             if r.id == rule_id:
                 return r
         raise KeyError(rule_id)
+
+
+def training_conditions(declared: Iterable[str] | None, versions: Mapping[str, str],
+                        gpu_less_host: bool | None = None) -> tuple[str, ...]:
+    """The conditions rules are evaluated under, decided here for every caller: the declared training path (the
+    recipe's when none is declared), ``flash_attention_2`` when flash-attn is installed, and ``gpu_less_host``
+    when the host has no GPU (True/False: the caller knows; None: no /dev/nvidia0)."""
+    conditions = set(declared if declared else RECIPE_CONDITIONS)
+    if any(canonicalize_name(name) == "flash-attn" for name in versions):
+        conditions.add("flash_attention_2")
+    if gpu_less_host is None:
+        gpu_less_host = not Path("/dev/nvidia0").exists()
+    if gpu_less_host:
+        conditions.add("gpu_less_host")
+    return tuple(sorted(conditions))
 
 
 def explain_rule(rule: Rule, indent: str = "  ", header: str | None = None) -> str:

@@ -27,6 +27,7 @@ from typing import Any
 from .. import __version__, contract
 from ..lockfile import LockfileError, read_lockfile
 from . import report as report_mod
+from .model_dir import ModelDirProblem, validate_model_dir
 from .stack import StackProblem, check_stack, default_paths, verify_install
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -69,22 +70,78 @@ def worker_env(mode: str, world: int) -> dict[str, str]:
     return env
 
 
-def run_workers(args: argparse.Namespace, mode: str, world: int, workdir: Path,
-                checks: tuple[str, ...]) -> tuple[list[dict[str, Any]], str]:
-    results_dir = workdir / "results"
+def select_checks(applicable: tuple[str, ...], requested: str | None, mode: str) -> tuple[str, ...]:
+    """The checks to run: every applicable one, or those ``--checks`` names (with what they depend on)."""
+    if not requested:
+        return applicable
+    names = [n.strip() for n in requested.split(",") if n.strip()]
+    unknown = [n for n in names if n not in contract.CHECK_NAMES]
+    if unknown:
+        raise UsageProblem(f"--checks {','.join(unknown)}: unknown check; known: {', '.join(contract.CHECK_NAMES)}")
+    not_here = [n for n in names if n not in applicable]
+    if not_here:
+        raise UsageProblem(f"--checks {','.join(not_here)}: does not run in {mode} mode here "
+                           f"(this run can do {', '.join(applicable)})")
+    missing = [f"{n} needs {d}" for n in names for d in contract.DEPENDS.get(n, ()) if d not in names]
+    if missing:
+        raise UsageProblem(f"--checks: {'; '.join(missing)}")
+    return tuple(n for n in applicable if n in names)
+
+
+def repeat_zero3_load(args: argparse.Namespace, mode: str, world: int, workdir: Path, extensions: Path,
+                      first: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ZeRO-3 load ``--repeat`` times in all, each in fresh processes, from the same checkpoint: every run
+    must be bit-identical to the checkpoint, and all of them alike (corruption can be intermittent)."""
+    started = time.monotonic()
+    entry: dict[str, Any] = {"name": "zero3_repeat", "status": "passed", "error": None, "world_size": world,
+                             "device": first[0].get("device", mode) if first else mode, "details": {}}
+    load = next((c for c in first if c["name"] == "zero3_load"), None)
+    if load is None or load["status"] != "passed":
+        entry.update(status="skipped", error="not run: zero3_load did not pass", seconds=0.0)
+        return entry
+    model_dir = Path(args.model_dir) if args.model_dir else workdir / "tiny-model"
+    digests = [load["details"].get("weights_sha256")]
+    problems = []
+    for run in range(2, args.repeat + 1):
+        again, _ = run_workers(args, mode, world, workdir, ("zero3_load",), extensions, results=f"results-{run}",
+                               model_dir=model_dir)
+        result = again[0]
+        if result["status"] != "passed":
+            problems.append(f"run {run}: {result.get('error') or result['status']}")
+            digests.append(None)
+        else:
+            digests.append(result["details"].get("weights_sha256"))
+    if not problems and len(set(digests)) != 1:
+        problems.append(f"the loaded weights differ between runs: {', '.join(str(d)[:12] for d in digests)}")
+    entry["details"] = {"runs": args.repeat, "weights_sha256": digests, "identical": not problems}
+    if problems:
+        entry.update(status="failed", error="\n".join(problems))
+    entry["seconds"] = round(time.monotonic() - started, 3)
+    return entry
+
+
+def run_workers(args: argparse.Namespace, mode: str, world: int, workdir: Path, checks: tuple[str, ...],
+                extensions: Path, results: str = "results",
+                model_dir: Path | None = None) -> tuple[list[dict[str, Any]], str]:
+    results_dir = workdir / results
     results_dir.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(world),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            "-m", "vlmbuild.smoke.worker", "--device", mode, "--workdir", str(workdir),
            "--results-dir", str(results_dir), "--timeout", str(max(60, int(args.timeout))),
            "--checks", ",".join(checks)]
-    if args.model_dir:
-        cmd += ["--model-dir", str(args.model_dir)]
-    log_path = workdir / "workers.log"
+    model_dir = model_dir or (Path(args.model_dir) if args.model_dir else None)
+    if model_dir:
+        cmd += ["--model-dir", str(model_dir)]
+    if model_dir and not args.model_dir:
+        cmd.append("--tiny-model")  # the tiny checkpoint an earlier run saved: still the tiny model
+    log_path = workdir / f"workers-{results}.log"
     started = time.monotonic()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=worker_env(mode, world),
-                                start_new_session=True)
+        env = worker_env(mode, world)
+        # Where torch would JIT-compile an op: empty, and checked after the run (check prebuilt_ops).
+        env["TORCH_EXTENSIONS_DIR"] = str(extensions)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             proc.wait(timeout=args.timeout)
             timed_out = False
@@ -160,27 +217,37 @@ def run_stack(mode: str, lock_path: Path | None, variant: dict[str, Any] | None)
     return entry
 
 
-def validate_model_dir(path: Path) -> None:
-    """A Qwen2.5-VL checkpoint as the hub ships one: config, safetensors weights, tokenizer and image processor."""
-    where = f"--model-dir {path}"
-    if not path.is_dir():
-        raise UsageProblem(f"{where}: no such directory")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise UsageProblem(f"{where}: no config.json there (a Qwen2.5-VL checkpoint directory?)")
+def prebuilt_ops_for(variant: dict[str, Any] | None, mode: str) -> list[str]:
+    """The DeepSpeed ops the image was built with, when they are the ones this mode's accelerator loads."""
+    declared = (variant or {}).get("deepspeed_ops") or {}
+    accelerator = "cuda" if mode == "gpu" else "cpu"
+    return list(declared.get("ops") or []) if declared.get("accelerator") == accelerator else []
+
+
+def check_prebuilt_ops(ops: list[str], extensions: Path, world: int) -> dict[str, Any]:
+    """The ops DeepSpeed was built with are installed, and none was compiled while the checks ran: the
+    extensions directory torch would JIT-compile into is still empty."""
+    started = time.monotonic()
+    entry: dict[str, Any] = {"name": "prebuilt_ops", "status": "passed", "error": None, "world_size": world,
+                             "device": "cpu", "details": {}}
+    problems = []
     try:
-        config = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UsageProblem(f"{where}: config.json is not readable JSON ({exc})") from None
-    if config.get("model_type") != "qwen2_5_vl":
-        raise UsageProblem(f"{where}: config.json says model_type {config.get('model_type')!r}; the smoke checks "
-                           "Qwen2.5-VL checkpoints (model_type 'qwen2_5_vl')")
-    if not any(path.glob("*.safetensors")):
-        raise UsageProblem(f"{where}: no *.safetensors weights (the smoke compares them byte for byte)")
-    missing = [name for name in ("preprocessor_config.json", "tokenizer_config.json") if not (path / name).is_file()]
-    if missing:
-        raise UsageProblem(f"{where}: no {' or '.join(missing)} (the grpo check feeds image+text prompts through "
-                           "the checkpoint's own processor)")
+        from deepspeed.git_version_info import installed_ops
+
+        installed = {op: bool(installed_ops.get(op)) for op in ops}
+    except Exception as exc:  # noqa: BLE001 - an import failure is the finding
+        installed = {}
+        problems.append(f"cannot read DeepSpeed's installed ops: {type(exc).__name__}: {exc}")
+    compiled = sorted(str(p.relative_to(extensions)) for p in extensions.rglob("*"))
+    problems += [f"{op}: not installed in DeepSpeed (it would be compiled at first use)"
+                 for op, ok in installed.items() if not ok]
+    if compiled:
+        problems.append(f"ops were compiled at run time into {extensions}: {', '.join(compiled[:8])}")
+    entry["details"] = {"ops": installed, "compiled_at_run_time": compiled}
+    if problems:
+        entry.update(status="failed", error="\n".join(problems))
+    entry["seconds"] = round(time.monotonic() - started, 3)
+    return entry
 
 
 def flash_attention_installed() -> bool:
@@ -202,18 +269,32 @@ def run(args: argparse.Namespace) -> int:
         raise UsageProblem(f"--lockfile {lock_path}: no such file")
     variant = json.loads(variant_path.read_text()) if variant_path else None
     if args.model_dir:
-        validate_model_dir(Path(args.model_dir))
+        try:
+            validate_model_dir(Path(args.model_dir))
+        except ModelDirProblem as exc:
+            raise UsageProblem(str(exc)) from None
+    if not 1 <= args.repeat <= 20:
+        raise UsageProblem(f"--repeat {args.repeat}: expected 1 to 20")
     mode, world = resolve_mode(args.device)
     if mode == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"  # before the stack check imports deepspeed
         os.environ.setdefault("LOCAL_SIZE", str(world))
 
-    planned = contract.checks_for(mode, flash_attention=flash_attention_installed())
+    prebuilt = prebuilt_ops_for(variant, mode)
+    planned = select_checks(contract.checks_for(mode, flash_attention=flash_attention_installed(),
+                                                prebuilt_ops=bool(prebuilt), repeat=args.repeat), args.checks, mode)
     workdir = Path(tempfile.mkdtemp(prefix="vlmbuild-smoke-", dir=args.workdir))
+    extensions = workdir / "torch_extensions"
+    extensions.mkdir()
     try:
-        checks = [run_stack(mode, lock_path, variant)]
-        worker_checks, _ = run_workers(args, mode, world, workdir, tuple(c for c in planned if c != "stack"))
+        checks = [run_stack(mode, lock_path, variant)] if "stack" in planned else []
+        worker_checks, _ = run_workers(args, mode, world, workdir,
+                                       tuple(c for c in planned if c in contract.WORKER_CHECKS), extensions)
         checks += worker_checks
+        if "zero3_repeat" in planned:
+            checks.append(repeat_zero3_load(args, mode, world, workdir, extensions, worker_checks))
+        if "prebuilt_ops" in planned:
+            checks.append(check_prebuilt_ops(prebuilt, extensions, world))
     finally:
         if not args.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -275,6 +356,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lockfile", help="compare installed versions with this lockfile (default: the image's)")
     p.add_argument("--variant-json", help="variant metadata (default: the image's)")
     p.add_argument("--timeout", type=float, default=900.0, help="kill the ranks after this many seconds")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run the ZeRO-3 load this many times in all, in fresh processes; fail if any run differs")
+    p.add_argument("--checks", default=None,
+                   help="only these checks (comma-separated, with what they depend on), e.g. stack,zero3_load")
     p.add_argument("--workdir", default=None, help="parent of the scratch directory (default: the system temp dir)")
     p.add_argument("--keep-workdir", action="store_true", help="keep checkpoints and rank logs for inspection")
     return p

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..contract import report_passed
+from ..contract import evidence_passed, report_passed
 from ..rules import load_rules
 
 SCHEMA_VERSION = 2  # 2: every check records its world_size and device; checks grpo, optimizer_offload, attention
@@ -79,11 +79,22 @@ def _detail(check: dict[str, Any]) -> str:
                 "tensors equal to the trained parameters")
     if name == "optimizer_offload":
         return f"{d.get('steps')} step(s) with {str(d.get('optimizer', '')).rsplit('.', 1)[-1]}, state offloaded to the CPU"
+    if name == "zero3_repeat":
+        return f"{d.get('runs')} loads in fresh processes, every one bit-identical"
+    if name == "prebuilt_ops":
+        return f"{', '.join(d.get('ops') or {})} built into DeepSpeed; nothing compiled at run time"
     if name == "attention":
         vt, lm = d.get("vision_tower") or {}, d.get("language_model") or {}
         return (f"{d.get('candidate')} vs {d.get('reference')}: vision rel. error {vt.get('relative_error', 0):.1e}, "
                 f"language model {lm.get('relative_error', 0):.1e}; vision rotary: {d.get('vision_rotary')}")
     return ""
+
+
+def combine(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The evidence a build puts into its image: every smoke pass it ran (a GPU pass with world size 1 is
+    followed by a CPU pass with world size 2, so ZeRO-3 partitioning across ranks is always proven)."""
+    return {"schema_version": SCHEMA_VERSION, "kind": "vlmbuild-evidence", "passed": evidence_passed({"passes": reports}),
+            "passes": reports}
 
 
 def dumps(report: dict[str, Any]) -> str:

@@ -18,7 +18,7 @@ from packaging.version import Version
 
 from .. import contract
 from ..lockfile import Lockfile
-from ..rules import installed_versions, load_rules
+from ..rules import installed_versions, load_rules, training_conditions
 
 # What every run imports; an image's variant.json adds the modules its spec names (the stack's and each group's).
 BASE_IMPORTS = ("torch", "transformers", "deepspeed")
@@ -36,12 +36,18 @@ def modules_to_import(variant: dict[str, Any] | None, installed: dict[str, str])
 
 def lock_mismatches(lock: Lockfile, installed: dict[str, str]) -> list[str]:
     problems = []
-    for name, pinned in sorted(lock.pins.items()):
-        have = installed.get(name)
+    for req in sorted(lock.requirements, key=lambda r: r.name):
+        have, pinned = installed.get(req.name), req.version
         if have is None:
-            problems.append(f"{name}: locked {pinned}, not installed")
-        elif Version(have) != Version(pinned):
-            problems.append(f"{name}: locked {pinned}, installed {have}")
+            problems.append(f"{req.name}: locked {pinned}, not installed")
+            continue
+        same = Version(have) == Version(pinned)
+        if not same and req.url is not None:
+            # A direct wheel's version comes from its file name, whose local segment (flash-attn's
+            # +cu12torch2.6cxx11abiFALSE) its own metadata may leave out; the sha256 pinned the exact file.
+            same = Version(have).public == Version(pinned).public
+        if not same:
+            problems.append(f"{req.name}: locked {pinned}, installed {have}")
     return problems
 
 
@@ -108,11 +114,9 @@ def check_stack(mode: str, lock: Lockfile | None, variant: dict[str, Any] | None
         details["gpu"] = facts
         problems += gpu_problems
 
-    conditions = list((variant or {}).get("conditions") or ["zero3", "bf16", "generation", "resume"])
-    if mode == "cpu" and "gpu_less_host" not in conditions and not os.path.exists("/dev/nvidia0"):
-        conditions.append("gpu_less_host")
-    if "flash-attn" in installed and "flash_attention_2" not in conditions:
-        conditions.append("flash_attention_2")
+    # The image's declared training path; gpu_less_host when this run has no GPU and the host none either.
+    gpu_less = mode == "cpu" and not os.path.exists("/dev/nvidia0")
+    conditions = training_conditions((variant or {}).get("conditions"), installed, gpu_less_host=gpu_less)
     violations = load_rules().evaluate(installed, conditions)
     details["rules"] = [{"id": v.rule.id, "severity": v.rule.severity, "versions": v.versions} for v in violations]
     for v in violations:

@@ -25,7 +25,7 @@ from typing import Any
 
 from . import tiny_model
 from .common import CheckFailed, all_ranks_ok, mean_over_ranks, set_comm_device
-from .weights import checkpoint_digests, diff_params, gathered_param_digests
+from .weights import checkpoint_digests, checkpoint_dtype, diff_params, gathered_param_digests
 
 TRAIN_STEPS = 4
 LEARNING_RATE = 1e-3
@@ -95,7 +95,7 @@ class Smoke:
             self.device = torch.device("cpu")
             self.dtype = torch.float32
         self.model_dir = Path(args.model_dir) if args.model_dir else self.workdir / "tiny-model"
-        self.real_model = bool(args.model_dir)
+        self.real_model = bool(args.model_dir) and not args.tiny_model
         self.checks = tuple(args.checks.split(","))
         self.results: list[dict[str, Any]] = []
         self.model: Any = None
@@ -104,9 +104,11 @@ class Smoke:
 
     # -- configuration
 
-    def ds_config(self) -> dict[str, Any]:
-        half = self.dtype if self.gpu else None
+    def ds_config(self, dtype: Any = None) -> dict[str, Any]:
         import torch
+
+        dtype = dtype or self.dtype
+        half = dtype if dtype in (torch.bfloat16, torch.float16) else None
 
         return {
             "train_micro_batch_size_per_gpu": 1,
@@ -182,30 +184,42 @@ class Smoke:
         import torch.distributed as dist
         from transformers import Qwen2_5_VLForConditionalGeneration
 
-        if self.rank == 0:
+        # A repeated load (--repeat) reads the checkpoint the first run saved, in fresh processes.
+        if self.rank == 0 and not (self.model_dir / "config.json").is_file():
             torch.manual_seed(0)
             model = Qwen2_5_VLForConditionalGeneration(tiny_model.tiny_config()).to(self.dtype)
             model.save_pretrained(self.model_dir, safe_serialization=True)
             del model
         dist.barrier()
 
-    def load_under_zero3(self) -> Any:
+    def load_under_zero3(self, dtype: Any = None) -> Any:
         from transformers import Qwen2_5_VLForConditionalGeneration
         from transformers.integrations import HfDeepSpeedConfig
 
+        dtype = dtype or self.dtype
         # transformers keeps only a weak reference to this object: it must stay alive or
         # from_pretrained silently stops building the model inside deepspeed.zero.Init.
-        self._keep_alive = HfDeepSpeedConfig(self.ds_config())
+        self._keep_alive = HfDeepSpeedConfig(self.ds_config(dtype))
         # Never pass device_map or low_cpu_mem_usage under ZeRO-3.
         return Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            self.model_dir, torch_dtype=self.dtype, attn_implementation="sdpa"
+            self.model_dir, torch_dtype=dtype, attn_implementation="sdpa"
         )
 
+    def load_dtype(self) -> Any:
+        """The dtype the weights are compared in: the checkpoint's own (a bf16 release stays bf16 on the CPU too,
+        where training runs in fp32: loaded in fp32, every weight would differ from its file)."""
+        import torch
+
+        return getattr(torch, checkpoint_dtype(self.model_dir).split(".")[-1]) if self.real_model else self.dtype
+
     def check_zero3_load(self) -> dict[str, Any]:
+        import hashlib
+
         if not self.real_model:
             self.make_tiny_checkpoint()
         reference = checkpoint_digests(self.model_dir)
-        self.model = self.load_under_zero3()
+        load_dtype = self.load_dtype()
+        self.model = self.load_under_zero3(load_dtype)
 
         names = [n for n, _ in self.model.named_parameters()]
         # Partitioned: a ZeRO-3 parameter (ds_id) whose local .data is the empty placeholder and whose shard on
@@ -228,8 +242,13 @@ class Smoke:
                 + "\n  ".join(problems[:8])
             )
         vision = sum(1 for n in names if n.startswith("visual."))
+        weights = hashlib.sha256("".join(f"{n}:{d['sha256']}\n" for n, d in sorted(loaded.items())).encode())
+        if load_dtype != self.dtype:
+            # Compared in the checkpoint's dtype; the training checks need the dtype this device trains in.
+            del self.model
+            self.model = self.load_under_zero3(self.dtype)
         return {"parameters": len(names), "vision_parameters": vision, "partitioned": len(partitioned),
-                "bit_identical": True}
+                "bit_identical": True, "dtype": str(load_dtype), "weights_sha256": weights.hexdigest()}
 
     # -- check 3: train_step
 
@@ -358,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--results-dir", required=True)
     parser.add_argument("--model-dir", default=None)
+    parser.add_argument("--tiny-model", action="store_true", help="--model-dir holds the tiny model a first run saved")
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--checks", required=True, help="comma-separated check names, in the contract's order")
     args = parser.parse_args(argv)

@@ -1,0 +1,213 @@
+"""`vlmbuild inspect IMAGE`: re-verify an image's evidence from the image itself, and say what each layer holds.
+
+Nothing is taken from the labels on trust: the report inside must hash to the label that vouches for it and
+pass the contract's test, the lockfile inside to the lock label, the SBOM to its label and agree with the
+lockfile, and the installed distributions must be the locked ones (checked by running the image's own
+``vlmbuild-smoke verify-install``, without network). Any disagreement is a finding, and exit 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import contract
+from .engine import Engine
+from .errors import VlmbuildError
+from .lockfile import LockfileError, parse_lockfile
+from .release import LABEL_BASE_ID, LABEL_IDENTITY, LABEL_PASSES, LABEL_SBOM_SHA256
+
+EVIDENCE_COMMENT = "vlmbuild: smoke evidence"
+
+
+@dataclass
+class Finding:
+    ok: bool
+    what: str
+    detail: str = ""
+
+
+@dataclass
+class Inspection:
+    image: str
+    image_id: str
+    findings: list[Finding] = field(default_factory=list)
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    size: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.findings) and all(f.ok for f in self.findings)
+
+    def check(self, ok: bool, what: str, detail: str = "") -> bool:
+        self.findings.append(Finding(bool(ok), what, detail))
+        return bool(ok)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"image": self.image, "image_id": self.image_id, "ok": self.ok, "size": self.size,
+                "findings": [asdict(f) for f in self.findings], "passes": self.passes, "layers": self.layers,
+                "identity": self.labels.get(LABEL_IDENTITY), "base_image_id": self.labels.get(LABEL_BASE_ID)}
+
+
+def sha256(data: bytes | None) -> str | None:
+    return hashlib.sha256(data).hexdigest() if data is not None else None
+
+
+def smoke_passes(evidence: dict[str, Any]) -> list[dict[str, Any]]:
+    """The smoke reports in an evidence file (an older image holds one report, not a list of passes)."""
+    return list(evidence.get("passes") or ([evidence] if "checks" in evidence else []))
+
+
+def check_report(result: Inspection, report_bytes: bytes | None, labels: dict[str, str]) -> None:
+    if not result.check(report_bytes is not None, "the smoke report is in the image", contract.REPORT_PATH):
+        return
+    result.check(sha256(report_bytes) == labels.get(contract.LABEL_REPORT_SHA256),
+                 "the report hashes to the label that vouches for it",
+                 f"sha256 {sha256(report_bytes)} vs label {labels.get(contract.LABEL_REPORT_SHA256)}")
+    try:
+        evidence = json.loads(report_bytes)
+    except json.JSONDecodeError as exc:
+        result.check(False, "the report is JSON", str(exc))
+        return
+    passes = smoke_passes(evidence)
+    result.check(bool(passes) and all(contract.report_passed(p) for p in passes),
+                 "every smoke pass in the report passed every check")
+    statuses = {c["name"]: c["status"] for p in passes for c in p.get("checks", [])}
+    try:
+        labelled = json.loads(labels.get(contract.LABEL_CHECKS) or "{}")
+    except json.JSONDecodeError:
+        labelled = None
+    result.check(labelled == statuses, "the checks label says what the report says",
+                 f"label {labelled} vs report {statuses}")
+    worlds = ",".join(str(w) for w in sorted({p.get("world_size", 0) for p in passes}))
+    result.check(labels.get(contract.LABEL_WORLD_SIZE) == worlds, "the world-size label says what the report says",
+                 f"label {labels.get(contract.LABEL_WORLD_SIZE)} vs report {worlds}")
+    result.check(any(p.get("world_size", 0) >= 2 for p in passes),
+                 "ZeRO-3 partitioning across ranks was proven (a pass with world size 2 or more)", f"world sizes {worlds}")
+    for p in passes:
+        result.passes.append({
+            "mode": p.get("mode"), "world_size": p.get("world_size"), "device": p.get("device_name") or "cpu",
+            "passed": contract.report_passed(p), "seconds": p.get("seconds"),
+            "checks": [{"name": c["name"], "status": c["status"], "device": c.get("device"),
+                        "world_size": c.get("world_size"), "seconds": c.get("seconds")} for c in p.get("checks", [])],
+        })
+
+
+def check_lock_and_sbom(result: Inspection, lock_bytes: bytes | None, sbom_bytes: bytes | None,
+                        labels: dict[str, str]) -> None:
+    lock = None
+    if result.check(lock_bytes is not None, "the lockfile is in the image", contract.LOCK_PATH):
+        result.check(sha256(lock_bytes) == labels.get(contract.LABEL_LOCK_SHA256),
+                     "the lockfile hashes to the lock label",
+                     f"sha256 {sha256(lock_bytes)} vs label {labels.get(contract.LABEL_LOCK_SHA256)}")
+        try:
+            lock = parse_lockfile(lock_bytes.decode(), None)
+        except (LockfileError, UnicodeDecodeError) as exc:
+            result.check(False, "the lockfile parses", str(exc))
+    if not result.check(sbom_bytes is not None, "the SBOM is in the image", contract.SBOM_PATH):
+        return
+    result.check(sha256(sbom_bytes) == labels.get(LABEL_SBOM_SHA256), "the SBOM hashes to its label",
+                 f"sha256 {sha256(sbom_bytes)} vs label {labels.get(LABEL_SBOM_SHA256)}")
+    try:
+        sbom = json.loads(sbom_bytes)
+    except json.JSONDecodeError as exc:
+        result.check(False, "the SBOM is JSON", str(exc))
+        return
+    result.check(sbom.get("bomFormat") == "CycloneDX", "the SBOM is a CycloneDX document",
+                 f"bomFormat {sbom.get('bomFormat')!r}, specVersion {sbom.get('specVersion')!r}")
+    if lock is not None:
+        components = {re.sub(r"[-_.]+", "-", c.get("name", "")).lower(): c.get("version")
+                      for c in sbom.get("components", [])}
+        from packaging.version import Version
+
+        disagree = [f"{r.name}: locked {r.version}, SBOM {components.get(r.name)}" for r in lock.requirements
+                    if components.get(r.name) is None
+                    or Version(components[r.name]).public != Version(r.version).public]
+        result.check(not disagree, f"the SBOM lists the {len(lock.requirements)} locked packages at their versions",
+                     "; ".join(disagree[:5]))
+
+
+def check_installed(engine: Engine, result: Inspection) -> None:
+    code, out = engine.run_in_image(result.image_id, [contract.SMOKE_ENTRYPOINT, "verify-install"])
+    result.check(code == 0, "the installed distributions are the locked ones (verify-install in the image)",
+                 out.strip().splitlines()[-1] if out.strip() else f"exit {code}")
+
+
+def describe_layers(engine: Engine, result: Inspection, variant: dict[str, Any]) -> None:
+    """Each layer's size and what it holds, from the image's history and the layer plan in variant.json."""
+    history = engine.history(result.image_id)
+    base_id = result.labels.get(LABEL_BASE_ID)
+    base_entries = len(engine.history(base_id)) if base_id and engine.image_id(base_id) else 0
+    chain = list(variant.get("layers") or [])
+    packages = list(variant.get("packages") or [])
+    for i, entry in enumerate(history):
+        created, size = entry.get("CreatedBy") or "", int(entry.get("Size") or 0)
+        if i < base_entries:
+            what = f"base image {result.labels.get('org.opencontainers.image.base.name', '')}".strip()
+        elif "apt-get" in created and "venv" in created:
+            what = f"Python {variant.get('python', '')}, g++ and the empty venv (python-base)"
+        elif "uv pip install" in created and chain:
+            what = f"lock layer {chain.pop(0)}, installed in place"
+        elif created.startswith("COPY /opt/venv/") and packages:
+            what = f"package {packages.pop(0)}"
+        elif created.startswith("COPY vlmbuild/"):
+            what = "the smoke (vlmbuild-smoke), the lockfile, the variant's metadata"
+        elif "cyclonedx-py" in created:
+            what = "the smoke's entry point, the SBOM, the built wheel's sha256"
+        elif entry.get("Comment") == EVIDENCE_COMMENT:
+            what = "evidence: the smoke report"
+        elif size == 0:
+            continue  # ENV, LABEL, WORKDIR, CMD: configuration, no layer
+        else:
+            what = created[:80]
+        result.layers.append({"size": size, "what": what})
+
+
+def inspect_image(ref: str, engine: Engine | None = None) -> Inspection:
+    engine = engine or Engine()
+    image_id = engine.image_id(ref)
+    if image_id is None:
+        raise VlmbuildError(f"{ref}: no such image in this engine")
+    labels = engine.labels(image_id)
+    result = Inspection(ref, image_id, labels=labels)
+    with_attrs = engine.client.images.get(image_id)
+    result.size = int(with_attrs.attrs.get("Size") or 0)
+    if not result.check(contract.LABEL_SMOKE_ENTRYPOINT in labels, "the image was built by vlmbuild",
+                        f"label {contract.LABEL_SMOKE_ENTRYPOINT}"):
+        return result
+    result.check(labels.get(contract.LABEL_RESULT) == "passed", "the result label says passed",
+                 f"{contract.LABEL_RESULT}={labels.get(contract.LABEL_RESULT)!r}")
+    result.check(bool(labels.get(LABEL_IDENTITY)), "the image names the inputs it was built from (identity label)",
+                 labels.get(LABEL_IDENTITY) or "")
+    files = engine.read_image_files(image_id, [contract.REPORT_PATH, contract.LOCK_PATH, contract.SBOM_PATH,
+                                               contract.VARIANT_PATH, contract.BUILT_WHEELS_PATH])
+    check_report(result, files[contract.REPORT_PATH], labels)
+    check_lock_and_sbom(result, files[contract.LOCK_PATH], files[contract.SBOM_PATH], labels)
+    result.check(bool(files[contract.BUILT_WHEELS_PATH]), "the sha256 of the wheel built from source is recorded",
+                 (files[contract.BUILT_WHEELS_PATH] or b"").decode(errors="replace").strip())
+    check_installed(engine, result)
+    variant = json.loads(files[contract.VARIANT_PATH] or b"{}")
+    describe_layers(engine, result, variant)
+    return result
+
+
+def format_inspection(result: Inspection) -> str:
+    lines = [f"{result.image} ({result.image_id[:19]}), {result.size / 1e9:.2f} GB"]
+    if result.labels.get(LABEL_PASSES):
+        lines.append(f"  smoke passes: {result.labels[LABEL_PASSES]}")
+    for p in result.passes:
+        lines.append(f"  pass {p['mode']} x{p['world_size']} ({p['device']}): "
+                     + ", ".join(f"{c['name']} {c['status']} [{c['device']} x{c['world_size']}]" for c in p["checks"]))
+    lines.append("  verified:")
+    for f in result.findings:
+        lines.append(f"    {'ok  ' if f.ok else 'FAIL'} {f.what}" + (f" ({f.detail})" if f.detail and not f.ok else ""))
+    lines.append("  layers, bottom to top:")
+    for layer in result.layers:
+        lines.append(f"    {layer['size'] / 1e6:10.1f} MB  {layer['what']}")
+    lines.append("RESULT: " + ("every piece of evidence agrees" if result.ok else "the evidence DISAGREES"))
+    return "\n".join(lines)

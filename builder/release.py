@@ -1,0 +1,170 @@
+"""The release side: evidence on a candidate that passed, the tag set moved as one unit, pushes.
+
+Nothing here decides whether an image is good (vlmbuild.gate does); everything here refuses to publish what
+lacks passing evidence, and never moves an immutable tag to different content, locally or in a registry.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from . import contract
+from .engine import Engine, SmokeRun
+from .engine_setup import STATE
+from .errors import CheckFailed, VlmbuildError
+from .progress import Progress
+from .resolve import Resolved
+from .smoke import report as report_mod
+
+# Labels a passing build adds to the tested candidate, beside the report file (the contract names them).
+LABEL_IDENTITY = f"{contract.LABEL_PREFIX}.identity"
+LABEL_BASE_ID = f"{contract.LABEL_PREFIX}.base.image-id"
+LABEL_BASE_DIGEST = "org.opencontainers.image.base.digest"
+LABEL_SBOM_SHA256 = f"{contract.LABEL_PREFIX}.sbom-sha256"
+LABEL_PASSES = f"{contract.SMOKE_LABEL}.passes"
+
+
+def pass_summary(run: SmokeRun) -> str:
+    report = run.report or {}
+    name = report.get("device_name") or "cpu"
+    return f"{report.get('mode', run.device)} x{report.get('world_size', '?')} ({name})"
+
+
+def evidence(resolved: Resolved, runs: list[SmokeRun], sbom: bytes | None) -> tuple[dict[str, bytes], dict[str, str]]:
+    """The report file (every smoke pass of this build) and the labels that vouch for it."""
+    primary = runs[0]
+    payload = report_mod.combine([r.report for r in runs if r.report is not None])
+    report_bytes = report_mod.dumps(payload).encode()
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    checks = {c["name"]: c["status"] for r in runs for c in (r.report or {}).get("checks", [])}
+    worlds = sorted({(r.report or {}).get("world_size", 0) for r in runs})
+    device = primary.device
+    labels = {
+        contract.LABEL_RESULT: "passed",
+        contract.LABEL_DEVICE: device,
+        contract.LABEL_VALIDATED_ON: ("cpu-only (not a GPU validation)" if device == "cpu" else
+                                      f"gpu: {(primary.report or {}).get('device_name') or 'unknown'}"),
+        contract.LABEL_WORLD_SIZE: ",".join(str(w) for w in worlds),
+        LABEL_PASSES: "; ".join(pass_summary(r) for r in runs),
+        contract.LABEL_REPORT_PATH: contract.REPORT_PATH,
+        contract.LABEL_REPORT_SHA256: hashlib.sha256(report_bytes).hexdigest(),
+        contract.LABEL_CHECKS: json.dumps(checks, separators=(",", ":")),
+        contract.LABEL_SECONDS: f"{sum(r.seconds for r in runs):.1f}",
+        f"{contract.SMOKE_LABEL}.at": now,
+        "org.opencontainers.image.created": now,
+        LABEL_IDENTITY: resolved.identity,
+        LABEL_BASE_ID: resolved.base.image_id,
+    }
+    if resolved.base.digest:
+        labels[LABEL_BASE_DIGEST] = resolved.base.digest
+    if sbom is not None:
+        labels[LABEL_SBOM_SHA256] = hashlib.sha256(sbom).hexdigest()
+    return {contract.REPORT_PATH: report_bytes}, labels
+
+
+@contextmanager
+def tag_lock(repository: str, variant: str) -> Iterator[None]:
+    """Serialise the tagging of one variant on this host: two concurrent builds move its tags as a set, one after
+    the other, so the tags always name the same image, and only a passed one."""
+    locks = STATE / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{repository}-{variant}")
+    with open(locks / f"{name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def move_tags(engine: Engine, image_id: str, repository: str, tags: list[str]) -> list[str]:
+    """Point ``tags`` at ``image_id`` as one unit: on any failure (Ctrl-C and SIGTERM included) every tag moved
+    so far goes back where it was, or is removed if it named nothing before."""
+    moved: list[str] = []
+    before = {t: engine.image_id(f"{repository}:{t}") for t in tags}
+    try:
+        for tag in tags:
+            engine.tag(image_id, repository, tag)
+            moved.append(tag)
+    except BaseException:
+        for tag in moved:
+            try:
+                if before[tag] is None:
+                    engine.untag(repository, tag)
+                else:
+                    engine.tag(before[tag], repository, tag)
+            except VlmbuildError:
+                pass  # the engine is gone: nothing more can be put back
+        raise
+    return moved
+
+
+def validated_image(engine: Engine, resolved: Resolved) -> str | None:
+    """The image the immutable tag names, when it carries passing evidence of exactly this identity."""
+    image_id = engine.image_id(f"{resolved.repository}:{resolved.immutable_tag}")
+    if image_id is None:
+        return None
+    labels = engine.labels(image_id)
+    if labels.get(contract.LABEL_RESULT) == "passed" and labels.get(LABEL_IDENTITY) == resolved.identity:
+        return image_id
+    return None
+
+
+def publish(engine: Engine, resolved: Resolved, final: str) -> tuple[str, list[str], bool]:
+    """Tag ``final`` with the variant's tag set, unless the immutable tag is taken: (image the tags name, tags that
+    name it, whether ``final`` was tagged). An immutable tag never moves: when it already names a validated image
+    of the same inputs (a --rebuild, or a concurrent build that tagged first) no tag moves at all and ``final``
+    is dropped; when it names anything else, that is an error."""
+    with tag_lock(resolved.repository, resolved.variant.name):
+        taken = engine.image_id(f"{resolved.repository}:{resolved.immutable_tag}")
+        if taken is None or taken == final:
+            return final, move_tags(engine, final, resolved.repository, resolved.tags), True
+        if validated_image(engine, resolved) != taken:
+            raise CheckFailed(f"{resolved.repository}:{resolved.immutable_tag} already names {taken[:19]}, which is "
+                              "not a validated image of these inputs; an immutable tag is never moved: nothing was "
+                              "tagged")
+        tags = [t for t in resolved.tags if engine.image_id(f"{resolved.repository}:{t}") == taken]
+        return taken, tags, False
+
+
+def push_tags(engine: Engine, resolved: Resolved, tags: list[str], allow_cpu: bool) -> dict[str, str]:
+    """Push tags whose image passed the smoke, each digest printed. An immutable tag the registry already serves
+    with other content is never overwritten: that is an error, and nothing of it is pushed."""
+    repository = resolved.repository
+    progress = Progress(f"push {resolved.variant.image.name}/{resolved.variant.name}")
+    digests: dict[str, str] = {}
+    try:
+        for tag in tags:
+            ref = f"{repository}:{tag}"
+            image_id = engine.image_id(ref)
+            if image_id is None:
+                raise VlmbuildError(f"{ref}: no such local image; build it first (`vlmbuild build`)")
+            labels = engine.labels(ref)
+            if labels.get(contract.LABEL_RESULT) != "passed":
+                raise CheckFailed(f"{ref}: carries no passing smoke evidence; refusing to push")
+            if labels.get(contract.LABEL_LOCK_SHA256) != resolved.lock.sha256:
+                raise CheckFailed(f"{ref}: was built from another lockfile than the current one; rebuild before pushing")
+            if labels.get(contract.LABEL_DEVICE) != "gpu" and not allow_cpu:
+                raise CheckFailed(f"{ref}: its smoke ran on CPU only; pushing it needs --allow-cpu-evidence")
+            if tag == resolved.immutable_tag:
+                remote = engine.remote_digest(repository, tag)
+                local = engine.local_repo_digest(image_id, repository)
+                if remote is not None and remote != local:
+                    raise CheckFailed(f"{ref}: the registry already serves this immutable tag as {remote}, other "
+                                      "content than this image; an immutable tag is never overwritten")
+                if remote is not None:
+                    digests[tag] = remote
+                    print(f"already in the registry: {ref} {remote}", flush=True)
+                    continue
+            digest = engine.push(repository, tag, progress)
+            digests[tag] = digest
+            print(f"pushed {ref} {digest}", flush=True)
+    finally:
+        progress.close()
+    return digests

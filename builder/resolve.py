@@ -1,0 +1,119 @@
+"""A variant resolved once, into the one value a build carries from the freshness check to the last tag.
+
+``resolve`` reads the lockfile once, refuses a stale one and a rules violation, finds the base image in the
+engine (made or pulled when missing) and checks it against its pin, renders the build context, and derives the
+image's identity from everything that decides its bytes: the lockfile, the base image, the rendered context
+(Dockerfile, lock layers, build helpers, the smoke code that ships in the image). The immutable tag is
+``<variant tag>-<identity prefix>``: the same inputs give the same tag, different inputs another one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .checks import check_variant
+from .errors import CheckFailed, VlmbuildError
+from .lock import require_fresh
+from .lockfile import Lockfile
+from .render import RenderResult, load_variant_lock, render
+from .rules import load_rules
+from .spec import Variant, split_digest
+
+IDENTITY_CHARS = 12
+# Recorded in the image, but not part of what decides its bytes: a commit that changes nothing of the image
+# must not make a new one.
+VOLATILE_LABELS = ("org.opencontainers.image.revision",)
+
+
+@dataclass(frozen=True)
+class Base:
+    ref: str  # what FROM names
+    image_id: str  # the engine's image id of it: what the build really starts from
+    digest: str | None  # the registry digest the spec pins (sha256:...), None for a base made on this machine
+    layers: tuple[str, ...] = ()
+
+
+@dataclass
+class Resolved:
+    variant: Variant
+    lock: Lockfile
+    tag: str
+    repository: str
+    base: Base
+    rendered: RenderResult
+    identity: str
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def immutable_tag(self) -> str:
+        return f"{self.tag}-{self.identity[:IDENTITY_CHARS]}"
+
+    @property
+    def tags(self) -> list[str]:
+        """The tag set a passing build moves, as one unit: variant tag, immutable tag, latest (default only)."""
+        tags = [self.tag, self.immutable_tag]
+        if self.variant.is_default:
+            tags.append("latest")
+        return tags
+
+    @property
+    def context(self) -> Path:
+        return self.rendered.context
+
+
+def refuse_up_front(variant: Variant, lock: Lockfile, ignore_rules: bool) -> list[str]:
+    """Exit 1 before any build: a stale lockfile, or (unless ignored) a rule the locked versions violate.
+    Returns the warnings the rules raise."""
+    require_fresh(variant, lock)
+    verdict = check_variant(variant, load_rules(), lock)
+    if verdict.errors and not ignore_rules:
+        explained = "\n".join(v.explain(indent="    ") for v in verdict.errors)
+        raise CheckFailed(f"{variant.image.name}/{variant.name} violates known-bad rules; not building "
+                          f"(--ignore-rules builds it anyway, and the smoke will judge it):\n{explained}")
+    return [v.explain(indent="    ") for v in verdict.violations if v.rule.severity == "warning"]
+
+
+def context_digest(context: Path) -> str:
+    """sha256 over every file of the context (path and bytes), the Dockerfile without its volatile labels."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in context.rglob("*") if p.is_file()):
+        rel = path.relative_to(context).as_posix()
+        data = path.read_bytes()
+        if rel == "Dockerfile":
+            pattern = "|".join(re.escape(label) for label in VOLATILE_LABELS)
+            data = re.sub(rf"^LABEL (?:{pattern})=.*\n".encode(), b"", data, flags=re.M)
+        h.update(rel.encode() + b"\0" + hashlib.sha256(data).hexdigest().encode() + b"\n")
+    return h.hexdigest()
+
+
+def identity(lock: Lockfile, base: Base, context: Path) -> str:
+    h = hashlib.sha256()
+    for part in ("vlmbuild-identity-1", lock.sha256, base.image_id, base.digest or "", context_digest(context)):
+        h.update(part.encode() + b"\n")
+    return h.hexdigest()
+
+
+def resolve(variant: Variant, engine, workdir: Path, base_override: str | None = None,
+            repository: str | None = None, ignore_rules: bool = False) -> Resolved:
+    """Everything a build of ``variant`` needs, decided once. ``engine`` finds (or makes) the base."""
+    lock = load_variant_lock(variant)
+    warnings = refuse_up_front(variant, lock, ignore_rules)
+    tag = variant.tag(lock.pins)
+    base = engine.resolve_base(base_override or variant.base_image)
+    rendered = render(variant, Path(workdir) / "context", base_image=base.ref, lock=lock)
+    return Resolved(variant, lock, tag, repository or variant.image.repository, base, rendered,
+                    identity(lock, base, rendered.context), warnings)
+
+
+def resolve_for_tags(variant: Variant, engine, base_override: str | None = None,
+                     repository: str | None = None) -> Resolved:
+    """Resolve in a temporary directory that is gone afterwards (for ``plan`` and ``push``)."""
+    with tempfile.TemporaryDirectory(prefix="vlmbuild-resolve-") as tmp:
+        return resolve(variant, engine, Path(tmp), base_override, repository, ignore_rules=True)
+
+
+__all__ = ["Base", "Resolved", "VlmbuildError", "identity", "resolve", "resolve_for_tags", "split_digest"]
