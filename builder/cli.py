@@ -245,22 +245,24 @@ def render(ctx: Context, image: str, variant: str, output: Path, base_image: str
               help="With --local: compare installed versions with this lockfile.")
 @click.option("--repeat", type=click.IntRange(1, 20), default=1, show_default=True,
               help="Run the ZeRO-3 load this many times in fresh processes; fail if any run differs.")
+@click.option("--checks", default=None, help="Only these checks (comma-separated, with what they depend on).")
 @click.option("--timeout", type=int, default=900, show_default=True, help="Seconds before the smoke is killed.")
 @pass_ctx
 @guarded
 def smoke(ctx: Context, image_ref: str | None, local: bool, python: str | None, device: str, report: Path | None,
-          model_dir: Path | None, lockfile: Path | None, repeat: int, timeout: int) -> None:
+          model_dir: Path | None, lockfile: Path | None, repeat: int, checks: str | None, timeout: int) -> None:
     """Run the ZeRO-3 smoke in this environment (--local) or inside a built image (IMAGE_REF)."""
     if local == bool(image_ref):
         raise VlmbuildError("give exactly one of --local or IMAGE_REF")
     if local:
         from .smoke_local import run_local
 
-        code = run_local(python or sys.executable, device, report, model_dir, lockfile, timeout, ctx.root, repeat)
+        code = run_local(python or sys.executable, device, report, model_dir, lockfile, timeout, ctx.root, repeat,
+                         checks)
     else:
         from .gate import smoke_image
 
-        code = smoke_image(image_ref, device, report, timeout, repeat, model_dir)
+        code = smoke_image(image_ref, device, report, timeout, repeat, model_dir, checks)
     sys.exit(code)
 
 
@@ -296,7 +298,7 @@ def build(ctx: Context, image: str, variants: tuple[str, ...], smoke_device: str
           repeat: int | None, model_dir: Path | None, rebuild: bool, report: Path | None, ignore_rules: bool,
           nocache: bool) -> None:
     """Build, smoke and tag variants of IMAGE; an image that fails the smoke is never tagged."""
-    from .gate import BuildOptions, PushFailed, SmokeFailed, build_variant, write_build_report
+    from .gate import BuildOptions, GateFailed, PushFailed, build_variant, write_build_report
 
     options = BuildOptions(smoke_device=smoke_device, base_image=base_image, push=push, keep_failed=keep_failed,
                            smoke_timeout=smoke_timeout, ignore_rules=ignore_rules, repository=repository,
@@ -309,7 +311,7 @@ def build(ctx: Context, image: str, variants: tuple[str, ...], smoke_device: str
     for variant in selected:
         try:
             outcomes.append(build_variant(variant, options))
-        except SmokeFailed as exc:
+        except GateFailed as exc:
             outcomes.append(exc.outcome)
             failures.append(str(exc))
         except PushFailed as exc:

@@ -243,12 +243,14 @@ class Engine:
     # ------------------------------------------------------------ the smoke
 
     def run_smoke(self, image: str, device: str, timeout: int, progress: Progress, repeat: int = 1,
-                  model_dir: Path | None = None) -> SmokeRun:
+                  model_dir: Path | None = None, checks: str | None = None) -> SmokeRun:
         """Run the image's smoke in a container of its own, collect the JSON report, always remove the container:
         on success, failure, a start that fails, the timeout, Ctrl-C and SIGTERM alike."""
         report_path = f"{CONTAINER_REPORT_DIR}/report.json"
         command = [contract.SMOKE_ENTRYPOINT, "--device", device, "--report", report_path,
                    "--timeout", str(max(60, timeout - 30)), "--repeat", str(repeat)]
+        if checks:
+            command += ["--checks", checks]
         kwargs: dict = dict(network_mode="none", shm_size="2g", labels={OWNER_LABEL: "smoke"}, stdin_open=False)
         if model_dir is not None:  # a real checkpoint, read-only
             kwargs["volumes"] = {str(Path(model_dir).absolute()): {"bind": CONTAINER_MODEL_DIR, "mode": "ro"}}
@@ -265,6 +267,8 @@ class Engine:
             except docker.errors.APIError as exc:
                 # docker-py's containers.run() would leave this container behind in state Created.
                 raise EngineError(f"the smoke could not start in {image}: {exc.explanation or exc}") from None
+            except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, ConnectionError) as exc:
+                raise EngineError(f"starting the smoke in {image}: lost the Docker daemon ({exc})") from None
             timed_out, exit_code = False, None
             try:
                 exit_code = container.wait(timeout=timeout)["StatusCode"]

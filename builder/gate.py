@@ -70,7 +70,9 @@ class BuildOutcome:
     warnings: list[str] = field(default_factory=list)
 
 
-class SmokeFailed(CheckFailed):
+class GateFailed(CheckFailed):
+    """The candidate did not build or did not pass the smoke: nothing was tagged (exit 1)."""
+
     def __init__(self, message: str, outcome: BuildOutcome) -> None:
         super().__init__(message)
         self.outcome = outcome
@@ -130,14 +132,15 @@ def explain_build_failure(message: str) -> str:
 
 
 def smoke_passes(engine: Engine, image: str, device: str, timeout: int, repeat: int, model_dir: Path | None,
-                 progress: Progress) -> list[SmokeRun]:
+                 progress: Progress, checks: str | None = None) -> list[SmokeRun]:
     """The smoke on ``device``; when it ran on one GPU only, a CPU pass of world size 2 in the same image, so that
     ZeRO-3 partitioning across ranks is proven on every image."""
-    runs = [engine.run_smoke(image, device, timeout, progress, repeat=repeat, model_dir=model_dir)]
+    extra = {"checks": checks} if checks else {}
+    runs = [engine.run_smoke(image, device, timeout, progress, repeat=repeat, model_dir=model_dir, **extra)]
     first = runs[0]
     if device == "gpu" and first.passed and (first.report or {}).get("world_size", 0) < 2:
         progress.info("the GPU pass ran with world size 1 (one GPU): adding a CPU pass with world size 2")
-        runs.append(engine.run_smoke(image, "cpu", timeout, progress, repeat=repeat, model_dir=model_dir))
+        runs.append(engine.run_smoke(image, "cpu", timeout, progress, repeat=repeat, model_dir=model_dir, **extra))
     return runs
 
 
@@ -188,7 +191,8 @@ def run_gate(engine: Engine, resolved: Resolved, options: BuildOptions, outcome:
         try:
             candidate = engine.build(resolved.context, progress, nocache=options.nocache)
         except BuildFailed as exc:
-            raise BuildFailed(explain_build_failure(str(exc))) from None
+            outcome.failing_checks, outcome.build_seconds = ["build"], progress.elapsed()
+            raise GateFailed(explain_build_failure(str(exc)) + "\nnothing was tagged", outcome) from None
         outcome.candidate_id = candidate
         outcome.build_seconds = progress.elapsed()
         engine.check_built_on(candidate, resolved.base)
@@ -209,7 +213,7 @@ def run_gate(engine: Engine, resolved: Resolved, options: BuildOptions, outcome:
             candidate = None
             progress.close()
             echo(message)
-            raise SmokeFailed(f"{spec.name}/{variant.name}: the smoke failed on {failed.device.upper()} "
+            raise GateFailed(f"{spec.name}/{variant.name}: the smoke failed on {failed.device.upper()} "
                               f"({', '.join(outcome.failing_checks)}); nothing was tagged", outcome)
         for run in runs:
             echo(report_mod.summary(run.report))
@@ -248,7 +252,7 @@ def write_build_report(path: Path, outcomes: list[BuildOutcome]) -> None:
 
 
 def smoke_image(ref: str, device: str, report: Path | None, timeout: int, repeat: int = 1,
-                model_dir: Path | None = None) -> int:
+                model_dir: Path | None = None, checks: str | None = None) -> int:
     """`vlmbuild smoke IMAGE_REF`: re-run the gate on any built image (with a real checkpoint, read-only)."""
     engine = Engine()
     model_dir = checked_model_dir(model_dir)
@@ -260,7 +264,7 @@ def smoke_image(ref: str, device: str, report: Path | None, timeout: int, repeat
     device = resolve_device(engine, device)
     progress = Progress(f"smoke {ref}")
     try:
-        runs = smoke_passes(engine, ref, device, timeout, repeat, model_dir, progress)
+        runs = smoke_passes(engine, ref, device, timeout, repeat, model_dir, progress, checks)
     finally:
         progress.close()
     reports = [r.report for r in runs if r.report is not None]

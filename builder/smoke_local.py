@@ -37,7 +37,7 @@ def variant_for_lockfile(lockfile: Path, root: Path) -> str | None:
 
 
 def run_local(python: str, device: str, report: Path | None, model_dir: Path | None, lockfile: Path | None,
-              timeout: int, root: Path, repeat: int = 1) -> int:
+              timeout: int, root: Path, repeat: int = 1, checks: str | None = None) -> int:
     if shutil.which(python) is None and not Path(python).is_file():
         raise VlmbuildError(f"--python {python}: no such interpreter")
     staging = Path(tempfile.mkdtemp(prefix="vlmbuild-smoke-src-"))
@@ -47,6 +47,8 @@ def run_local(python: str, device: str, report: Path | None, model_dir: Path | N
         lib = str(staging / "lib")
         env["PYTHONPATH"] = lib + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         cmd = [python, "-m", "vlmbuild.smoke", "--device", device, "--timeout", str(timeout), "--repeat", str(repeat)]
+        if checks:
+            cmd += ["--checks", checks]
         if report:
             cmd += ["--report", str(Path(report).absolute())]
         if model_dir:

@@ -104,37 +104,49 @@ def built_local(client, tmp_path_factory):
                      "--report", str(report), timeout=3600)
     assert result.code == 0, result.out[-6000:] + result.err[-3000:]
     tag, lock_sha = local_tag()
+    build = json.loads(report.read_text())["builds"][0]
     return {"result": result, "report": json.loads(report.read_text()), "tag": tag, "lock_sha": lock_sha,
-            "seconds": time.monotonic() - started}
+            "immutable": build["immutable_tag"], "image_id": build["image_id"], "seconds": time.monotonic() - started}
 
 
 def test_build_tags_the_tested_image_with_its_evidence(client, built_local):
-    tag, lock_sha = built_local["tag"], built_local["lock_sha"]
+    tag, lock_sha, immutable = built_local["tag"], built_local["lock_sha"], built_local["immutable"]
     build = built_local["report"]["builds"][0]
-    assert build["passed"] and build["smoke_device"] == "cpu"
-    assert build["tags"] == [tag, f"{tag}-{lock_sha[:12]}"]  # local is not the default: no latest
+    assert build["passed"] and build["smoke_device"] == "cpu" and not build["reused"]
+    # the immutable tag names the inputs: <variant tag>-<identity prefix>
+    assert immutable == f"{tag}-{build['identity'][:12]}"
+    assert build["tags"] == [tag, immutable]  # local is not the default: no latest
     image_id = tag_id(client, f"{TEST_REPO}:{tag}")
-    assert image_id == build["image_id"] == tag_id(client, f"{TEST_REPO}:{tag}-{lock_sha[:12]}")
+    assert image_id == build["image_id"] == tag_id(client, f"{TEST_REPO}:{immutable}")
     assert tag_id(client, f"{TEST_REPO}:latest") is None
     labels = client.images.get(image_id).labels
     assert labels["io.vlmbuild.smoke.result"] == "passed"
-    assert labels["io.vlmbuild.smoke.device"] == "cpu"
+    assert labels["io.vlmbuild.smoke.device"] == "cpu" and labels["io.vlmbuild.smoke.world-size"] == "2"
     assert labels["io.vlmbuild.smoke.validated-on"].startswith("cpu-only")
     assert labels["io.vlmbuild.lock-sha256"] == lock_sha
+    assert labels["io.vlmbuild.identity"] == build["identity"]
+    assert labels["io.vlmbuild.base.image-id"] == tag_id(client, "vlmbuild-local/debian:bookworm")
     assert json.loads(labels["io.vlmbuild.versions"])["torch"] == "2.6.0"
     assert json.loads(labels["io.vlmbuild.smoke.checks"]) == {
         "stack": "passed", "zero3_load": "passed", "train_step": "passed", "checkpoint_resume": "passed",
-        "grpo": "passed", "optimizer_offload": "passed", "prebuilt_ops": "passed"}
-    # the evidence file inside the image is the report the labels vouch for
+        "grpo": "passed", "optimizer_offload": "passed", "zero3_repeat": "passed", "prebuilt_ops": "passed"}
+    # the evidence file inside the image is the report the labels vouch for; the SBOM too
     import hashlib
 
     from vlmbuild.engine import Engine
 
-    report_bytes = Engine().read_image_file(image_id, "/opt/vlmbuild/smoke-report.json")
+    files = Engine().read_image_files(image_id, ["/opt/vlmbuild/smoke-report.json", "/opt/vlmbuild/sbom.cdx.json"])
+    report_bytes, sbom = files["/opt/vlmbuild/smoke-report.json"], files["/opt/vlmbuild/sbom.cdx.json"]
     assert hashlib.sha256(report_bytes).hexdigest() == labels["io.vlmbuild.smoke.report-sha256"]
-    report = json.loads(report_bytes)
-    assert report["passed"] and report["mode"] == "cpu"
+    assert hashlib.sha256(sbom).hexdigest() == labels["io.vlmbuild.sbom-sha256"]
+    assert json.loads(sbom)["bomFormat"] == "CycloneDX"
+    evidence = json.loads(report_bytes)
+    assert evidence["passed"] and len(evidence["passes"]) == 1
+    report = evidence["passes"][0]
+    assert report["passed"] and report["mode"] == "cpu" and report["world_size"] == 2
     assert report["checks"][0]["details"]["lock"]["mismatches"] == 0
+    repeat = next(c for c in report["checks"] if c["name"] == "zero3_repeat")["details"]
+    assert repeat["runs"] == 3 and len(set(repeat["weights_sha256"])) == 1
     # the released image is the tested one plus one evidence layer
     candidate = client.images.get(build["candidate_id"])
     assert client.images.get(image_id).attrs["RootFS"]["Layers"][:-1] == candidate.attrs["RootFS"]["Layers"]
@@ -235,7 +247,7 @@ def test_push_needs_an_explicit_flag_for_cpu_evidence(built_local):
 
 
 def test_push_then_pull_back_by_digest(client, built_local):
-    tag = built_local["tag"]
+    tag, immutable = built_local["tag"], built_local["immutable"]
     result = run_cli("push", "vlm-r1", "--variant", "local", "--repository", TEST_REPO, "--allow-cpu-evidence",
                      timeout=1800)
     assert result.code == 0, result.out[-3000:] + result.err[-3000:]
@@ -245,14 +257,19 @@ def test_push_then_pull_back_by_digest(client, built_local):
     pulled = client.images.pull(f"{TEST_REPO}@{digest}")
     assert pulled.id == tag_id(client, f"{TEST_REPO}:{tag}")
     assert pulled.labels["io.vlmbuild.smoke.result"] == "passed"
+    # pushing again: the registry serves the immutable tag with this very content already, nothing to overwrite
+    again = run_cli("push", "vlm-r1", "--variant", "local", "--repository", TEST_REPO, "--allow-cpu-evidence",
+                    timeout=1800)
+    assert again.code == 0 and f"already in the registry: {TEST_REPO}:{immutable} {digest}" in again.out
 
 
-def test_smoke_reruns_on_a_built_image(built_local, tmp_path):
+def test_smoke_reruns_on_a_built_image(client, built_local, tmp_path):
     report = tmp_path / "again.json"
     result = run_cli("smoke", f"{TEST_REPO}:{built_local['tag']}", "--device", "cpu", "--report", str(report),
                      timeout=1200)
     assert result.code == 0, result.out[-3000:]
     assert json.loads(report.read_text())["passed"] is True
+    assert not our_containers(client)
 
 
 # ------------------------------------------------------------------ failures
@@ -290,13 +307,15 @@ def test_rules_refuse_the_seed_before_any_build(seed_on_local_base):
     assert "ds-0.16.3-triton-3.2-no-gpu-import" in result.err
 
 
-def test_a_variant_that_fails_the_smoke_is_not_tagged_and_moves_no_tag(client, built_local, seed_on_local_base):
+def test_a_variant_that_fails_the_gate_is_not_tagged_and_moves_no_tag(client, built_local, seed_on_local_base):
+    """The seed's DeepSpeed 0.15.4 no longer even builds here: its setup.py imports triton, which on a GPU-less
+    builder dies with "0 active drivers" (rule row 5). The gate stops at the build, explained, and tags nothing.
+    (What the smoke says of it at run time: tests/test_smoke_stack.py, with 0.15.4 laid over the good stack.)"""
     from vlmbuild.lockfile import read_lockfile
     from vlmbuild.spec import load_spec
 
     variant = load_spec(seed_on_local_base / "images" / "vlm-r1.yaml").variant("local-seed")
-    lock = read_lockfile(variant.lockfile_path)
-    tag = variant.tag(lock.pins)
+    tag = variant.tag(read_lockfile(variant.lockfile_path).pins)
     # an existing tag of that name, on another image: it must not move
     placeholder = client.images.get("vlmbuild-local/debian:bookworm")
     placeholder.tag(TEST_REPO, tag)
@@ -304,15 +323,13 @@ def test_a_variant_that_fails_the_smoke_is_not_tagged_and_moves_no_tag(client, b
     result = run_cli("build", "vlm-r1", "--variant", "local-seed", "--ignore-rules", "--smoke-device", "cpu",
                      "--repository", TEST_REPO, "--report", str(report), root=seed_on_local_base, timeout=3600)
     assert result.code == 1, result.out[-3000:]
-    assert "nothing was tagged" in result.err
-    assert "0 active drivers" in result.out and "ds-0.16.3-triton-3.2-no-gpu-import" in result.out
+    assert "nothing was tagged" in result.err and "[deepspeed-wheel" in result.err
+    assert "0 active drivers" in result.err and "ds-0.16.3-triton-3.2-no-gpu-import" in result.err
     assert tag_id(client, f"{TEST_REPO}:{tag}") == placeholder.id
-    assert tag_id(client, f"{TEST_REPO}:{tag}-{lock.sha256[:12]}") is None
+    assert not [t for i in client.images.list(name=TEST_REPO) for t in i.tags if t.startswith(f"{TEST_REPO}:{tag}-")]
     assert not our_containers(client)
-    # the failed candidate is gone (the build stages' cache may stay, untagged)
     build = json.loads(report.read_text())["builds"][0]
-    assert build["passed"] is False and build["failing_checks"] == ["stack", "zero3_load"]
-    assert build["candidate_id"] and tag_id(client, build["candidate_id"]) is None
+    assert build["passed"] is False and build["failing_checks"] == ["build"] and build["candidate_id"] is None
 
 
 def test_a_tampered_lock_hash_fails_the_build(client, built_local, tmp_path):
@@ -339,27 +356,270 @@ def test_a_tampered_lock_hash_fails_the_build(client, built_local, tmp_path):
 def test_a_hanging_smoke_is_killed_and_nothing_is_tagged(client, built_local):
     before = tag_id(client, f"{TEST_REPO}:{built_local['tag']}")
     result = run_cli("build", "vlm-r1", "--variant", "local", "--smoke-device", "cpu", "--smoke-timeout", "3",
-                     "--repository", TEST_REPO, timeout=1800)
+                     "--rebuild", "--repository", TEST_REPO, timeout=1800)
     assert result.code == 1, result.out[-3000:]
     assert "killed at the timeout" in result.out
     assert tag_id(client, f"{TEST_REPO}:{built_local['tag']}") == before
     assert not our_containers(client)
 
 
-def test_ctrl_c_during_the_smoke_removes_our_container_and_tags_nothing(client, built_local):
-    before = tag_id(client, f"{TEST_REPO}:{built_local['tag']}")
-    proc = subprocess.Popen([sys.executable, "-m", "vlmbuild", "build", "vlm-r1", "--variant", "local",
-                             "--smoke-device", "cpu", "--repository", TEST_REPO],
+def start_build(*extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "vlmbuild", "build", "vlm-r1", "--variant", "local",
+                             "--smoke-device", "cpu", "--repository", TEST_REPO, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def images_of(client) -> set[str]:
+    return {i.id for i in client.images.list(all=True)}
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_a_signal_during_the_smoke_removes_our_container_and_tags_nothing(client, built_local, sig, code):
+    """SIGTERM (how CI runners cancel a job) takes the same way out as Ctrl-C."""
+    before = {t: tag_id(client, f"{TEST_REPO}:{t}") for t in (built_local["tag"], built_local["immutable"])}
+    proc = start_build("--rebuild")
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline and not client.containers.list(filters={"label": f"{OWNER}=smoke"}):
         time.sleep(0.5)
     assert client.containers.list(filters={"label": f"{OWNER}=smoke"}), "the smoke never started"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, out[-2000:]
+    assert proc.returncode == code, out[-2000:]
     assert not our_containers(client)
-    assert tag_id(client, f"{TEST_REPO}:{built_local['tag']}") == before
+    assert {t: tag_id(client, f"{TEST_REPO}:{t}") for t in before} == before
+
+
+def test_sigterm_during_the_build_cancels_it_and_leaves_nothing(client, built_local):
+    """Killed while BuildKit builds (from scratch, so it is still building): exit 143, no candidate, no tag moved,
+    no container, and the BuildKit CLI gone with it."""
+    before = {t: tag_id(client, f"{TEST_REPO}:{t}") for t in (built_local["tag"], built_local["immutable"])}
+    images = images_of(client)
+    proc = start_build("--rebuild", "--no-cache")
+    deadline = time.monotonic() + 300
+    out = ""
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        out += line
+        if "running" in line:  # a build stage is running
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, (out + rest)[-2000:]
+    assert "terminated" in rest
+    assert {t: tag_id(client, f"{TEST_REPO}:{t}") for t in before} == before
+    assert images_of(client) <= images, "an image (a candidate?) survived the SIGTERM"
+    assert not our_containers(client)
+    cli_left = subprocess.run(["pgrep", "-f", "docker build --progress=plain"], capture_output=True, text=True)
+    assert cli_left.stdout.strip() == "", "the BuildKit CLI outlived the build"
+
+
+def test_rebuilding_an_unchanged_variant_builds_nothing_and_moves_no_tag(client, built_local):
+    images = images_of(client)
+    result = run_cli("build", "vlm-r1", "--variant", "local", "--smoke-device", "cpu", "--repository", TEST_REPO)
+    assert result.code == 0, result.out[-2000:] + result.err[-2000:]
+    assert "already names" in result.out and "nothing to build, no tag moved" in result.out
+    assert images_of(client) == images
+    assert tag_id(client, f"{TEST_REPO}:{built_local['immutable']}") == built_local["image_id"]
+
+
+def test_a_rebuild_never_moves_the_immutable_tag(client, built_local, tmp_path):
+    """--rebuild builds and smokes again; the immutable tag already names a validated image of the same inputs, so
+    no tag moves and the rebuilt image is dropped."""
+    report = tmp_path / "build.json"
+    proc = start_build("--rebuild", "--report", str(report))
+    out, _ = proc.communicate(timeout=1800)
+    assert proc.returncode == 0, out[-3000:]
+    build = json.loads(report.read_text())["builds"][0]
+    assert build["rebuilt_image"] and tag_id(client, build["rebuilt_image"]) is None
+    for tag in (built_local["tag"], built_local["immutable"]):
+        assert tag_id(client, f"{TEST_REPO}:{tag}") == built_local["image_id"]
+
+
+def vlmbuild_copy(tmp_path: Path, change_smoke: bool) -> Path:
+    """A copy of the vlmbuild package (another version of the tool), its smoke code changed if asked."""
+    import shutil
+
+    pkg = tmp_path / "pkg" / "vlmbuild"
+    shutil.copytree(REPO / "builder", pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    if change_smoke:
+        worker = pkg / "smoke" / "worker.py"
+        worker.write_text(worker.read_text() + "\n# a change to the smoke code: another image\n")
+    return pkg.parent
+
+
+def test_changed_smoke_code_makes_a_new_immutable_tag_and_leaves_the_old_one(client, built_local, tmp_path):
+    pkg = vlmbuild_copy(tmp_path, change_smoke=True)
+    report = tmp_path / "build.json"
+    proc = subprocess.run([sys.executable, "-m", "vlmbuild", "--root", str(REPO), "build", "vlm-r1", "--variant",
+                           "local", "--smoke-device", "cpu", "--repository", f"{TEST_REPO}-changed", "--report",
+                           str(report)], capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "PYTHONPATH": str(pkg)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    build = json.loads(report.read_text())["builds"][0]
+    assert build["immutable_tag"] != built_local["immutable"] and build["identity"] != built_local["report"][
+        "builds"][0]["identity"]
+    assert tag_id(client, f"{TEST_REPO}:{built_local['immutable']}") == built_local["image_id"]  # untouched
+    # the smoke code sits in the top layers only (its files, the RUN that installs its entry point, WORKDIR, the
+    # evidence): everything below is the very same layer
+    old = client.images.get(built_local["image_id"]).attrs["RootFS"]["Layers"]
+    new = client.images.get(build["image_id"]).attrs["RootFS"]["Layers"]
+    assert len(new) == len(old) and new[: len(old) - 4] == old[: len(old) - 4] and new[-4] != old[-4]
+    for image in client.images.list(name=f"{TEST_REPO}-changed"):
+        for tag in image.tags:
+            client.images.remove(tag)
+
+
+def test_a_changed_base_makes_a_new_immutable_tag(client, built_local):
+    """The base's image id is an input: a base with the same files and another id (a label added) is another
+    image. `vlmbuild plan` resolves it against the engine without building."""
+    base = "vlmbuild-test/relabelled-base:1"
+    client.images.build(fileobj=io.BytesIO(b"FROM vlmbuild-local/debian:bookworm\nLABEL io.vlmbuild.test=base\n"),
+                        tag=base, rm=True)
+    same = run_cli("plan", "vlm-r1", "--variant", "local", "--repository", TEST_REPO)
+    other = run_cli("plan", "vlm-r1", "--variant", "local", "--repository", TEST_REPO, "--base-image", base)
+    assert same.code == other.code == 0, same.err + other.err
+    same, other = json.loads(same.out), json.loads(other.out)
+    assert same["immutable_tag"] == built_local["immutable"] and same["built"] == built_local["image_id"]
+    assert other["immutable_tag"] != same["immutable_tag"] and other["built"] is None
+    assert other["base_image_id"] == tag_id(client, base) != same["base_image_id"]
+    client.images.remove(base)
+
+
+def test_a_tag_failure_between_two_tags_moves_neither(client, built_local):
+    """The tag set moves as a unit, on the real engine: the second tag fails (injected), the first goes back."""
+    from vlmbuild.engine import Engine, EngineError
+    from vlmbuild.release import move_tags
+
+    class SecondTagFails(Engine):
+        calls = 0
+
+        def tag(self, image_id, repository, tag):
+            SecondTagFails.calls += 1
+            if SecondTagFails.calls == 2:
+                raise EngineError("injected: the engine refused the second tag")
+            super().tag(image_id, repository, tag)
+
+    engine = SecondTagFails()
+    placeholder = tag_id(client, "vlmbuild-local/debian:bookworm")
+    client.images.get(placeholder).tag(TEST_REPO, "unit-a")
+    with pytest.raises(EngineError, match="injected"):
+        move_tags(engine, built_local["image_id"], TEST_REPO, ["unit-a", "unit-b"])
+    assert tag_id(client, f"{TEST_REPO}:unit-a") == placeholder  # moved, then put back
+    assert tag_id(client, f"{TEST_REPO}:unit-b") is None
+    client.images.remove(f"{TEST_REPO}:unit-a")
+
+
+def tampered(client, image_id: str, change: str) -> str:
+    """A copy of an image with one label, or the report inside, changed: a new image id."""
+    container = client.containers.create(image_id, command=["true"], labels={OWNER: "test"})
+    try:
+        if change == "label":
+            image = container.commit(changes=['LABEL "io.vlmbuild.smoke.checks"="{\\"stack\\":\\"passed\\"}"'])
+        else:
+            stream, _ = container.get_archive("/opt/vlmbuild/smoke-report.json")
+            with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+                member = tar.next()
+                data = tar.extractfile(member).read().replace(b'"world_size": 2', b'"world_size": 8', 1)
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as tar:
+                info = tarfile.TarInfo("opt/vlmbuild/smoke-report.json")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            container.put_archive("/", buf.getvalue())
+            image = container.commit()
+    finally:
+        container.remove(force=True)
+    return image.id
+
+
+def test_inspect_verifies_a_built_image(built_local):
+    result = run_cli("inspect", f"{TEST_REPO}:{built_local['tag']}", "--json")
+    assert result.code == 0, result.out[-3000:] + result.err
+    data = json.loads(result.out)
+    assert data["ok"] and all(f["ok"] for f in data["findings"]) and len(data["findings"]) >= 15
+    assert [(p["mode"], p["world_size"]) for p in data["passes"]] == [("cpu", 2)]
+    whats = [layer["what"] for layer in data["layers"]]
+    assert "lock layer torch, installed in place" in whats and any(w.startswith("package trl==") for w in whats)
+    assert sum(layer["size"] for layer in data["layers"]) == data["size"]
+
+
+@pytest.mark.parametrize("change, finding", [("label", "the checks label says what the report says"),
+                                             ("report", "the report hashes to the label that vouches for it")])
+def test_inspect_fails_a_tampered_image(client, built_local, change, finding):
+    image = tampered(client, built_local["image_id"], change)
+    try:
+        result = run_cli("inspect", image, "--json")
+        assert result.code == 1, result.out[-2000:]
+        failed = [f["what"] for f in json.loads(result.out)["findings"] if not f["ok"]]
+        assert finding in failed, failed
+    finally:
+        client.images.remove(image, force=True)
+    assert not our_containers(client)
+
+
+def test_smoke_of_an_image_without_the_smoke_is_a_clear_exit_2(client):
+    base = "vlmbuild-local/debian:bookworm"
+    result = run_cli("smoke", base, "--device", "cpu")
+    assert result.code == 2 and f"{base}: not an image vlmbuild built" in result.err and "Traceback" not in result.err
+    # an image that claims the smoke but lacks it: the container's start fails; nothing of it stays behind
+    fake = client.images.get(base)
+    container = client.containers.create(fake.id, command=["true"], labels={OWNER: "test"})
+    impostor = container.commit(repository="vlmbuild-test/impostor", tag="1",
+                                changes=['LABEL "io.vlmbuild.smoke-entrypoint"="vlmbuild-smoke"'])
+    container.remove(force=True)
+    try:
+        result = run_cli("smoke", "vlmbuild-test/impostor:1", "--device", "cpu")
+        assert result.code == 2, result.out + result.err
+        assert "the smoke could not start in vlmbuild-test/impostor:1" in result.err and "Traceback" not in result.err
+        assert not client.containers.list(all=True, filters={"ancestor": impostor.id})
+    finally:
+        client.images.remove(impostor.id, force=True)
+    assert not our_containers(client)
+
+
+CHECKPOINT = """
+import sys, torch
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+sys.path.insert(0, "/opt/vlmbuild/lib")
+from vlmbuild.smoke.tiny_model import tiny_config, tiny_processor
+torch.manual_seed(3)
+model = Qwen2_5_VLForConditionalGeneration(tiny_config()).to(torch.bfloat16)  # as Qwen2.5-VL releases: bf16
+model.save_pretrained("/out", safe_serialization=True)
+tiny_processor().save_pretrained("/out")
+"""
+
+
+def test_smoke_of_an_image_with_a_bf16_checkpoint_mounted_read_only(client, built_local, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    client.containers.run(built_local["image_id"], ["python", "-c", CHECKPOINT], remove=True, network_mode="none",
+                          volumes={str(model): {"bind": "/out", "mode": "rw"}}, labels={OWNER: "test"})
+    report = tmp_path / "report.json"
+    result = run_cli("smoke", f"{TEST_REPO}:{built_local['tag']}", "--device", "cpu", "--model-dir", str(model),
+                     "--report", str(report), timeout=1200)
+    assert result.code == 0, result.out[-3000:] + result.err[-2000:]
+    data = json.loads(report.read_text())
+    assert data["model"] == "/model"  # mounted, read-only
+    load = next(c for c in data["checks"] if c["name"] == "zero3_load")["details"]
+    assert load["dtype"] == "torch.bfloat16" and load["bit_identical"]  # compared in the checkpoint's own dtype
+    missing = run_cli("smoke", f"{TEST_REPO}:{built_local['tag']}", "--model-dir", str(tmp_path / "nope"))
+    assert missing.code == 2 and "no such directory" in missing.err
+    assert not our_containers(client)
+
+
+def test_a_failed_push_is_recorded_in_the_build_report(client, built_local, tmp_path):
+    """No registry answers on that port: the build passes and tags, the push fails, and the report says so."""
+    repository = "127.0.0.1:5999/vlmbuild-test/unreachable"
+    report = tmp_path / "build.json"
+    result = run_cli("build", "vlm-r1", "--variant", "local", "--smoke-device", "cpu", "--repository", repository,
+                     "--push", "--allow-cpu-evidence", "--report", str(report), timeout=1800)
+    assert result.code == 2, result.out[-2000:] + result.err[-2000:]
+    build = json.loads(report.read_text())["builds"][0]
+    assert build["passed"] is True and build["tags"] and build["push_error"]
+    assert "push failed" in result.out
+    for image in client.images.list(name=repository):
+        for tag in image.tags:
+            client.images.remove(tag)
 
 
 def test_no_daemon_is_a_clear_exit_2(tmp_path):
@@ -424,14 +684,15 @@ class SocketRelay:
 
 
 def test_the_daemon_going_away_mid_build_is_a_clear_exit_2(client, built_local, tmp_path):
-    # A base of its own, so the interrupted build shares no cache with the others (an interrupted
-    # --no-cache build would leave fresh intermediate images that shadow the cached chain).
+    # A base of its own, so that what the interrupted build leaves in BuildKit's cache is no other test's.
     base = "vlmbuild-test/cut-base:1"
     client.images.build(fileobj=io.BytesIO(b"FROM vlmbuild-local/debian:bookworm\nLABEL io.vlmbuild.test=cut\n"),
                         tag=base, rm=True)
     relay = SocketRelay(tmp_path / "docker.sock")
+    # --no-cache: the build is still running when the relay is cut (a cached one would be done at once)
     proc = subprocess.Popen([sys.executable, "-m", "vlmbuild", "build", "vlm-r1", "--variant", "local",
-                             "--smoke-device", "cpu", "--repository", f"{TEST_REPO}-cut", "--base-image", base],
+                             "--smoke-device", "cpu", "--repository", f"{TEST_REPO}-cut", "--base-image", base,
+                             "--no-cache"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "DOCKER_HOST": f"unix://{relay.path}"})
     deadline = time.monotonic() + 300
@@ -445,17 +706,22 @@ def test_the_daemon_going_away_mid_build_is_a_clear_exit_2(client, built_local, 
     client.images.remove(base)
 
 
-def test_two_builds_of_one_variant_at_once_leave_tags_on_a_passed_image(client, built_local):
+def test_two_builds_of_new_inputs_at_once_leave_one_tag_set_on_a_passed_image(client, built_local, tmp_path):
+    """Two builds of the same new inputs race: one moves the whole tag set, the other finds the immutable tag
+    taken by a validated image of the same inputs and moves nothing. Every tag names one passed image."""
+    pkg = vlmbuild_copy(tmp_path, change_smoke=True)
+    repository = f"{TEST_REPO}-race"
     procs = [subprocess.Popen([sys.executable, "-m", "vlmbuild", "build", "vlm-r1", "--variant", "local",
-                               "--smoke-device", "cpu", "--repository", TEST_REPO],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+                               "--smoke-device", "cpu", "--repository", repository],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "PYTHONPATH": str(pkg)}) for _ in range(2)]
     outs = [p.communicate(timeout=1800)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
-    tag, lock_sha = built_local["tag"], built_local["lock_sha"]
-    ids = {tag_id(client, f"{TEST_REPO}:{t}") for t in (tag, f"{tag}-{lock_sha[:12]}")}
-    assert len(ids) == 1  # the set of tags moved together
-    labels = client.images.get(ids.pop()).labels
-    assert labels["io.vlmbuild.smoke.result"] == "passed" and labels["io.vlmbuild.lock-sha256"] == lock_sha
+    tagged = client.images.list(name=repository)
+    assert len(tagged) == 1, [i.tags for i in tagged]  # both tags on one image
+    assert len(tagged[0].tags) == 2 and tagged[0].labels["io.vlmbuild.smoke.result"] == "passed"
+    for tag in tagged[0].tags:
+        client.images.remove(tag)
 
 
 def test_bumping_one_package_reships_its_layer_alone(client, built_local, tmp_path):

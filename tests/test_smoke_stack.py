@@ -109,6 +109,24 @@ def overlay(requirement: str) -> Path:
     return path
 
 
+def test_an_intermittent_corruption_is_caught_by_repeating_the_load(cli, stack_python, tmp_path):
+    """A loader that corrupts one run in two: a single run passes it; --repeat 2 fails it."""
+    def run(repeat: str, name: str):
+        env = {"PYTHONPATH": str(FAULTS), "VLMBUILD_FAULT": "intermittent-corruption",
+               "VLMBUILD_FAULT_STATE": str(tmp_path / f"{name}.launches")}
+        (tmp_path / name).mkdir()
+        return smoke(cli, stack_python, tmp_path / name, "--checks", "stack,zero3_load", "--repeat", repeat, env=env)
+
+    once, report = run("1", "once")
+    assert once.code == 0 and [c["name"] for c in report["checks"]] == ["stack", "zero3_load"]
+    twice, report = run("2", "twice")
+    assert twice.code == 1
+    checks = by_name(report)
+    assert checks["zero3_load"]["status"] == "passed"  # the first launch is clean
+    repeat = checks["zero3_repeat"]
+    assert repeat["status"] == "failed" and "run 2" in repeat["error"] and "not bit-identical" in repeat["error"]
+
+
 @pytest.fixture(scope="module")
 def seed_deepspeed_overlay() -> Path:
     """DeepSpeed 0.15.4, the seed's."""

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from vlmbuild import contract
 from vlmbuild.lockfile import parse_lockfile
 from vlmbuild.smoke import report as report_mod
-from vlmbuild.smoke.__main__ import fail_on_bad_exit, merge_rank_results
+from vlmbuild.smoke.__main__ import UsageProblem, fail_on_bad_exit, merge_rank_results, select_checks
 from vlmbuild.smoke.stack import _gpu_facts, lock_mismatches, modules_to_import
 
 CPU_WORKER_CHECKS = contract.checks_for("cpu", flash_attention=False)[1:]
@@ -152,3 +152,17 @@ def test_gpu_facts_refuse_no_nccl_no_bf16_and_no_device():
     assert any("NCCL" in p for p in problems) and any("bf16" in p for p in problems)
     _, problems = _gpu_facts(fake_torch(FakeCuda((9, 0), TORCH_26_ARCHES, count=0)))
     assert problems == ["GPU mode but torch sees no CUDA device"]
+
+
+def test_a_subset_of_checks_needs_what_it_depends_on():
+    applicable = contract.checks_for("cpu", flash_attention=False, prebuilt_ops=True, repeat=3)
+    assert select_checks(applicable, None, "cpu") == applicable
+    assert select_checks(applicable, "zero3_load,stack", "cpu") == ("stack", "zero3_load", "zero3_repeat")  # --repeat
+    import pytest
+
+    with pytest.raises(UsageProblem, match="train_step needs zero3_load"):
+        select_checks(applicable, "train_step", "cpu")
+    with pytest.raises(UsageProblem, match="does not run in cpu mode"):
+        select_checks(applicable, "attention,zero3_load", "cpu")
+    with pytest.raises(UsageProblem, match="unknown check"):
+        select_checks(applicable, "nope", "cpu")

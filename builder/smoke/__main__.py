@@ -82,13 +82,15 @@ def select_checks(applicable: tuple[str, ...], requested: str | None, mode: str)
     if not_here:
         raise UsageProblem(f"--checks {','.join(not_here)}: does not run in {mode} mode here "
                            f"(this run can do {', '.join(applicable)})")
+    if "zero3_repeat" in applicable and "zero3_load" in names:
+        names.append("zero3_repeat")  # asked for by --repeat
     missing = [f"{n} needs {d}" for n in names for d in contract.DEPENDS.get(n, ()) if d not in names]
     if missing:
         raise UsageProblem(f"--checks: {'; '.join(missing)}")
     return tuple(n for n in applicable if n in names)
 
 
-def repeat_zero3_load(args: argparse.Namespace, mode: str, world: int, workdir: Path, extensions: Path,
+def repeat_zero3_load(args: argparse.Namespace, mode: str, world: int, workdir: Path, extensions: Path | None,
                       first: list[dict[str, Any]]) -> dict[str, Any]:
     """The ZeRO-3 load ``--repeat`` times in all, each in fresh processes, from the same checkpoint: every run
     must be bit-identical to the checkpoint, and all of them alike (corruption can be intermittent)."""
@@ -121,7 +123,7 @@ def repeat_zero3_load(args: argparse.Namespace, mode: str, world: int, workdir: 
 
 
 def run_workers(args: argparse.Namespace, mode: str, world: int, workdir: Path, checks: tuple[str, ...],
-                extensions: Path, results: str = "results",
+                extensions: Path | None, results: str = "results",
                 model_dir: Path | None = None) -> tuple[list[dict[str, Any]], str]:
     results_dir = workdir / results
     results_dir.mkdir()
@@ -139,8 +141,9 @@ def run_workers(args: argparse.Namespace, mode: str, world: int, workdir: Path, 
     started = time.monotonic()
     with open(log_path, "w") as log:
         env = worker_env(mode, world)
-        # Where torch would JIT-compile an op: empty, and checked after the run (check prebuilt_ops).
-        env["TORCH_EXTENSIONS_DIR"] = str(extensions)
+        if extensions is not None:
+            # Where torch would JIT-compile an op: empty, and checked after the run (check prebuilt_ops).
+            env["TORCH_EXTENSIONS_DIR"] = str(extensions)
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             proc.wait(timeout=args.timeout)
@@ -284,8 +287,11 @@ def run(args: argparse.Namespace) -> int:
     planned = select_checks(contract.checks_for(mode, flash_attention=flash_attention_installed(),
                                                 prebuilt_ops=bool(prebuilt), repeat=args.repeat), args.checks, mode)
     workdir = Path(tempfile.mkdtemp(prefix="vlmbuild-smoke-", dir=args.workdir))
-    extensions = workdir / "torch_extensions"
-    extensions.mkdir()
+    # In an image whose DeepSpeed carries its ops, nothing may be compiled: torch's extensions directory is an
+    # empty one, checked afterwards. Elsewhere (a venv) ops are JIT-compiled into the user's usual cache.
+    extensions = workdir / "torch_extensions" if prebuilt else None
+    if extensions is not None:
+        extensions.mkdir()
     try:
         checks = [run_stack(mode, lock_path, variant)] if "stack" in planned else []
         worker_checks, _ = run_workers(args, mode, world, workdir,

@@ -11,6 +11,9 @@ imported, it is patched:
   current model is torch.Size([0])``.
 - ``silent-corruption``: the loader quietly loads a wrong tensor for one vision-tower weight (as a key
   mix-up would): no error, wrong weights.
+- ``intermittent-corruption``: the same, but only in the second torchrun launch the smoke makes (launches are
+  told apart by their MASTER_PORT, recorded in the file VLMBUILD_FAULT_STATE names): one run of the ZeRO-3
+  load is clean, the next is not.
 
 Targets transformers 4.49's ``_load_state_dict_into_model``; fails loudly if it is missing, so a test
 cannot pass because the fault silently did nothing.
@@ -55,7 +58,28 @@ def _silent_corruption(mu):
     mu._load_state_dict_into_model = load_corrupted
 
 
-FAULTS = {"zero3-no-gather": _no_gather, "silent-corruption": _silent_corruption}
+def _launch_index() -> int:
+    """Which torchrun launch this process belongs to: 0 for the first MASTER_PORT seen, 1 for the second..."""
+    import fcntl
+
+    port = os.environ.get("MASTER_PORT", "")
+    with open(os.environ["VLMBUILD_FAULT_STATE"], "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        seen = fh.read().split()
+        if port not in seen:
+            fh.write(port + "\n")
+            seen.append(port)
+        return seen.index(port)
+
+
+def _intermittent_corruption(mu):
+    if _launch_index() == 1:
+        _silent_corruption(mu)
+
+
+FAULTS = {"zero3-no-gather": _no_gather, "silent-corruption": _silent_corruption,
+          "intermittent-corruption": _intermittent_corruption}
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
@@ -76,7 +100,7 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
             if not hasattr(module, "_load_state_dict_into_model"):
                 raise RuntimeError(f"fault {FAULT!r}: {TARGET} has no _load_state_dict_into_model to patch")
             FAULTS[FAULT](module)
-            print(f"[fault injected: {FAULT}]", file=sys.stderr)
+            print(f"[fault armed: {FAULT}]", file=sys.stderr)
 
         spec.loader.exec_module = exec_and_patch
         return spec

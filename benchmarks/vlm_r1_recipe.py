@@ -1,0 +1,120 @@
+"""Run VLM-R1's own GRPO script in a built image, as a user would: the check that the gate covers the recipe.
+
+    python benchmarks/vlm_r1_recipe.py VLM_R1_CHECKOUT IMAGE [--steps N] [--config zero3|zero3_offload]
+
+VLM_R1_CHECKOUT is a checkout of https://github.com/om-ai-lab/VLM-R1 (this machine has no GitHub: the library's
+`fetch` brings a snapshot). Nothing of it is copied into this repository: it is mounted read-only into the
+image. The script
+
+1. compares builder/smoke/recipe_configs.py with the checkout's local_scripts/zero3.json and zero3_offload.json
+   (a drift upstream shows here first);
+2. makes, inside the image, a tiny Qwen2.5-VL checkpoint with a tokenizer, an image processor and a chat
+   template (no hub), four images and a jsonl dataset in VLM-R1's format;
+3. runs `torchrun --nproc_per_node 2 src/open_r1/grpo_jsonl.py --deepspeed local_scripts/<config>.json` on the
+   CPU (gloo), with its sources on PYTHONPATH (not `pip install -e .`, which would pull deepspeed 0.15.4), and
+   prints what ran and where.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# A chat template of Qwen2.5-VL's shape for the tiny tokenizer: image parts become the vision tokens.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+MAKE_INPUTS = """
+import json, sys, torch
+sys.path.insert(0, "/opt/vlmbuild/lib")
+from transformers import Qwen2_5_VLForConditionalGeneration
+from vlmbuild.smoke.tiny_model import tiny_config, tiny_images, tiny_processor
+torch.manual_seed(0)
+# VLM-R1 picks its model class from the path: the directory name must say Qwen2.5-VL.
+model_dir = "/work/Qwen2.5-VL-tiny"
+Qwen2_5_VLForConditionalGeneration(tiny_config()).save_pretrained(model_dir, safe_serialization=True)
+processor = tiny_processor()
+processor.chat_template = processor.tokenizer.chat_template = json.loads(sys.argv[1])
+processor.save_pretrained(model_dir)
+import os
+os.makedirs("/work/images", exist_ok=True)
+with open("/work/data.jsonl", "w") as out:
+    for i, image in enumerate(tiny_images(4)):
+        image.save(f"/work/images/{i}.png")
+        out.write(json.dumps({"image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>How many squares are in the image?"},
+            {"from": "gpt", "value": str(i + 2)}]}) + "\\n")
+print("inputs ready")
+"""
+
+
+def compare_configs(checkout: Path) -> bool:
+    from vlmbuild.smoke.recipe_configs import CONFIGS
+
+    ok = True
+    for name, ours in CONFIGS.items():
+        path = checkout / "src" / "open-r1-multimodal" / "local_scripts" / f"{name}.json"
+        theirs = json.loads(path.read_text())
+        same = json.loads(json.dumps(ours)) == theirs
+        ok &= same
+        print(f"recipe config {name}: {'the same as' if same else 'DIFFERS from'} {path.relative_to(checkout)}")
+    return ok
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("checkout", type=Path)
+    parser.add_argument("image")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--config", choices=["zero3", "zero3_offload"], default="zero3")
+    args = parser.parse_args()
+    checkout = args.checkout.resolve()
+    configs_ok = compare_configs(checkout)
+    work = Path(tempfile.mkdtemp(prefix="vlmbuild-vlm-r1-"))
+    work.chmod(0o777)
+    base = ["docker", "run", "--rm", "--network", "none", "--shm-size", "2g", "-v", f"{work}:/work",
+            "-v", f"{checkout}:/vlmr1:ro", "--label", "io.vlmbuild.owner=bench"]
+    subprocess.run(base + [args.image, "python", "-c", MAKE_INPUTS, json.dumps(CHAT_TEMPLATE)], check=True)
+    script = "/vlmr1/src/open-r1-multimodal"
+    command = [
+        "torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", "29511",
+        "src/open_r1/grpo_jsonl.py", "--deepspeed", f"local_scripts/{args.config}.json",
+        "--output_dir", "/work/output", "--model_name_or_path", "/work/Qwen2.5-VL-tiny", "--dataset_name", "none",
+        "--image_folders", "/work/images", "--data_file_paths", "/work/data.jsonl",
+        "--num_generations", "2", "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1",
+        "--max_steps", str(args.steps), "--max_completion_length", "8", "--logging_steps", "1",
+        "--gradient_checkpointing", "true", "--attn_implementation", "sdpa", "--report_to", "none",
+        "--save_strategy", "no",
+        # no GPU here: the CPU's process group (gloo), as the gate's own CPU pass runs it
+        "--use_cpu", "true", "--ddp_backend", "gloo",
+    ]
+    env = ["-e", "DS_ACCELERATOR=cpu", "-e", "LOCAL_SIZE=2", "-e", "OMP_NUM_THREADS=1", "-e", "HF_HUB_OFFLINE=1",
+           "-e", f"PYTHONPATH={script}/src", "-e", "DEBUG_MODE=false", "-e", "WANDB_MODE=offline",
+           "-w", script]
+    started = time.monotonic()
+    proc = subprocess.run(base + env + [args.image] + command, capture_output=True, text=True)
+    seconds = time.monotonic() - started
+    out = proc.stdout + proc.stderr
+    print("\n".join(line for line in out.splitlines()[-60:] if not line.startswith("[20")))
+    saved = sorted(p.name for p in (work / "output").glob("*")) if (work / "output").is_dir() else []
+    print(f"VLM-R1 grpo_jsonl.py with local_scripts/{args.config}.json in {args.image}: exit {proc.returncode} "
+          f"in {seconds:.0f}s on 2 CPU ranks (gloo); saved: {', '.join(saved) or 'nothing'}; "
+          f"recipe configs {'match' if configs_ok else 'DIFFER'}")
+    sys.exit(proc.returncode or (0 if configs_ok else 1))
+
+
+if __name__ == "__main__":
+    main()
