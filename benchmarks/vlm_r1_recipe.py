@@ -13,6 +13,17 @@ image. The script
 3. runs `torchrun --nproc_per_node 2 src/open_r1/grpo_jsonl.py --deepspeed local_scripts/<config>.json` on the
    CPU (gloo), with its sources on PYTHONPATH (not `pip install -e .`, which would pull deepspeed 0.15.4), and
    prints what ran and where.
+
+VLM-R1 at its current head has two bugs of its own with the versions it pins (transformers 4.49.0); they are
+worked around outside the image and outside VLM-R1's files, in a sitecustomize put on PYTHONPATH for this run
+(`--no-workarounds` shows the failures):
+- vlm_modules/glm_module.py imports `Glm4vForConditionalGeneration`, which transformers 4.49 does not have
+  (GLM-4.1V came later): an empty stand-in of that module is put in its place, GLM models are not used here;
+- under ZeRO-3 its trainer loads the reference model with `AutoModelForCausalLM`, which in transformers 4.49
+  has no Qwen2.5-VL entry: the class is registered through the public Auto API (as the smoke's grpo check does).
+And one that is this machine's, not VLM-R1's: with no GPU, accelerate sets up gloo but not DeepSpeed's own comm
+layer, and DeepSpeed counts one rank ("train_batch_size ... 2 != 1 * 1 * 1"); each rank calls
+`deepspeed.init_distributed()` first, as the smoke's CPU pass does. A GPU run needs none of this.
 """
 
 from __future__ import annotations
@@ -61,6 +72,34 @@ print("inputs ready")
 """
 
 
+WORKAROUNDS = """
+# VLM-R1's own bugs with its pinned transformers 4.49.0, worked around for this run only
+# (benchmarks/vlm_r1_recipe.py); nothing of the image is changed.
+import sys
+import types
+
+from transformers import AutoModelForCausalLM, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+# vlm_modules/glm_module.py needs a transformers with GLM-4.1V: an empty stand-in (GLM models are not used here)
+glm = types.ModuleType("open_r1.vlm_modules.glm_module")
+glm.GLMVModule = None
+sys.modules[glm.__name__] = glm
+# its trainer loads the reference model under ZeRO-3 with AutoModelForCausalLM, which 4.49 lacks for Qwen2.5-VL
+AutoModelForCausalLM.register(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, exist_ok=True)
+"""
+
+# CPU only (this machine): DeepSpeed's comm layer up before the Trainer, in each rank torchrun starts, then the
+# script as its own __main__. (Not in sitecustomize: every Python a rank starts would run it, py-cpuinfo's too.)
+CPU_LAUNCHER = """
+import os, runpy, sys
+import deepspeed
+deepspeed.init_distributed()
+sys.argv = sys.argv[1:]
+sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))  # as `python script.py` would have it
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def compare_configs(checkout: Path) -> bool:
     from vlmbuild.smoke.recipe_configs import CONFIGS
 
@@ -80,18 +119,25 @@ def main() -> None:
     parser.add_argument("image")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--config", choices=["zero3", "zero3_offload"], default="zero3")
+    parser.add_argument("--no-workarounds", action="store_true", help="run VLM-R1 as it is (and see its bugs)")
     args = parser.parse_args()
     checkout = args.checkout.resolve()
     configs_ok = compare_configs(checkout)
     work = Path(tempfile.mkdtemp(prefix="vlmbuild-vlm-r1-"))
+    script = "/vlmr1/src/open-r1-multimodal"
     work.chmod(0o777)
     base = ["docker", "run", "--rm", "--network", "none", "--shm-size", "2g", "-v", f"{work}:/work",
             "-v", f"{checkout}:/vlmr1:ro", "--label", "io.vlmbuild.owner=bench"]
     subprocess.run(base + [args.image, "python", "-c", MAKE_INPUTS, json.dumps(CHAT_TEMPLATE)], check=True)
-    script = "/vlmr1/src/open-r1-multimodal"
+    pythonpath = f"{script}/src"
+    (work / "launch_cpu.py").write_text(CPU_LAUNCHER)
+    if not args.no_workarounds:
+        (work / "workarounds").mkdir()
+        (work / "workarounds" / "sitecustomize.py").write_text(WORKAROUNDS)
+        pythonpath = f"/work/workarounds:{pythonpath}"
     command = [
         "torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", "29511",
-        "src/open_r1/grpo_jsonl.py", "--deepspeed", f"local_scripts/{args.config}.json",
+        "/work/launch_cpu.py", "src/open_r1/grpo_jsonl.py", "--deepspeed", f"local_scripts/{args.config}.json",
         "--output_dir", "/work/output", "--model_name_or_path", "/work/Qwen2.5-VL-tiny", "--dataset_name", "none",
         "--image_folders", "/work/images", "--data_file_paths", "/work/data.jsonl",
         "--num_generations", "2", "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1",
@@ -102,13 +148,13 @@ def main() -> None:
         "--use_cpu", "true", "--ddp_backend", "gloo",
     ]
     env = ["-e", "DS_ACCELERATOR=cpu", "-e", "LOCAL_SIZE=2", "-e", "OMP_NUM_THREADS=1", "-e", "HF_HUB_OFFLINE=1",
-           "-e", f"PYTHONPATH={script}/src", "-e", "DEBUG_MODE=false", "-e", "WANDB_MODE=offline",
+           "-e", f"PYTHONPATH={pythonpath}", "-e", "DEBUG_MODE=false", "-e", "WANDB_MODE=offline",
            "-w", script]
     started = time.monotonic()
     proc = subprocess.run(base + env + [args.image] + command, capture_output=True, text=True)
     seconds = time.monotonic() - started
     out = proc.stdout + proc.stderr
-    print("\n".join(line for line in out.splitlines()[-60:] if not line.startswith("[20")))
+    print("\n".join(line for line in out.splitlines()[-150:] if not line.startswith("[20")))
     saved = sorted(p.name for p in (work / "output").glob("*")) if (work / "output").is_dir() else []
     print(f"VLM-R1 grpo_jsonl.py with local_scripts/{args.config}.json in {args.image}: exit {proc.returncode} "
           f"in {seconds:.0f}s on 2 CPU ranks (gloo); saved: {', '.join(saved) or 'nothing'}; "
