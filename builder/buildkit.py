@@ -126,6 +126,7 @@ class StageState:
     total: int = 0
     done: set[int] = field(default_factory=set)
     cached: set[int] = field(default_factory=set)
+    pulled: set[int] = field(default_factory=set)  # FROM steps: neither cached nor run
     announced: bool = False
     reported: bool = False
 
@@ -189,19 +190,21 @@ class PlainLog:
             self.progress.info("exporting the image")
 
     def _finish(self, vid: int, cached: bool) -> None:
-        stage, n, _ = self.vertices[vid]
+        stage, n, text = self.vertices[vid]
         state = self.stages.get(stage)
         if state is None:
             return
         state.done.add(n)
-        if cached:
+        if text.startswith("FROM "):
+            state.pulled.add(n)
+        elif cached:
             state.cached.add(n)
-        elif n > 1 or state.total == 1:
+        else:
             self._announce(stage)
         if not state.reported and len(state.done) >= state.total:
             state.reported = True
             seconds = time.monotonic() - state.started
-            how = "cached" if state.cached == state.done else f"done in {seconds:.0f}s"
+            how = "cached" if state.done - state.pulled <= state.cached else f"done in {seconds:.0f}s"
             self.progress.info(f"stage {stage}: {how}")
 
     def failure(self) -> str:

@@ -75,6 +75,16 @@ def event_error(event: dict) -> str | None:
     return (event.get("errorDetail") or {}).get("message") or event.get("error") or "unknown error"
 
 
+def discard(container) -> None:
+    """Remove a container of ours whatever state it is in; a daemon already gone leaves nothing to remove."""
+    if container is None:
+        return
+    try:
+        container.remove(force=True)
+    except (docker.errors.APIError, requests.exceptions.ConnectionError):
+        pass
+
+
 class Engine:
     def __init__(self, timeout: int = 600) -> None:
         try:
@@ -288,11 +298,7 @@ class Engine:
             return SmokeRun(exit_code, json.loads(report) if report else None, logs,
                             time.monotonic() - started, timed_out, device)
         finally:
-            if container is not None:
-                try:
-                    container.remove(force=True)
-                except (docker.errors.APIError, requests.exceptions.ConnectionError):
-                    pass
+            discard(container)
 
     @staticmethod
     def _read_file(container, path: str) -> bytes | None:
@@ -331,11 +337,7 @@ class Engine:
                 code = container.wait(timeout=timeout)["StatusCode"]
                 return code, container.logs().decode(errors="replace")
         finally:
-            if container is not None:
-                try:
-                    container.remove(force=True)
-                except (docker.errors.APIError, requests.exceptions.ConnectionError):
-                    pass
+            discard(container)
 
     def history(self, image: str) -> list[dict]:
         """The image's history, oldest first."""

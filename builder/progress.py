@@ -1,17 +1,13 @@
-"""Progress a person can follow on long builds and pushes; a plain, timestamped log when not on a terminal."""
+"""Progress a person can follow on long builds, smokes and pushes: a timestamped line per event (per build stage,
+not per instruction: vlmbuild.buildkit decides what is an event), and a live status line on a terminal."""
 
 from __future__ import annotations
 
-import re
 import sys
 import time
-from collections import deque
 
 from rich.console import Console
 from rich.text import Text
-
-STEP_RE = re.compile(r"^Step (\d+)/(\d+) : (.*)$")
-STAGE_RE = re.compile(r"^FROM \S+(?: AS (\S+))?", re.I)
 
 
 def _fmt(seconds: float) -> str:
@@ -20,17 +16,12 @@ def _fmt(seconds: float) -> str:
 
 
 class Progress:
-    """Fed with build/push events; keeps the last output lines for error reports."""
-
-    def __init__(self, title: str, tty: bool | None = None, keep: int = 30) -> None:
+    def __init__(self, title: str, tty: bool | None = None) -> None:
         self.title = title
         self.tty = sys.stdout.isatty() if tty is None else tty
         self.console = Console(highlight=False, soft_wrap=True)
         self.started = time.monotonic()
-        self.step_started = self.started
-        self.step = (0, 0, "")
-        self.stage = ""
-        self.last_lines: deque[str] = deque(maxlen=keep)
+        self.latest = "starting"
         self._status = None
         if self.tty:
             self._status = self.console.status(Text(self._status_text()))
@@ -40,32 +31,11 @@ class Progress:
         return time.monotonic() - self.started
 
     def _status_text(self) -> str:
-        n, total, text = self.step
-        where = f" [{self.stage}]" if self.stage else ""
-        return f"{self.title}: step {n}/{total}{where} {text[:70]} ({_fmt(time.monotonic() - self.step_started)} in step, {_fmt(self.elapsed())} total)"
+        return f"{self.title}: {self.latest[:90]} ({_fmt(self.elapsed())})"
 
     def info(self, message: str) -> None:
         self.console.print(f"[{_fmt(self.elapsed()):>6}] {message}", markup=False)  # build output has [brackets]
-
-    def build_line(self, line: str) -> None:
-        line = line.rstrip("\n")
-        if not line.strip():
-            return
-        m = STEP_RE.match(line)
-        if m:
-            n, total, text = int(m.group(1)), int(m.group(2)), m.group(3)
-            if self.step[0]:
-                self.info(f"  step {self.step[0]}/{self.step[1]} done in {_fmt(time.monotonic() - self.step_started)}")
-            stage = STAGE_RE.match(text)
-            if stage:
-                self.stage = stage.group(1) or "final"
-            self.step, self.step_started = (n, total, text), time.monotonic()
-            self.info(f"step {n}/{total} [{self.stage}] {text[:160]}")
-            self.last_lines.clear()
-        else:
-            self.last_lines.append(line)
-            if line.startswith(" ---> Using cache"):
-                self.info("  (cached)")
+        self.latest = message
         if self._status:
             self._status.update(Text(self._status_text()))
 

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checks import check_variant
-from .errors import CheckFailed, VlmbuildError
+from .errors import CheckFailed
 from .lock import require_fresh
 from .lockfile import Lockfile
 from .render import RenderResult, load_variant_lock, render
 from .rules import load_rules
-from .spec import Variant, split_digest
+from .spec import Variant
 
 IDENTITY_CHARS = 12
 # Recorded in the image, but not part of what decides its bytes: a commit that changes nothing of the image
@@ -115,5 +115,3 @@ def resolve_for_tags(variant: Variant, engine, base_override: str | None = None,
     with tempfile.TemporaryDirectory(prefix="vlmbuild-resolve-") as tmp:
         return resolve(variant, engine, Path(tmp), base_override, repository, ignore_rules=True)
 
-
-__all__ = ["Base", "Resolved", "VlmbuildError", "identity", "resolve", "resolve_for_tags", "split_digest"]

@@ -3,7 +3,7 @@
     vlmbuild-smoke [--device auto|gpu|cpu] [--report FILE] [--model-dir DIR] [--lockfile FILE] [--timeout S]
     vlmbuild-smoke verify-install [--lockfile FILE]
 
-Runs check 1 (stack) here, then launches its own ranks with torchrun for the ZeRO-3 checks (worker.py):
+Starts its own ranks for the ZeRO-3 checks (worker.py), one process each, and runs check 1 (stack) here meanwhile:
 world size 2 on CPU (gloo), min(2, GPUs) on GPU (NCCL). Exit 0 when every check passed, 1 when one
 failed, 2 for bad usage or an environment it cannot run in. Standard library only until torch is needed.
 """
@@ -45,6 +45,8 @@ def free_port() -> int:
 
 def resolve_mode(requested: str) -> tuple[str, int]:
     """(mode, world size). A GPU is used only when torch can really reach one."""
+    if requested == "cpu":
+        return "cpu", 2
     try:
         import torch
     except Exception as exc:  # noqa: BLE001 - no torch at all: not an environment the smoke can judge
@@ -105,8 +107,8 @@ def repeat_zero3_load(args: argparse.Namespace, mode: str, world: int, workdir: 
     digests = [load["details"].get("weights_sha256")]
     problems = []
     for run in range(2, args.repeat + 1):
-        again, _ = run_workers(args, mode, world, workdir, ("zero3_load",), extensions, results=f"results-{run}",
-                               model_dir=model_dir)
+        again = run_workers(args, mode, world, workdir, ("zero3_load",), extensions, results=f"results-{run}",
+                            model_dir=model_dir)
         result = again[0]
         if result["status"] != "passed":
             problems.append(f"run {run}: {result.get('error') or result['status']}")
@@ -122,46 +124,79 @@ def repeat_zero3_load(args: argparse.Namespace, mode: str, world: int, workdir: 
     return entry
 
 
-def run_workers(args: argparse.Namespace, mode: str, world: int, workdir: Path, checks: tuple[str, ...],
-                extensions: Path | None, results: str = "results",
-                model_dir: Path | None = None) -> tuple[list[dict[str, Any]], str]:
-    results_dir = workdir / results
-    results_dir.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(world),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "-m", "vlmbuild.smoke.worker", "--device", mode, "--workdir", str(workdir),
-           "--results-dir", str(results_dir), "--timeout", str(max(60, int(args.timeout))),
-           "--checks", ",".join(checks)]
-    model_dir = model_dir or (Path(args.model_dir) if args.model_dir else None)
-    if model_dir:
-        cmd += ["--model-dir", str(model_dir)]
-    if model_dir and not args.model_dir:
-        cmd.append("--tiny-model")  # the tiny checkpoint an earlier run saved: still the tiny model
-    log_path = workdir / f"workers-{results}.log"
-    started = time.monotonic()
-    with open(log_path, "w") as log:
+class Ranks:
+    """The smoke's ranks: one process each, started with the environment torchrun gives its workers (RANK,
+    WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT). Not torchrun itself: its agent would import torch once more before
+    any rank starts (seconds, on every smoke). As torchrun does, when one rank fails the others are stopped."""
+
+    def __init__(self, args: argparse.Namespace, mode: str, world: int, workdir: Path, checks: tuple[str, ...],
+                 extensions: Path | None, results: str = "results", model_dir: Path | None = None) -> None:
+        self.args, self.world, self.checks = args, world, checks
+        self.results_dir = workdir / results
+        self.results_dir.mkdir()
+        cmd = [sys.executable, "-m", "vlmbuild.smoke.worker", "--device", mode, "--workdir", str(workdir),
+               "--results-dir", str(self.results_dir), "--timeout", str(max(60, int(args.timeout))),
+               "--checks", ",".join(checks)]
+        model_dir = model_dir or (Path(args.model_dir) if args.model_dir else None)
+        if model_dir:
+            cmd += ["--model-dir", str(model_dir)]
+        if model_dir and not args.model_dir:
+            cmd.append("--tiny-model")  # the tiny checkpoint an earlier run saved: still the tiny model
         env = worker_env(mode, world)
         if extensions is not None:
             # Where torch would JIT-compile an op: empty, and checked after the run (check prebuilt_ops).
             env["TORCH_EXTENSIONS_DIR"] = str(extensions)
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            proc.wait(timeout=args.timeout)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world),
+                   LOCAL_WORLD_SIZE=str(world))
+        self.log_path = workdir / f"workers-{results}.log"
+        self.started = time.monotonic()
+        self.procs: list[subprocess.Popen] = []
+        with open(self.log_path, "w") as log:
+            for rank in range(world):
+                self.procs.append(subprocess.Popen(
+                    cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                    env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0"}))
+
+    def stop(self) -> None:
+        for proc in self.procs:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    elapsed = time.monotonic() - started
-    log_tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
-    merged = merge_rank_results(results_dir, world, timed_out, elapsed, args.timeout, log_tail, checks)
-    return fail_on_bad_exit(merged, None if timed_out else proc.returncode, log_tail), log_tail
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for proc in self.procs:
+            proc.wait()
+
+    def wait(self) -> list[dict[str, Any]]:
+        deadline = self.started + self.args.timeout
+        timed_out = False
+        try:
+            while any(p.poll() is None for p in self.procs):
+                if any(p.returncode not in (None, 0) for p in self.procs):
+                    break  # one rank failed: the others would wait for it in a collective until the timeout
+                if time.monotonic() > deadline:
+                    timed_out = True
+                    break
+                time.sleep(0.1)
+        finally:
+            self.stop()
+        codes = [p.returncode for p in self.procs]
+        returncode = next((c for c in codes if c != 0), 0)
+        elapsed = time.monotonic() - self.started
+        log_tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-40:])
+        merged = merge_rank_results(self.results_dir, self.world, timed_out, elapsed, self.args.timeout, log_tail,
+                                    self.checks)
+        return fail_on_bad_exit(merged, None if timed_out else returncode, log_tail)
+
+
+def run_workers(args: argparse.Namespace, mode: str, world: int, workdir: Path, checks: tuple[str, ...],
+                extensions: Path | None, results: str = "results",
+                model_dir: Path | None = None) -> list[dict[str, Any]]:
+    return Ranks(args, mode, world, workdir, checks, extensions, results, model_dir).wait()
 
 
 def fail_on_bad_exit(checks: list[dict[str, Any]], returncode: int | None, log_tail: str) -> list[dict[str, Any]]:
-    """torchrun's exit status counts: a rank that dies after its last result was written (a crash in teardown,
+    """The ranks' exit status counts: a rank that dies after its last result was written (a crash in teardown,
     a hang killed by the watchdog) turns the last passing check into a failure instead of a silent PASS."""
     if returncode in (0, None) or not checks or any(c["status"] != "passed" for c in checks):
         return checks
@@ -293,9 +328,15 @@ def run(args: argparse.Namespace) -> int:
     if extensions is not None:
         extensions.mkdir()
     try:
-        checks = [run_stack(mode, lock_path, variant)] if "stack" in planned else []
-        worker_checks, _ = run_workers(args, mode, world, workdir,
-                                       tuple(c for c in planned if c in contract.WORKER_CHECKS), extensions)
+        # The ranks start first; the stack check runs here while they import and load.
+        ranks = Ranks(args, mode, world, workdir, tuple(c for c in planned if c in contract.WORKER_CHECKS),
+                      extensions)
+        try:
+            checks = [run_stack(mode, lock_path, variant)] if "stack" in planned else []
+        except BaseException:
+            ranks.stop()
+            raise
+        worker_checks = ranks.wait()
         checks += worker_checks
         if "zero3_repeat" in planned:
             checks.append(repeat_zero3_load(args, mode, world, workdir, extensions, worker_checks))

@@ -1,6 +1,6 @@
 """One rank of the smoke: the checks that need a process group.
 
-Started by the launcher through ``torch.distributed.run`` (torchrun), world size 2 on CPU (gloo) and
+Started by the launcher with the environment torchrun gives its workers, world size 2 on CPU (gloo) and
 ``min(2, GPUs)`` on GPU (NCCL), so ZeRO-3 really partitions across ranks. Each rank writes its own
 results file; the launcher merges them. Every check ends with an all-reduce of its verdict so that all
 ranks agree and none walks into the next collective alone. Every result records the world size and the
