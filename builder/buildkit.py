@@ -101,7 +101,7 @@ def build_env_script(environ: dict[str, str] | None = None) -> str:
         "else",
         "  APT_OPTIONS=''",
         "fi",
-        "export UV_CACHE_DIR=/root/.cache/uv UV_LINK_MODE=copy UV_PYTHON_DOWNLOADS=never PIP_NO_CACHE_DIR=1",
+        "export UV_CACHE_DIR=/root/.cache/uv UV_LINK_MODE=copy UV_PYTHON_DOWNLOADS=never",
         "",
     ]
     return "\n".join(lines)

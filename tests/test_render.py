@@ -131,7 +131,7 @@ def test_no_secret_in_the_context_and_none_in_the_released_stage(rendered, varia
                 assert "type=cache,id=vlmbuild-uv" in run, name
                 assert "--require-hashes" in run or "/tmp/wheels/*.whl" in run, name
             if re.search(r"(?<!uv )pip install", run):
-                assert "--no-cache-dir" in run and "--require-hashes" in run, name
+                assert "type=cache,id=vlmbuild-pip,target=/root/.cache/pip" in run and "--require-hashes" in run, name
 
 
 def test_deepspeed_is_built_with_the_variants_ops_for_a_portable_cpu(rendered):
