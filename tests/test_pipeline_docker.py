@@ -363,10 +363,18 @@ def test_a_hanging_smoke_is_killed_and_nothing_is_tagged(client, built_local):
     assert not our_containers(client)
 
 
+def as_in_a_terminal() -> None:
+    """SIGINT as a terminal delivers it. A shell without job control starts background jobs with SIGINT
+    ignored (POSIX), and Python then installs no KeyboardInterrupt handler: `bash .ci/run &` would make the
+    Ctrl-C test meaningless."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_build(*extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "vlmbuild", "build", "vlm-r1", "--variant", "local",
                              "--smoke-device", "cpu", "--repository", TEST_REPO, *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=as_in_a_terminal)
 
 
 def images_of(client) -> set[str]:
