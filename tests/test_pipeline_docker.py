@@ -29,6 +29,9 @@ TEST_REPO = f"{REGISTRY}/vlmbuild-test/vlm-r1"
 OWNER = "io.vlmbuild.owner"
 
 
+BUILD_CACHE_KEPT = 16 * 2**30
+
+
 @pytest.fixture(scope="session")
 def client():
     """A real engine; the tests start one (and the registry) themselves when none answers."""
@@ -46,6 +49,10 @@ def client():
     for container in c.containers.list(all=True, filters={"label": OWNER}):
         container.remove(force=True)
     c.images.prune(filters={"dangling": True})
+    # The tests build many variants of the image (changed smoke, bases, bumps): about 40 GB of BuildKit cache.
+    # Disk is shared; keep the most recently used part (the local variant's layers, uv's and pip's downloads,
+    # the DeepSpeed wheel), which the next run and `vlmbuild build` reuse.
+    c.api.prune_builds(keep_storage=BUILD_CACHE_KEPT)
     purge_registry_repository("vlmbuild-test/vlm-r1")
 
 
