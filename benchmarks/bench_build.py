@@ -142,13 +142,7 @@ def ratio(ours: float, naive: float) -> str:
     return f"{ours / naive:.2f}x naive"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=3, help="smoke runs per kind")
-    parser.add_argument("--skip-cold", action="store_true", help="skip the two cold builds (they prune the cache)")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "build-2cpu.txt")
-    args = parser.parse_args()
-    client = docker.from_env(timeout=1800)
+def measure(client, args) -> None:
     sys.path.insert(0, str(REPO))
     from vlmbuild.localbase import ensure_local_base
 
@@ -225,14 +219,31 @@ def main() -> None:
     every = smoke_runs(client, first, None, args.runs)
     say(f"  min {min(every):.1f}s, max {max(every):.1f}s over {len(every)} runs, all passed")
 
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print(f"written to {args.out}")
+
+
+def remove_bench_images(client) -> None:
+    """What the benchmark tagged, also when it fails or is interrupted (disk is shared)."""
     for repo in (BENCH_REPO, NAIVE_REPO, "vlmbuild-bench/base", f"{REGISTRY}/vlmbuild-bench/ours",
                  f"{REGISTRY}/vlmbuild-bench/naive"):
         for image in client.images.list(name=repo):
             for tag in image.tags:
                 client.images.remove(tag, force=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print(f"written to {args.out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3, help="smoke runs per kind")
+    parser.add_argument("--skip-cold", action="store_true", help="skip the two cold builds (they prune the cache)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "build-2cpu.txt")
+    args = parser.parse_args()
+    client = docker.from_env(timeout=1800)
+    try:
+        measure(client, args)
+    finally:
+        remove_bench_images(client)
 
 
 if __name__ == "__main__":
