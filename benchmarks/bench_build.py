@@ -231,6 +231,10 @@ def remove_bench_images(client) -> None:
         for image in client.images.list(name=repo):
             for tag in image.tags:
                 client.images.remove(tag, force=True)
+    from vlmbuild.engine_setup import purge_local_repository
+
+    for name in ("vlmbuild-bench/ours", "vlmbuild-bench/naive"):
+        purge_local_repository(name)
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ registry to pull from, so the local base image is made by ``vlmbuild.localbase``
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -103,6 +104,31 @@ def start_registry(addr: str = REGISTRY_ADDR) -> None:
             return
         time.sleep(0.5)
     sys.exit(f"the registry did not answer on {addr} within 30 s; see {REGISTRY_LOG}")
+
+
+def purge_local_repository(name: str, addr: str = REGISTRY_ADDR) -> None:
+    """Delete one repository's images from our local registry and reclaim their disk (garbage-collect).
+
+    For what tests and benchmarks push: a registry on a shared disk keeps every blob until collected."""
+    accept = "application/vnd.docker.distribution.manifest.v2+json"
+    try:
+        with urllib.request.urlopen(f"http://{addr}/v2/{name}/tags/list", timeout=10) as resp:
+            tags = json.load(resp).get("tags") or []
+    except OSError:
+        return
+    digests = set()
+    for tag in tags:  # tags of one image share its manifest: collect, then delete each digest once
+        head = urllib.request.Request(f"http://{addr}/v2/{name}/manifests/{tag}", method="HEAD",
+                                      headers={"Accept": accept})
+        with urllib.request.urlopen(head, timeout=10) as resp:
+            digests.add(resp.headers["Docker-Content-Digest"])
+    for digest in digests:
+        urllib.request.urlopen(urllib.request.Request(f"http://{addr}/v2/{name}/manifests/{digest}",
+                                                      method="DELETE"), timeout=10).close()
+    config = STATE / "registry" / "config.yml"
+    if config.is_file():
+        subprocess.run([shutil.which("docker-registry") or "/usr/bin/docker-registry", "garbage-collect",
+                        str(config)], capture_output=True)
 
 
 def main() -> None:

@@ -53,33 +53,9 @@ def client():
     # Disk is shared; keep the most recently used part (the local variant's layers, uv's and pip's downloads,
     # the DeepSpeed wheel), which the next run and `vlmbuild build` reuse.
     c.api.prune_builds(keep_storage=BUILD_CACHE_KEPT)
-    purge_registry_repository("vlmbuild-test/vlm-r1")
+    from vlmbuild.engine_setup import purge_local_repository
 
-
-def purge_registry_repository(name: str) -> None:
-    """Delete what the tests pushed from the local registry and reclaim its disk (garbage-collect)."""
-    import urllib.request
-
-    from vlmbuild.engine_setup import STATE
-
-    accept = "application/vnd.docker.distribution.manifest.v2+json"
-    try:
-        with urllib.request.urlopen(f"http://{REGISTRY}/v2/{name}/tags/list", timeout=10) as resp:
-            tags = json.load(resp).get("tags") or []
-    except OSError:
-        return
-    digests = set()
-    for tag in tags:  # tags of one image share its manifest: collect, then delete each digest once
-        head = urllib.request.Request(f"http://{REGISTRY}/v2/{name}/manifests/{tag}", method="HEAD",
-                                      headers={"Accept": accept})
-        with urllib.request.urlopen(head, timeout=10) as resp:
-            digests.add(resp.headers["Docker-Content-Digest"])
-    for digest in digests:
-        urllib.request.urlopen(urllib.request.Request(f"http://{REGISTRY}/v2/{name}/manifests/{digest}",
-                                                      method="DELETE"), timeout=10).close()
-    config = STATE / "registry" / "config.yml"
-    if config.is_file():
-        subprocess.run(["docker-registry", "garbage-collect", str(config)], capture_output=True)
+    purge_local_repository("vlmbuild-test/vlm-r1")
 
 
 def tag_id(client, ref: str) -> str | None:
