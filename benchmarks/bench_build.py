@@ -229,8 +229,8 @@ def remove_bench_images(client) -> None:
     for repo in (BENCH_REPO, NAIVE_REPO, "vlmbuild-bench/base", f"{REGISTRY}/vlmbuild-bench/ours",
                  f"{REGISTRY}/vlmbuild-bench/naive"):
         for image in client.images.list(name=repo):
-            for tag in image.tags:
-                client.images.remove(tag, force=True)
+            # by id: an image pushed keeps a repo digest under the registry's name after its tags are gone
+            client.images.remove(image.id, force=True)
     from vlmbuild.engine_setup import purge_local_repository
 
     for name in ("vlmbuild-bench/ours", "vlmbuild-bench/naive"):

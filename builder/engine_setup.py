@@ -127,8 +127,9 @@ def purge_local_repository(name: str, addr: str = REGISTRY_ADDR) -> None:
                                                       method="DELETE"), timeout=10).close()
     config = STATE / "registry" / "config.yml"
     if config.is_file():
+        # --delete-untagged: a tag pushed twice leaves its first manifest untagged, and its blobs with it
         subprocess.run([shutil.which("docker-registry") or "/usr/bin/docker-registry", "garbage-collect",
-                        str(config)], capture_output=True)
+                        "--delete-untagged", str(config)], capture_output=True)
 
 
 def main() -> None:
