@@ -97,6 +97,16 @@ def test_silent_weight_corruption_fails_zero3_load(cli, stack_python, tmp_path):
     assert "shape [128, 64]" in check["error"]
 
 
+def test_a_model_loaded_whole_on_every_rank_fails_zero3_load(cli, stack_python, tmp_path):
+    """Right weights, no error, but no ZeRO-3: the partition test itself must catch it."""
+    env = {"PYTHONPATH": str(FAULTS), "VLMBUILD_FAULT": "not-partitioned"}
+    result, report = smoke(cli, stack_python, tmp_path, "--checks", "zero3_load", env=env)
+    assert result.code == 1
+    check = by_name(report)["zero3_load"]
+    assert check["status"] == "failed"
+    assert "parameters are not ZeRO-3 partitioned" in check["error"], check["error"]
+
+
 def overlay(requirement: str) -> Path:
     """One package at another version, laid over the good venv with PYTHONPATH (made once, kept in the cache)."""
     from vlmbuild.lock import uv_binary

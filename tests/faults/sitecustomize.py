@@ -11,6 +11,9 @@ imported, it is patched:
   current model is torch.Size([0])``.
 - ``silent-corruption``: the loader quietly loads a wrong tensor for one vision-tower weight (as a key
   mix-up would): no error, wrong weights.
+- ``not-partitioned``: ``from_pretrained`` no longer sees ZeRO-3 (as when the ``HfDeepSpeedConfig`` it holds
+  only weakly is collected): the model is built whole on every rank, its weights load without an error, and
+  nothing is partitioned.
 - ``intermittent-corruption``: the same, but only in the second torchrun launch the smoke makes (launches are
   told apart by their MASTER_PORT, recorded in the file VLMBUILD_FAULT_STATE names): one run of the ZeRO-3
   load is clean, the next is not.
@@ -58,6 +61,12 @@ def _silent_corruption(mu):
     mu._load_state_dict_into_model = load_corrupted
 
 
+def _not_partitioned(mu):
+    if not hasattr(mu, "is_deepspeed_zero3_enabled"):
+        raise RuntimeError(f"fault 'not-partitioned': {TARGET} has no is_deepspeed_zero3_enabled to patch")
+    mu.is_deepspeed_zero3_enabled = lambda: False
+
+
 def _launch_index() -> int:
     """Which torchrun launch this process belongs to: 0 for the first MASTER_PORT seen, 1 for the second..."""
     import fcntl
@@ -79,7 +88,7 @@ def _intermittent_corruption(mu):
 
 
 FAULTS = {"zero3-no-gather": _no_gather, "silent-corruption": _silent_corruption,
-          "intermittent-corruption": _intermittent_corruption}
+          "not-partitioned": _not_partitioned, "intermittent-corruption": _intermittent_corruption}
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
