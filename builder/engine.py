@@ -19,6 +19,7 @@ from pathlib import Path
 import docker
 import requests
 import urllib3
+from docker.utils import parse_repository_tag
 
 from . import buildkit, contract
 from .buildkit import BuildFailed  # noqa: F401 - re-exported: the gate catches it from here
@@ -127,11 +128,12 @@ class Engine:
             if image_id is None:
                 raise EngineError(f"base image {ref}: no such image in this engine (pull or build it first)")
             return Base(ref, image_id, None, self.layers(image_id))
-        image_id = self.image_id(f"{name.rsplit(':', 1)[0]}@{digest}")
+        repository, _ = parse_repository_tag(name)  # the tag goes, a registry's :port stays
+        image_id = self.image_id(f"{repository}@{digest}")
         if image_id is None:
             with engine_errors(f"pulling the base {ref}"):
-                self.client.images.pull(name.rsplit(":", 1)[0], tag=digest)
-            image_id = self.image_id(f"{name.rsplit(':', 1)[0]}@{digest}")
+                self.client.images.pull(repository, tag=digest)
+            image_id = self.image_id(f"{repository}@{digest}")
         if image_id is None:
             raise EngineError(f"base image {ref}: the engine has no image with that digest")
         with engine_errors(f"inspecting {ref}"):
@@ -212,7 +214,7 @@ class Engine:
                     raise EngineError(f"the engine refused the evidence files for {image_id[:19]}")
                 image = container.commit(changes=changes, message="vlmbuild: smoke evidence")
             finally:
-                container.remove(force=True)
+                discard(container)
         return image.id
 
     def tag(self, image_id: str, repository: str, tag: str) -> None:
@@ -324,7 +326,7 @@ class Engine:
             try:
                 return {path: self._read_file(container, path) for path in paths}
             finally:
-                container.remove(force=True)
+                discard(container)
 
     def run_in_image(self, image: str, command: list[str], timeout: int = 300) -> tuple[int, str]:
         """(exit status, output) of ``command`` in a container of ``image`` with no network; always removed."""
