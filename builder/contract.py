@@ -91,6 +91,16 @@ def report_passed(report: Mapping[str, Any] | None) -> bool:
     return bool(checks) and all(c.get("status") == "passed" for c in checks)
 
 
+def checks_label(reports: list[Mapping[str, Any]]) -> dict[str, str]:
+    """What the checks label holds: each check's status over every smoke pass (a later pass wins a name)."""
+    return {c["name"]: c["status"] for r in reports for c in r.get("checks", [])}
+
+
+def world_size_label(reports: list[Mapping[str, Any]]) -> str:
+    """What the world-size label holds: the distinct world sizes of the smoke passes, ascending."""
+    return ",".join(str(w) for w in sorted({r.get("world_size", 0) for r in reports}))
+
+
 def evidence_passed(evidence: Mapping[str, Any] | None) -> bool:
     """The pass test of an image's evidence file: at least one smoke pass, every pass passed."""
     passes = (evidence or {}).get("passes") or []

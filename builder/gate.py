@@ -21,9 +21,9 @@ from . import contract
 from .engine import BuildFailed, Engine, SmokeRun
 from .errors import CheckFailed, VlmbuildError
 from .progress import Progress
-from .release import evidence, publish, push_tags, validated_image
+from .release import evidence, publish, push_tags, tags_naming, validated_image
 from .resolve import Resolved, resolve
-from .rules import load_rules
+from .rules import explain_rule, load_rules
 from .smoke import report as report_mod
 from .smoke.model_dir import ModelDirProblem, validate_model_dir
 from .spec import Variant
@@ -65,7 +65,7 @@ class BuildOutcome:
     base_image_id: str | None = None
     reused: bool = False  # the immutable tag named a validated image of the same inputs: nothing was built
     rebuilt_image: str | None = None  # a rebuild of inputs already validated under the immutable tag: dropped
-    passes: list[str] = field(default_factory=list)  # "mode xWORLD (device)" of every smoke pass
+    passes: list[str] = field(default_factory=list)  # "mode xWORLD" of every smoke pass
     push_error: str | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -122,13 +122,9 @@ def describe_failure(run: SmokeRun) -> tuple[str, list[str]]:
 def explain_build_failure(message: str) -> str:
     """A failed build step's output goes through the rules too (DeepSpeed <= 0.16.3 dies in its own setup.py on a
     GPU-less builder with triton's "0 active drivers", rule row 5)."""
-    lines = [message]
-    for rule in load_rules().match_error(message):
-        lines.append(f"  explained by known-bad combination [{rule.severity}] {rule.id}: {rule.title}")
-        lines.append(f"    symptom: {rule.symptom}")
-        lines.append(f"    fix: {rule.fix}")
-        lines.extend(f"    source: {s}" for s in rule.sources)
-    return "\n".join(lines)
+    return "\n".join([message] + [
+        explain_rule(rule, indent="    ", header=f"  explained by known-bad combination [{rule.severity}] {rule.id}")
+        for rule in load_rules().match_error(message)])
 
 
 def smoke_passes(engine: Engine, image: str, device: str, timeout: int, repeat: int, model_dir: Path | None,
@@ -146,7 +142,7 @@ def smoke_passes(engine: Engine, image: str, device: str, timeout: int, repeat: 
 
 def reuse(engine: Engine, resolved: Resolved, image_id: str, outcome: BuildOutcome) -> BuildOutcome:
     outcome.passed, outcome.reused, outcome.image_id = True, True, image_id
-    outcome.tags = [t for t in resolved.tags if engine.image_id(f"{resolved.repository}:{t}") == image_id]
+    outcome.tags = tags_naming(engine, resolved, image_id)
     echo(f"{resolved.repository}:{resolved.immutable_tag} already names {image_id[:19]}, built from these exact "
          "inputs and validated: nothing to build, no tag moved (--rebuild builds it again)")
     return outcome

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from . import contract
 from .engine import Engine
@@ -63,28 +65,45 @@ def smoke_passes(evidence: dict[str, Any]) -> list[dict[str, Any]]:
     return list(evidence.get("passes") or ([evidence] if "checks" in evidence else []))
 
 
-def check_report(result: Inspection, report_bytes: bytes | None, labels: dict[str, str]) -> None:
-    if not result.check(report_bytes is not None, "the smoke report is in the image", contract.REPORT_PATH):
-        return
-    result.check(sha256(report_bytes) == labels.get(contract.LABEL_REPORT_SHA256),
-                 "the report hashes to the label that vouches for it",
-                 f"sha256 {sha256(report_bytes)} vs label {labels.get(contract.LABEL_REPORT_SHA256)}")
+def check_vouched(result: Inspection, data: bytes | None, what: str, path: str, label: str | None,
+                  claim: str) -> bool:
+    """The file is in the image (``what`` at ``path``) and hashes to the label that vouches for it; False when
+    the file is missing."""
+    if not result.check(data is not None, f"the {what} is in the image", path):
+        return False
+    result.check(sha256(data) == label, claim, f"sha256 {sha256(data)} vs label {label}")
+    return True
+
+
+def parsed_json(result: Inspection, data: bytes, what: str) -> dict[str, Any] | None:
+    """``data`` as a JSON object; None, and a failed finding, when it is not one."""
     try:
-        evidence = json.loads(report_bytes)
-    except json.JSONDecodeError as exc:
-        result.check(False, "the report is JSON", str(exc))
+        parsed = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        result.check(False, f"the {what} is JSON", str(exc))
+        return None
+    if not result.check(isinstance(parsed, dict), f"the {what} is a JSON object", type(parsed).__name__):
+        return None
+    return parsed
+
+
+def check_report(result: Inspection, report_bytes: bytes | None, labels: dict[str, str]) -> None:
+    if not check_vouched(result, report_bytes, "smoke report", contract.REPORT_PATH,
+                         labels.get(contract.LABEL_REPORT_SHA256), "the report hashes to the label that vouches for it"):
+        return
+    evidence = parsed_json(result, report_bytes, "report")
+    if evidence is None:
         return
     passes = smoke_passes(evidence)
-    result.check(bool(passes) and all(contract.report_passed(p) for p in passes),
-                 "every smoke pass in the report passed every check")
-    statuses = {c["name"]: c["status"] for p in passes for c in p.get("checks", [])}
+    result.check(contract.evidence_passed({"passes": passes}), "every smoke pass in the report passed every check")
+    statuses = contract.checks_label(passes)
     try:
         labelled = json.loads(labels.get(contract.LABEL_CHECKS) or "{}")
     except json.JSONDecodeError:
         labelled = None
     result.check(labelled == statuses, "the checks label says what the report says",
                  f"label {labelled} vs report {statuses}")
-    worlds = ",".join(str(w) for w in sorted({p.get("world_size", 0) for p in passes}))
+    worlds = contract.world_size_label(passes)
     result.check(labels.get(contract.LABEL_WORLD_SIZE) == worlds, "the world-size label says what the report says",
                  f"label {labels.get(contract.LABEL_WORLD_SIZE)} vs report {worlds}")
     result.check(any(p.get("world_size", 0) >= 2 for p in passes),
@@ -101,30 +120,22 @@ def check_report(result: Inspection, report_bytes: bytes | None, labels: dict[st
 def check_lock_and_sbom(result: Inspection, lock_bytes: bytes | None, sbom_bytes: bytes | None,
                         labels: dict[str, str]) -> None:
     lock = None
-    if result.check(lock_bytes is not None, "the lockfile is in the image", contract.LOCK_PATH):
-        result.check(sha256(lock_bytes) == labels.get(contract.LABEL_LOCK_SHA256),
-                     "the lockfile hashes to the lock label",
-                     f"sha256 {sha256(lock_bytes)} vs label {labels.get(contract.LABEL_LOCK_SHA256)}")
+    if check_vouched(result, lock_bytes, "lockfile", contract.LOCK_PATH, labels.get(contract.LABEL_LOCK_SHA256),
+                     "the lockfile hashes to the lock label"):
         try:
             lock = parse_lockfile(lock_bytes.decode(), None)
         except (LockfileError, UnicodeDecodeError) as exc:
             result.check(False, "the lockfile parses", str(exc))
-    if not result.check(sbom_bytes is not None, "the SBOM is in the image", contract.SBOM_PATH):
+    if not check_vouched(result, sbom_bytes, "SBOM", contract.SBOM_PATH, labels.get(LABEL_SBOM_SHA256),
+                         "the SBOM hashes to its label"):
         return
-    result.check(sha256(sbom_bytes) == labels.get(LABEL_SBOM_SHA256), "the SBOM hashes to its label",
-                 f"sha256 {sha256(sbom_bytes)} vs label {labels.get(LABEL_SBOM_SHA256)}")
-    try:
-        sbom = json.loads(sbom_bytes)
-    except json.JSONDecodeError as exc:
-        result.check(False, "the SBOM is JSON", str(exc))
+    sbom = parsed_json(result, sbom_bytes, "SBOM")
+    if sbom is None:
         return
     result.check(sbom.get("bomFormat") == "CycloneDX", "the SBOM is a CycloneDX document",
                  f"bomFormat {sbom.get('bomFormat')!r}, specVersion {sbom.get('specVersion')!r}")
     if lock is not None:
-        components = {re.sub(r"[-_.]+", "-", c.get("name", "")).lower(): c.get("version")
-                      for c in sbom.get("components", [])}
-        from packaging.version import Version
-
+        components = {canonicalize_name(c.get("name", "")): c.get("version") for c in sbom.get("components", [])}
         disagree = [f"{r.name}: locked {r.version}, SBOM {components.get(r.name)}" for r in lock.requirements
                     if components.get(r.name) is None
                     or Version(components[r.name]).public != Version(r.version).public]

@@ -42,19 +42,18 @@ def evidence(resolved: Resolved, runs: list[SmokeRun], sbom: bytes | None) -> tu
     payload = report_mod.combine([r.report for r in runs if r.report is not None])
     report_bytes = report_mod.dumps(payload).encode()
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    checks = {c["name"]: c["status"] for r in runs for c in (r.report or {}).get("checks", [])}
-    worlds = sorted({(r.report or {}).get("world_size", 0) for r in runs})
+    reports = [r.report or {} for r in runs]
     device = primary.device
     labels = {
         contract.LABEL_RESULT: "passed",
         contract.LABEL_DEVICE: device,
         contract.LABEL_VALIDATED_ON: ("cpu-only (not a GPU validation)" if device == "cpu" else
                                       f"gpu: {(primary.report or {}).get('device_name') or 'unknown'}"),
-        contract.LABEL_WORLD_SIZE: ",".join(str(w) for w in worlds),
+        contract.LABEL_WORLD_SIZE: contract.world_size_label(reports),
         LABEL_PASSES: "; ".join(pass_summary(r) for r in runs),
         contract.LABEL_REPORT_PATH: contract.REPORT_PATH,
         contract.LABEL_REPORT_SHA256: hashlib.sha256(report_bytes).hexdigest(),
-        contract.LABEL_CHECKS: json.dumps(checks, separators=(",", ":")),
+        contract.LABEL_CHECKS: json.dumps(contract.checks_label(reports), separators=(",", ":")),
         contract.LABEL_SECONDS: f"{sum(r.seconds for r in runs):.1f}",
         f"{contract.SMOKE_LABEL}.at": now,
         "org.opencontainers.image.created": now,
@@ -105,6 +104,11 @@ def move_tags(engine: Engine, image_id: str, repository: str, tags: list[str]) -
     return moved
 
 
+def tags_naming(engine: Engine, resolved: Resolved, image_id: str) -> list[str]:
+    """The variant's tags that name ``image_id`` now."""
+    return [t for t in resolved.tags if engine.image_id(f"{resolved.repository}:{t}") == image_id]
+
+
 def validated_image(engine: Engine, resolved: Resolved) -> str | None:
     """The image the immutable tag names, when it carries passing evidence of exactly this identity."""
     image_id = engine.image_id(f"{resolved.repository}:{resolved.immutable_tag}")
@@ -129,8 +133,7 @@ def publish(engine: Engine, resolved: Resolved, final: str) -> tuple[str, list[s
             raise CheckFailed(f"{resolved.repository}:{resolved.immutable_tag} already names {taken[:19]}, which is "
                               "not a validated image of these inputs; an immutable tag is never moved: nothing was "
                               "tagged")
-        tags = [t for t in resolved.tags if engine.image_id(f"{resolved.repository}:{t}") == taken]
-        return taken, tags, False
+        return taken, tags_naming(engine, resolved, taken), False
 
 
 def push_tags(engine: Engine, resolved: Resolved, tags: list[str], allow_cpu: bool) -> dict[str, str]:
