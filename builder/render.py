@@ -93,6 +93,10 @@ class DeepSpeedBuild:
     env: str
 
 
+# The lock cut into layers: those installed in place, in order, and the per-package ones, in order.
+LayerPlan = tuple[list[tuple[LayerFile, list[Requirement]]], list[tuple[PackageLayer, Requirement]]]
+
+
 @dataclass
 class RenderResult:
     context: Path
@@ -152,9 +156,10 @@ def variant_labels(variant: Variant, lock: Lockfile, tag: str, base_image: str) 
     return labels
 
 
-def variant_metadata(variant: Variant, lock: Lockfile, tag: str) -> str:
-    """variant.json, what the smoke reads of the variant it runs in: CUDA, conditions, the modules to import."""
-    chain, packages = plan_layers(variant, lock)
+def variant_metadata(variant: Variant, lock: Lockfile, tag: str, plan: LayerPlan | None = None) -> str:
+    """variant.json, what the smoke reads of the variant it runs in: CUDA, conditions, the modules to import.
+    ``plan``: the variant's layer plan when the caller has made it already (render)."""
+    chain, packages = plan or plan_layers(variant, lock)
     return json.dumps({
         "schema": 1,
         "image": variant.image.name,
@@ -216,8 +221,7 @@ def deepspeed_build(variant: Variant, lock: Lockfile) -> DeepSpeedBuild:
                           " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()))
 
 
-def plan_layers(variant: Variant, lock: Lockfile) -> tuple[list[tuple[LayerFile, list[Requirement]]],
-                                                         list[tuple[PackageLayer, Requirement]]]:
+def plan_layers(variant: Variant, lock: Lockfile) -> LayerPlan:
     """The lock cut into layers installed in place (in order) and per-package layers (in order)."""
     chain: list[tuple[LayerFile, list[Requirement]]] = []
     packages: list[tuple[PackageLayer, Requirement]] = []
@@ -294,7 +298,7 @@ def render(variant: Variant, output: Path, base_image: str | None = None, lock: 
         (smoke_dir / "bin").mkdir()
         (smoke_dir / "bin" / SMOKE_ENTRYPOINT).write_text(SMOKE_ENTRY_SH)
         (smoke_dir / "lock.txt").write_text(lock.text)
-        (smoke_dir / "variant.json").write_text(variant_metadata(variant, lock, tag))
+        (smoke_dir / "variant.json").write_text(variant_metadata(variant, lock, tag, (chain, packages)))
 
         env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(str(variant.image.template.parent)),

@@ -33,16 +33,6 @@ CUDA_ARCHS_RE = re.compile(r"^\d+\.\d+(\+PTX)?(;\d+\.\d+(\+PTX)?)*$")
 BUILD_VAR_RE = re.compile(r"^DS_BUILD_[A-Z0-9_]+$")
 MARCH_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 SIMD_LEVELS = ("AVX512", "AVX256", "SCALAR")
-
-
-@dataclass(frozen=True)
-class DeepSpeedBuildSpec:
-    """How DeepSpeed is built from its sdist: the ops compiled in per accelerator (op name as ds_report shows
-    it -> the DS_BUILD_* variable), and the x86 level the CPU ops target instead of the build machine's own."""
-
-    march: str
-    simd: str
-    ops: dict[str, dict[str, str]]
 GROUP_KEYS = {"description", "packages", "imports"}
 MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 REQUIRED_DEFAULTS = {"base_image", "python", "platform", "tag", "packages"}
@@ -60,6 +50,20 @@ TAG_FIELDS_BUILTIN = ("cuda", "python", "variant")
 # what a build records and checks.
 LOCAL_BASE_PREFIX = "vlmbuild-local/"
 DIGEST_RE = re.compile(r"^(?P<ref>[^@\s]+)@(?P<digest>sha256:[0-9a-f]{64})$")
+
+
+@dataclass(frozen=True)
+class DeepSpeedBuildSpec:
+    """How DeepSpeed is built from its sdist: the ops compiled in per accelerator (op name as ds_report shows
+    it -> the DS_BUILD_* variable), and the x86 level the CPU ops target instead of the build machine's own."""
+
+    march: str
+    simd: str
+    ops: dict[str, dict[str, str]]
+
+
+# A spec without deepspeed_build: a portable x86 level, no op compiled in.
+DEFAULT_DEEPSPEED_BUILD = DeepSpeedBuildSpec("x86-64-v3", "AVX256", {})
 
 
 def split_digest(ref: str) -> tuple[str, str | None]:
@@ -167,7 +171,7 @@ class ImageSpec:
     labels: dict[str, str]
     layers: tuple[Layer, ...]
     groups: dict[str, Group] = field(default_factory=dict)
-    deepspeed_build: DeepSpeedBuildSpec = field(default_factory=lambda: DeepSpeedBuildSpec("x86-64-v3", "AVX256", {}))
+    deepspeed_build: DeepSpeedBuildSpec = DEFAULT_DEEPSPEED_BUILD
     variants: dict[str, Variant] = field(default_factory=dict)
 
     def variant(self, name: str) -> Variant:
@@ -340,8 +344,8 @@ def load_spec(path: Path) -> ImageSpec:
     if len({layer.name for layer in layers}) != len(layers):
         raise c.fail("layers", "layer names must be unique")
 
-    deepspeed_build = _load_deepspeed_build(c, data.get("deepspeed_build") or {"march": "x86-64-v3",
-                                                                                 "simd": "AVX256", "ops": {}})
+    raw_build = data.get("deepspeed_build")
+    deepspeed_build = _load_deepspeed_build(c, raw_build) if raw_build else DEFAULT_DEEPSPEED_BUILD
     defaults = c.mapping(data["defaults"], "defaults", allowed=VARIANT_KEYS - {"description", "expect"},
                          required=REQUIRED_DEFAULTS)
     image = ImageSpec(
