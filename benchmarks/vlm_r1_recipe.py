@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -124,41 +125,44 @@ def main() -> None:
     checkout = args.checkout.resolve()
     configs_ok = compare_configs(checkout)
     work = Path(tempfile.mkdtemp(prefix="vlmbuild-vlm-r1-"))
-    script = "/vlmr1/src/open-r1-multimodal"
-    work.chmod(0o777)
-    base = ["docker", "run", "--rm", "--network", "none", "--shm-size", "2g", "-v", f"{work}:/work",
-            "-v", f"{checkout}:/vlmr1:ro", "--label", "io.vlmbuild.owner=bench"]
-    subprocess.run(base + [args.image, "python", "-c", MAKE_INPUTS, json.dumps(CHAT_TEMPLATE)], check=True)
-    pythonpath = f"{script}/src"
-    (work / "launch_cpu.py").write_text(CPU_LAUNCHER)
-    if not args.no_workarounds:
-        (work / "workarounds").mkdir()
-        (work / "workarounds" / "sitecustomize.py").write_text(WORKAROUNDS)
-        pythonpath = f"/work/workarounds:{pythonpath}"
-    command = [
-        "torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", "29511",
-        "/work/launch_cpu.py", "src/open_r1/grpo_jsonl.py", "--deepspeed", f"local_scripts/{args.config}.json",
-        "--output_dir", "/work/output", "--model_name_or_path", "/work/Qwen2.5-VL-tiny", "--dataset_name", "none",
-        "--image_folders", "/work/images", "--data_file_paths", "/work/data.jsonl",
-        "--num_generations", "2", "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1",
-        "--max_steps", str(args.steps), "--max_completion_length", "8", "--logging_steps", "1",
-        "--gradient_checkpointing", "true", "--attn_implementation", "sdpa", "--report_to", "none",
-        "--save_strategy", "no",
-        # no GPU here: the CPU's process group (gloo), as the gate's own CPU pass runs it
-        "--use_cpu", "true", "--ddp_backend", "gloo",
-    ]
-    env = ["-e", "DS_ACCELERATOR=cpu", "-e", "LOCAL_SIZE=2", "-e", "OMP_NUM_THREADS=1", "-e", "HF_HUB_OFFLINE=1",
-           "-e", f"PYTHONPATH={pythonpath}", "-e", "DEBUG_MODE=false", "-e", "WANDB_MODE=offline",
-           "-w", script]
-    started = time.monotonic()
-    proc = subprocess.run(base + env + [args.image] + command, capture_output=True, text=True)
-    seconds = time.monotonic() - started
-    out = proc.stdout + proc.stderr
-    print("\n".join(line for line in out.splitlines()[-150:] if not line.startswith("[20")))
-    saved = sorted(p.name for p in (work / "output").glob("*")) if (work / "output").is_dir() else []
-    print(f"VLM-R1 grpo_jsonl.py with local_scripts/{args.config}.json in {args.image}: exit {proc.returncode} "
-          f"in {seconds:.0f}s on 2 CPU ranks (gloo); saved: {', '.join(saved) or 'nothing'}; "
-          f"recipe configs {'match' if configs_ok else 'DIFFER'}")
+    try:
+        script = "/vlmr1/src/open-r1-multimodal"
+        work.chmod(0o777)
+        base = ["docker", "run", "--rm", "--network", "none", "--shm-size", "2g", "-v", f"{work}:/work",
+                "-v", f"{checkout}:/vlmr1:ro", "--label", "io.vlmbuild.owner=bench"]
+        subprocess.run(base + [args.image, "python", "-c", MAKE_INPUTS, json.dumps(CHAT_TEMPLATE)], check=True)
+        pythonpath = f"{script}/src"
+        (work / "launch_cpu.py").write_text(CPU_LAUNCHER)
+        if not args.no_workarounds:
+            (work / "workarounds").mkdir()
+            (work / "workarounds" / "sitecustomize.py").write_text(WORKAROUNDS)
+            pythonpath = f"/work/workarounds:{pythonpath}"
+        command = [
+            "torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", "29511",
+            "/work/launch_cpu.py", "src/open_r1/grpo_jsonl.py", "--deepspeed", f"local_scripts/{args.config}.json",
+            "--output_dir", "/work/output", "--model_name_or_path", "/work/Qwen2.5-VL-tiny", "--dataset_name", "none",
+            "--image_folders", "/work/images", "--data_file_paths", "/work/data.jsonl",
+            "--num_generations", "2", "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1",
+            "--max_steps", str(args.steps), "--max_completion_length", "8", "--logging_steps", "1",
+            "--gradient_checkpointing", "true", "--attn_implementation", "sdpa", "--report_to", "none",
+            "--save_strategy", "no",
+            # no GPU here: the CPU's process group (gloo), as the gate's own CPU pass runs it
+            "--use_cpu", "true", "--ddp_backend", "gloo",
+        ]
+        env = ["-e", "DS_ACCELERATOR=cpu", "-e", "LOCAL_SIZE=2", "-e", "OMP_NUM_THREADS=1", "-e", "HF_HUB_OFFLINE=1",
+               "-e", f"PYTHONPATH={pythonpath}", "-e", "DEBUG_MODE=false", "-e", "WANDB_MODE=offline",
+               "-w", script]
+        started = time.monotonic()
+        proc = subprocess.run(base + env + [args.image] + command, capture_output=True, text=True)
+        seconds = time.monotonic() - started
+        out = proc.stdout + proc.stderr
+        print("\n".join(line for line in out.splitlines()[-150:] if not line.startswith("[20")))
+        saved = sorted(p.name for p in (work / "output").glob("*")) if (work / "output").is_dir() else []
+        print(f"VLM-R1 grpo_jsonl.py with local_scripts/{args.config}.json in {args.image}: exit {proc.returncode} "
+              f"in {seconds:.0f}s on 2 CPU ranks (gloo); saved: {', '.join(saved) or 'nothing'}; "
+              f"recipe configs {'match' if configs_ok else 'DIFFER'}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the inputs it made and VLM-R1's output: scratch
     sys.exit(proc.returncode or (0 if configs_ok else 1))
 
 
