@@ -177,10 +177,15 @@ def check(ctx: Context, image: str | None, env_mode: bool, when: tuple[str, ...]
 @click.argument("image", required=False)
 @click.option("--variant", "variants", multiple=True, help="Only this variant (repeatable).")
 @click.option("--check", "check_only", is_flag=True, help="Resolve nothing; exit 1 naming each stale or missing lockfile.")
+@click.option("--upgrade", is_flag=True, help="Move every pin to the newest version the spec allows (default: keep "
+                                              "every current pin the spec still allows).")
+@click.option("--upgrade-package", "upgrade_packages", multiple=True, metavar="NAME",
+              help="Move this package to the newest version the spec allows, keep the rest (repeatable).")
 @pass_ctx
 @guarded
-def lock(ctx: Context, image: str | None, variants: tuple[str, ...], check_only: bool) -> None:
-    """Resolve variants into hash-locked lockfiles/<image>/<variant>.txt with uv."""
+def lock(ctx: Context, image: str | None, variants: tuple[str, ...], check_only: bool, upgrade: bool,
+         upgrade_packages: tuple[str, ...]) -> None:
+    """Resolve variants into hash-locked lockfiles/<image>/<variant>.txt with uv, keeping the current pins."""
     from . import lock as lock_mod
 
     if variants and not image:
@@ -198,11 +203,11 @@ def lock(ctx: Context, image: str | None, variants: tuple[str, ...], check_only:
         return
     total = time.monotonic()
     started = time.monotonic()
-    path = lock_mod.lock_build_tools(ctx.root)
+    path = lock_mod.lock_build_tools(ctx.root, upgrade, upgrade_packages)
     click.echo(f"locked   {path.relative_to(ctx.root)} in {time.monotonic() - started:.1f}s")
     for v in selected:
         started = time.monotonic()
-        path = lock_mod.lock_variant(v)
+        path = lock_mod.lock_variant(v, upgrade, upgrade_packages)
         click.echo(f"locked   {path.relative_to(ctx.root)} in {time.monotonic() - started:.1f}s")
     click.echo(f"{len(selected)} variant(s) locked in {time.monotonic() - total:.1f}s")
 

@@ -266,7 +266,7 @@ class Engine:
         kwargs: dict = dict(network_mode="none", shm_size="2g", labels={OWNER_LABEL: "smoke"}, stdin_open=False)
         if model_dir is not None:  # a real checkpoint, read-only
             kwargs["volumes"] = {str(Path(model_dir).absolute()): {"bind": CONTAINER_MODEL_DIR, "mode": "ro"}}
-            command += ["--model-dir", CONTAINER_MODEL_DIR]
+            command += ["--model-dir", CONTAINER_MODEL_DIR, "--model-label", str(Path(model_dir).absolute())]
         if device == "gpu":
             kwargs["device_requests"] = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
         container = None

@@ -18,18 +18,23 @@ from .errors import VlmbuildError
 LOCAL_BASE = "vlmbuild-local/debian:bookworm"
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
-
-
-def is_local_base(ref: str) -> bool:
-    return ref == LOCAL_BASE
+RECIPE_LABEL = "io.vlmbuild.local-base"
+# How the root is made; a base the engine holds under another recipe is made again.
+RECIPE = f"debootstrap --variant=minbase {SUITE} {MIRROR}; /etc/hosts"
+# debootstrap writes no /etc/hosts. BuildKit then creates one as a mount point in every RUN and takes it out again,
+# which leaves /etc with the build's time in every layer (moby/buildkit#3153): the root carries one.
+HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
 
 
 def ensure_local_base(client, ref: str = LOCAL_BASE, echo=print) -> str:
-    """The image id of ``ref``, made with debootstrap first when the engine lacks it."""
+    """The image id of ``ref``, made with debootstrap first when the engine lacks it (or holds an older recipe's)."""
     import docker
 
     try:
-        return client.images.get(ref).id
+        image = client.images.get(ref)
+        if (image.labels or {}).get(RECIPE_LABEL) == RECIPE:
+            return image.id
+        echo(f"the local base {ref} was made by an older recipe: making it again")
     except docker.errors.ImageNotFound:
         pass
     if shutil.which("debootstrap") is None:
@@ -49,13 +54,14 @@ def ensure_local_base(client, ref: str = LOCAL_BASE, echo=print) -> str:
             for p in (rootfs / junk).glob("*"):
                 if p.is_file():
                     p.unlink()
+        (rootfs / "etc" / "hosts").write_text(HOSTS)
         tarball = Path(tmp) / "rootfs.tar"
         subprocess.run(["tar", "-C", str(rootfs), "--numeric-owner", "-cf", str(tarball), "."], check=True)
         repository, tag = ref.rsplit(":", 1)
         client.api.import_image_from_file(
             str(tarball), repository=repository, tag=tag,
             changes=['CMD ["bash"]', 'ENV LANG=C.UTF-8',
-                     f'LABEL io.vlmbuild.local-base="debootstrap --variant=minbase {SUITE} {MIRROR}"'],
+                     f'LABEL {RECIPE_LABEL}="{RECIPE}"'],
         )
     image_id = client.images.get(ref).id
     echo(f"made {ref} ({image_id[:19]}) in {time.monotonic() - started:.0f}s")

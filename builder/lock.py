@@ -70,17 +70,33 @@ def build_tools_inputs_hash() -> str:
     return inputs_hash(BUILD_TOOLS_PYTHON, "x86_64-manylinux_2_28", list(BUILD_TOOLS), [])
 
 
-def _compile(requirements: list[str], python: str, platform: str) -> str:
+def _preferences(current: Path) -> str:
+    """The pins of the current lockfile (index packages only: direct wheels are appended by us), which uv keeps
+    wherever the new requirements allow: a bump moves what it must, not whatever was released meanwhile."""
+    try:
+        lock = read_lockfile(current)
+    except (LockfileError, OSError):
+        return ""
+    return "".join(r.render() + "\n" for r in lock.requirements if r.url is None)
+
+
+def _compile(requirements: list[str], python: str, platform: str, current: Path | None = None,
+             upgrade: bool = False, upgrade_packages: tuple[str, ...] = ()) -> str:
     with tempfile.TemporaryDirectory(prefix="vlmbuild-lock-") as tmp:
         # Relative names, run in the temp dir: the "# via -r requirements.in" notes stay identical between runs.
         Path(tmp, "requirements.in").write_text("\n".join(requirements) + "\n")
         out = Path(tmp) / "requirements.txt"
+        # uv reads an existing output file as its preferences (as pip-compile does): the current pins stay.
+        if current is not None and current.is_file() and not upgrade:
+            out.write_text(_preferences(current))
         cmd = [
             uv_binary(), "pip", "compile", "requirements.in", "--output-file", "requirements.txt", "--generate-hashes",
             "--python-version", python, "--python-platform", platform, "--no-header", "--quiet",
             # pre-releases only where a requirement asks for one explicitly
             "--prerelease", "if-necessary-or-explicit",
         ]
+        for name in upgrade_packages:
+            cmd += ["--upgrade-package", name]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
         if proc.returncode != 0:
             raise LockError(f"uv could not resolve {', '.join(requirements)} for Python {python} on {platform}:\n"
@@ -107,8 +123,11 @@ def _header(fields: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def lock_variant(variant: Variant) -> Path:
-    body = _compile(variant.requirement_lines(), variant.python, variant.platform)
+def lock_variant(variant: Variant, upgrade: bool = False, upgrade_packages: tuple[str, ...] = ()) -> Path:
+    """Write the variant's lockfile. Every pin of the current one that the spec still allows is kept, unless
+    ``upgrade`` (everything to the newest allowed) or ``upgrade_packages`` (these to the newest allowed)."""
+    body = _compile(variant.requirement_lines(), variant.python, variant.platform, variant.lockfile_path,
+                    upgrade, upgrade_packages)
     for wheel in sorted(variant.wheels.values(), key=lambda w: w.name):
         body += f"{wheel.name} @ {wheel.url} \\\n    --hash=sha256:{wheel.sha256}\n    # direct wheel from the spec\n"
     text = _header({
@@ -126,8 +145,9 @@ def lock_variant(variant: Variant) -> Path:
     return variant.lockfile_path
 
 
-def lock_build_tools(root: Path) -> Path:
-    body = _compile(list(BUILD_TOOLS), BUILD_TOOLS_PYTHON, "x86_64-manylinux_2_28")
+def lock_build_tools(root: Path, upgrade: bool = False, upgrade_packages: tuple[str, ...] = ()) -> Path:
+    body = _compile(list(BUILD_TOOLS), BUILD_TOOLS_PYTHON, "x86_64-manylinux_2_28", build_tools_path(root), upgrade,
+                    upgrade_packages)
     text = _header({"purpose": "tools that install the lock inside the image",
                     "inputs-sha256": build_tools_inputs_hash()}) + body
     path = build_tools_path(root)

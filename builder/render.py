@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import jinja2
 
@@ -32,27 +32,50 @@ SMOKE_ENTRYPOINT = contract.SMOKE_ENTRYPOINT
 
 VENV = contract.VENV
 UV_CACHE = "/root/.cache/uv"
-# Every RUN that installs: the build's secrets, uv's download cache (one for every build on this machine: pip
-# and uv verify hashes on every install, so a shared cache cannot smuggle a file in), uv from the tools stage.
-UV_MOUNTS = (f"--mount=type=secret,id=build-env --mount=type=secret,id=build-ca "
-             f"--mount=type=cache,id=vlmbuild-uv,target={UV_CACHE},sharing=shared "
-             f"--mount=type=bind,from=tools,source=/opt/build-tools,target=/opt/build-tools")
-UV_INSTALL = f"/opt/build-tools/bin/uv pip install --python {VENV}/bin/python --no-deps --compile-bytecode"
-
-
-def normalize_venv(python: str) -> str:
-    """After a package stage's install: keep only the package's files and directories (uv's lock, pyvenv.cfg and
-    the lib64 link are the base venv's, already in the image) and give the directories every package stage shares
-    one fixed timestamp. COPY carries those directories into each package layer: with the build's own times,
-    rebuilding one package would change the bytes of every package layer above it."""
-    lib = f"{VENV}/lib/python{python}"
-    return (f"rm -f {VENV}/.lock {VENV}/pyvenv.cfg {VENV}/lib64 "
-            f"&& touch -h -d @0 {VENV} {VENV}/bin {VENV}/include {VENV}/lib {lib} {lib}/site-packages")
-
-
+# The fixed time every file of the image carries (1980-01-01, the earliest a zip entry can hold): the same inputs
+# give the same layer bytes whenever they are built (build_files/normalize-times).
+BUILD_EPOCH = 315532800
+# A tmpfs in every RUN: the files a RUN mounts (lock layers, build helpers, the wheel) are mounted inside it, so
+# BuildKit 0.8 makes no mount point for them in the layer (moby/buildkit#3153).
+SCRATCH = "/tmp/vlmbuild"
 # Helper files of the build stages (build_files/), in the context under build/ and bind-mounted here.
 BUILD_FILES = PACKAGE_DIR / "build_files"
-BUILD_FILES_MOUNT = "/tmp/vlmbuild-build"
+BUILD_FILES_MOUNT = f"{SCRATCH}/files"
+NORMALIZE_TIMES = f"{BUILD_FILES_MOUNT}/normalize-times {BUILD_EPOCH}"
+# Every mount point a RUN of the build uses outside SCRATCH, made once in the first RUN with the fixed time.
+MOUNT_POINTS = ("/run/secrets", SCRATCH, UV_CACHE, "/root/.cache/pip", "/opt/build-tools", "/var/cache/vlmbuild-wheels")
+# What apt and dpkg write that records when the build ran, not what it installed: emptied, not deleted (deleting a
+# file the base holds leaves a whiteout in the layer, which carries the time of the build).
+APT_BUILD_RECORDS = ("/var/log/apt/*", "/var/log/dpkg.log", "/var/log/alternatives.log", "/var/cache/apt/*.bin",
+                     "/var/cache/ldconfig/aux-cache", "/var/cache/debconf/*-old", "/var/lib/dpkg/*-old")
+# Every RUN: the build's secrets (inside a tmpfs: no file of theirs in any layer), the scratch tmpfs with the build
+# helpers in it. Every RUN that installs adds uv's download cache (one for every build on this machine: uv
+# verifies hashes on every install, so a shared cache cannot smuggle a file in) and uv from the tools stage.
+BASE_MOUNTS = ("--mount=type=tmpfs,target=/run/secrets "
+               "--mount=type=secret,id=build-env --mount=type=secret,id=build-ca "
+               f"--mount=type=tmpfs,target={SCRATCH} "
+               f"--mount=type=bind,source=build,target={BUILD_FILES_MOUNT}")
+UV_MOUNTS = (f"{BASE_MOUNTS} --mount=type=cache,id=vlmbuild-uv,target={UV_CACHE},sharing=shared "
+             f"--mount=type=bind,from=tools,source=/opt/build-tools,target=/opt/build-tools")
+# SOURCE_DATE_EPOCH: the bytecode uv compiles is hash-based (PEP 552), with no install time in it.
+UV_INSTALL = (f"SOURCE_DATE_EPOCH={BUILD_EPOCH} /opt/build-tools/bin/uv pip install --python {VENV}/bin/python "
+              "--no-deps --compile-bytecode")
+
+
+def mount_points_and_parents() -> list[str]:
+    """The mount points and every directory above them but /: what making them changes."""
+    paths = set()
+    for point in MOUNT_POINTS:
+        path = PurePosixPath(point)
+        paths.add(str(path))
+        paths.update(str(parent) for parent in path.parents if str(parent) != "/")
+    return sorted(paths)
+
+
+# After a package stage's install: keep only the package's files and directories (uv's lock, pyvenv.cfg and the
+# lib64 link are the base venv's, already in the image).
+NORMALIZE_VENV = f"rm -f {VENV}/.lock {VENV}/pyvenv.cfg {VENV}/lib64"
+
 
 SMOKE_ENTRY_SH = """\
 #!/bin/sh
@@ -91,6 +114,11 @@ class DeepSpeedBuild:
     accelerator: str
     ops: list[str]
     env: str
+    parent: str  # the stage it builds on: the lock layer that holds torch
+    parent_file: str  # that layer's lock file, part of the wheel's cache key
+    requires: list[str]  # its build requirements outside that layer (names)
+    requires_file: str
+    requirements: list[Requirement] = field(default_factory=list)  # ... as locked, with hashes
 
 
 # The lock cut into layers: those installed in place, in order, and the per-package ones, in order.
@@ -200,11 +228,9 @@ def _split_order(layer: Layer, reqs: list[Requirement], variant: Variant) -> lis
     return sorted(reqs, key=rank)
 
 
-def deepspeed_build(variant: Variant, lock: Lockfile) -> DeepSpeedBuild:
-    req = lock.get("deepspeed")
-    if req is None or req.url is not None:
-        raise VlmbuildError(f"{variant.lockfile_path}: deepspeed must be locked from the index (name==version with "
-                            "its sdist hash) to be built with its ops")
+def deepspeed_build_env(variant: Variant, build_files: str) -> dict[str, str]:
+    """The environment build_files/build-deepspeed.sh builds the variant's DeepSpeed with (``build_files``: where
+    the helpers lie): the ops to compile, the portable compiler, the parallel build, the fixed time."""
     how = variant.image.deepspeed_build
     ops = how.ops.get(variant.accelerator, {})
     env = {"DS_ACCELERATOR": variant.accelerator, "DS_BUILD_OPS": "0", **{var: "1" for var in ops.values()}}
@@ -213,12 +239,41 @@ def deepspeed_build(variant: Variant, lock: Lockfile) -> DeepSpeedBuild:
         env.update({"TORCH_CUDA_ARCH_LIST": variant.cuda_archs or "", "CUDA_HOME": "/usr/local/cuda"})
     env.update({
         # the portable compiler (build_files/portable-cxx) and the parallel build of the ops (build_ext.cfg)
-        "CC": f"{BUILD_FILES_MOUNT}/portable-cxx", "CXX": f"{BUILD_FILES_MOUNT}/portable-cxx",
+        "CC": f"{build_files}/portable-cxx", "CXX": f"{build_files}/portable-cxx",
         "VLMBUILD_MARCH": how.march, "VLMBUILD_SIMD": how.simd,
-        "DIST_EXTRA_CONFIG": f"{BUILD_FILES_MOUNT}/build_ext.cfg", "MAX_JOBS": "4",
+        "DIST_EXTRA_CONFIG": f"{build_files}/build_ext.cfg", "MAX_JOBS": "4",
+        # the wheel's zip entries carry this time, not the build's; its METADATA lists extras from a set, in the
+        # order of the string hashes (PYTHONHASHSEED fixes it)
+        "SOURCE_DATE_EPOCH": str(BUILD_EPOCH), "PYTHONHASHSEED": "0",
     })
-    return DeepSpeedBuild(req.version, "lock/sdist-deepspeed.txt", variant.accelerator, sorted(ops),
-                          " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()))
+    return env
+
+
+def deepspeed_build(variant: Variant, lock: Lockfile, plan: LayerPlan) -> DeepSpeedBuild:
+    """How the deepspeed-wheel stage builds DeepSpeed: on the lock layer that holds torch, with the spec's build
+    requirements (as locked) installed beside it, and nothing else of the lock."""
+    req = lock.get("deepspeed")
+    if req is None or req.url is not None:
+        raise VlmbuildError(f"{variant.lockfile_path}: deepspeed must be locked from the index (name==version with "
+                            "its sdist hash) to be built with its ops")
+    chain, _ = plan
+    torch_layer = next((layer for layer, reqs in chain if any(r.name == "torch" for r in reqs)), None)
+    if torch_layer is None:
+        raise VlmbuildError(f"{variant.image.path}: layers: torch must be in a layer installed in place (DeepSpeed "
+                            "is built against it)")
+    in_torch_layer = {r.name for layer, reqs in chain if layer is torch_layer for r in reqs}
+    how = variant.image.deepspeed_build
+    missing = [name for name in how.requires if lock.get(name) is None]
+    if missing:
+        raise VlmbuildError(f"{variant.lockfile_path}: deepspeed_build.requires names {', '.join(missing)}, which the "
+                            f"lockfile does not hold (add it to the spec's packages and run `vlmbuild lock`)")
+    requirements = [lock.get(name) for name in how.requires if name not in in_torch_layer]
+    env = deepspeed_build_env(variant, BUILD_FILES_MOUNT)
+    return DeepSpeedBuild(req.version, "lock/sdist-deepspeed.txt", variant.accelerator,
+                          sorted(how.ops.get(variant.accelerator, {})),
+                          " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()),
+                          torch_layer.stage, torch_layer.file, [r.name for r in requirements],
+                          "lock/deepspeed-build.txt", requirements)
 
 
 def plan_layers(variant: Variant, lock: Lockfile) -> LayerPlan:
@@ -264,6 +319,14 @@ def stage_smoke_sources(dest: Path) -> None:
             shutil.copy2(src, lib / name)
 
 
+def fix_times(context: Path) -> None:
+    """Every file and directory of the context gets the build's fixed time: what BuildKit copies or mounts from
+    the context then has the same metadata on every machine (and the context digest ignores times anyway)."""
+    for path in sorted(context.rglob("*"), reverse=True):
+        os.utime(path, (BUILD_EPOCH, BUILD_EPOCH), follow_symlinks=False)
+    os.utime(context, (BUILD_EPOCH, BUILD_EPOCH))
+
+
 def render(variant: Variant, output: Path, base_image: str | None = None, lock: Lockfile | None = None) -> RenderResult:
     """Write the complete build context of ``variant`` into ``output`` (created; must be empty or absent).
     ``lock``: the variant's lockfile when the caller has read it already (vlmbuild.resolve)."""
@@ -279,7 +342,7 @@ def render(variant: Variant, output: Path, base_image: str | None = None, lock: 
     labels = variant_labels(variant, lock, tag, base)
 
     chain, packages = plan_layers(variant, lock)
-    deepspeed = deepspeed_build(variant, lock)
+    deepspeed = deepspeed_build(variant, lock, (chain, packages))
 
     # Render into a temporary sibling, then move into place: no half-written context on failure.
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -291,6 +354,7 @@ def render(variant: Variant, output: Path, base_image: str | None = None, lock: 
             (staging / layer.file).write_text("\n".join(r.render() for r in reqs) + "\n")
         for package, req in packages:
             (staging / (deepspeed.lock_file if package.built else package.file)).write_text(req.render() + "\n")
+        (staging / deepspeed.requires_file).write_text("".join(r.render() + "\n" for r in deepspeed.requirements))
         shutil.copytree(BUILD_FILES, staging / "build", ignore=shutil.ignore_patterns("__pycache__"))
 
         smoke_dir = staging / "vlmbuild"
@@ -315,8 +379,15 @@ def render(variant: Variant, output: Path, base_image: str | None = None, lock: 
                 base_image=base,
                 venv=VENV,
                 uv_mounts=UV_MOUNTS,
+                base_mounts=BASE_MOUNTS,
                 uv_install=UV_INSTALL,
-                normalize_venv=normalize_venv(variant.python),
+                scratch=SCRATCH,
+                epoch=BUILD_EPOCH,
+                mount_points=MOUNT_POINTS,
+                mount_points_and_parents=mount_points_and_parents(),
+                apt_build_records=APT_BUILD_RECORDS,
+                normalize_times=NORMALIZE_TIMES,
+                normalize_venv=NORMALIZE_VENV,
                 chain_layers=[layer for layer, _ in chain],
                 package_layers=[package for package, _ in packages],
                 deepspeed=deepspeed,
@@ -329,6 +400,7 @@ def render(variant: Variant, output: Path, base_image: str | None = None, lock: 
         except jinja2.TemplateError as exc:
             raise VlmbuildError(f"{variant.image.template}: cannot render: {exc}") from None
         (staging / "Dockerfile").write_text(dockerfile)
+        fix_times(staging)
         if output.exists():
             output.rmdir()
         os.replace(staging, output)

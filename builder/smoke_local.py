@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import VlmbuildError
 from .lockfile import LockfileError, read_lockfile
 from .render import stage_smoke_sources, variant_metadata
-from .spec import find_spec_path, load_spec
+from .spec import all_spec_paths, find_spec_path, load_spec
 
 
 def variant_for_lockfile(lockfile: Path, root: Path) -> str | None:
@@ -34,6 +34,19 @@ def variant_for_lockfile(lockfile: Path, root: Path) -> str | None:
     # Not the image: this environment's DeepSpeed was not built with the image's ops.
     metadata.pop("deepspeed_ops", None)
     return json.dumps(metadata, indent=2) + "\n"
+
+
+def default_variant_imports(root: Path) -> str | None:
+    """Without a lockfile: variant.json naming the modules the default variant's image imports (and its training
+    conditions), so the stack check names every one this environment lacks before a later check trips on it."""
+    paths = all_spec_paths(root)
+    if len(paths) != 1:
+        return None
+    image = load_spec(paths[0])
+    variant = image.variant(image.default_variant)
+    return json.dumps({"schema": 1, "image": image.name, "variant": variant.name,
+                       "source": "the spec's default variant (no --lockfile)", "imports": list(variant.imports),
+                       "conditions": list(image.conditions)}, indent=2) + "\n"
 
 
 def run_local(python: str, device: str, report: Path | None, model_dir: Path | None, lockfile: Path | None,
@@ -55,10 +68,10 @@ def run_local(python: str, device: str, report: Path | None, model_dir: Path | N
             cmd += ["--model-dir", str(Path(model_dir).absolute())]
         if lockfile:
             cmd += ["--lockfile", str(Path(lockfile).absolute())]
-            metadata = variant_for_lockfile(Path(lockfile), root)
-            if metadata:
-                (staging / "variant.json").write_text(metadata)
-                cmd += ["--variant-json", str(staging / "variant.json")]
+        metadata = variant_for_lockfile(Path(lockfile), root) if lockfile else default_variant_imports(root)
+        if metadata:
+            (staging / "variant.json").write_text(metadata)
+            cmd += ["--variant-json", str(staging / "variant.json")]
         try:
             # A little slack over the smoke's own timeout, which kills its ranks first.
             return subprocess.run(cmd, env=env, timeout=timeout + 120).returncode

@@ -60,10 +60,17 @@ class DeepSpeedBuildSpec:
     march: str
     simd: str
     ops: dict[str, dict[str, str]]
+    # What the wheel is built against besides the torch layer, taken with their hashes from the lockfile:
+    # nothing else, so a change in the libraries layer does not recompile the ops.
+    requires: tuple[str, ...] = ()
 
 
+# What DeepSpeed's setup.py imports besides torch (its op builders: setuptools, ninja, packaging, psutil,
+# py-cpuinfo) and what `import torch` itself needs outside the torch layer.
+DEFAULT_DEEPSPEED_REQUIRES = ("setuptools", "ninja", "packaging", "psutil", "py-cpuinfo", "numpy",
+                              "typing-extensions", "filelock", "jinja2", "markupsafe", "fsspec")
 # A spec without deepspeed_build: a portable x86 level, no op compiled in.
-DEFAULT_DEEPSPEED_BUILD = DeepSpeedBuildSpec("x86-64-v3", "AVX256", {})
+DEFAULT_DEEPSPEED_BUILD = DeepSpeedBuildSpec("x86-64-v3", "AVX256", {}, DEFAULT_DEEPSPEED_REQUIRES)
 
 
 def split_digest(ref: str) -> tuple[str, str | None]:
@@ -369,7 +376,7 @@ def load_spec(path: Path) -> ImageSpec:
 
 
 def _load_deepspeed_build(c: _Checker, raw: Any) -> DeepSpeedBuildSpec:
-    c.mapping(raw, "deepspeed_build", allowed={"march", "simd", "ops"}, required={"march", "simd", "ops"})
+    c.mapping(raw, "deepspeed_build", allowed={"march", "simd", "ops", "requires"}, required={"march", "simd", "ops"})
     march = c.string(raw["march"], "deepspeed_build.march", MARCH_RE, "a gcc -march value such as x86-64-v3")
     simd = raw["simd"]
     if simd not in SIMD_LEVELS:
@@ -384,7 +391,15 @@ def _load_deepspeed_build(c: _Checker, raw: Any) -> DeepSpeedBuildSpec:
                 raise c.fail(f"{k}.{op}", "expected a DeepSpeed op name such as cpu_adam")
             c.string(var, f"{k}.{op}", BUILD_VAR_RE, "the DS_BUILD_* variable that compiles it, e.g. DS_BUILD_CPU_ADAM")
         ops[accelerator] = dict(by_name)
-    return DeepSpeedBuildSpec(march, simd, ops)
+    requires = DEFAULT_DEEPSPEED_REQUIRES
+    if "requires" in raw:
+        names = raw["requires"]
+        if not isinstance(names, list) or not all(isinstance(n, str) and re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", n)
+                                                  for n in names):
+            raise c.fail("deepspeed_build.requires", f"expected a list of package names such as [setuptools, ninja], "
+                                                     f"got {names!r}")
+        requires = tuple(canonicalize_name(n) for n in names)
+    return DeepSpeedBuildSpec(march, simd, ops, requires)
 
 
 def _load_groups(c: _Checker, raw: Any) -> dict[str, Group]:

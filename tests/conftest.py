@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,16 +51,47 @@ def repo_copy(tmp_path: Path) -> Path:
     return root
 
 
+def build_deepspeed_with_ops(python: Path, variant, lock, uv: str) -> Path:
+    """DeepSpeed's wheel with the ops the CPU smoke loads compiled in (cpu_adam, deepspeed_shm_comm), by the helper
+    and environment the image build uses (build_files/build-deepspeed.sh): the smoke then compiles nothing at run
+    time, so no test waits minutes for a JIT compile or loads one that another environment left in a shared
+    cache. The wheel is kept under CACHE by its inputs, as the image build keeps it in a cache mount."""
+    from vlmbuild.render import BUILD_FILES, deepspeed_build_env
+
+    work = CACHE / "deepspeed-build"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "in").mkdir(parents=True)
+    requirement = work / "in" / "deepspeed.txt"
+    requirement.write_text(lock.get("deepspeed").render() + "\n")
+    env = {**os.environ, **deepspeed_build_env(variant, str(BUILD_FILES)),
+           "VLMBUILD_PYTHON": str(python), "VLMBUILD_UV": uv, "VLMBUILD_DS_SRC": str(work / "src"),
+           "PATH": f"{python.parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # ninja, from the venv
+    started = time.monotonic()
+    proc = subprocess.run(["bash", str(BUILD_FILES / "build-deepspeed.sh"), str(requirement), str(work / "out"),
+                           str(CACHE / "deepspeed-wheels"), str(lock.path)],
+                          env=env, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        pytest.fail(f"building DeepSpeed with its CPU ops for the tests failed:\n{proc.stdout[-3000:]}"
+                    f"\n{proc.stderr[-3000:]}")
+    wheel = next((work / "out").glob("deepspeed-*.whl"))
+    print(f"\n[stack venv] DeepSpeed with {', '.join(sorted(variant.image.deepspeed_build.ops['cpu']))} "
+          f"prebuilt in {time.monotonic() - started:.0f} s: {wheel.name}")
+    return wheel
+
+
 @pytest.fixture(scope="session")
 def stack_python() -> Path:
-    """A venv holding the local variant's committed lockfile (torch 2.6.0, deepspeed, transformers 4.49.0).
+    """A venv holding the local variant's committed lockfile (torch 2.6.0, deepspeed, transformers 4.49.0), its
+    DeepSpeed rebuilt with the CPU ops compiled in (the image's way).
 
     Made once per lockfile content with uv (its cache makes a re-make take seconds) and kept under
     $VLMBUILD_TEST_CACHE, since 5 GB of torch per test run would not fit the CI budget.
     """
     from vlmbuild.lockfile import read_lockfile
+    from vlmbuild.spec import load_spec
 
-    lock = read_lockfile(REPO / "lockfiles" / "vlm-r1" / "local.txt")
+    variant = load_spec(REPO / "images" / "vlm-r1.yaml").variant("local")
+    lock = read_lockfile(variant.lockfile_path)
     venv = CACHE / f"stack-{lock.sha256[:16]}"
     python = venv / "bin" / "python"
     marker = venv / ".complete"
@@ -72,6 +104,9 @@ def stack_python() -> Path:
         subprocess.run([uv, "venv", "-q", "--python", lock.header.get("python", "3.11"), str(venv)], check=True)
         subprocess.run([uv, "pip", "install", "-q", "--python", str(python), "--require-hashes", "--no-deps",
                         "-r", str(lock.path)], check=True)
+        wheel = build_deepspeed_with_ops(python, variant, lock, uv)
+        subprocess.run([uv, "pip", "install", "-q", "--python", str(python), "--no-deps", "--reinstall", str(wheel)],
+                       check=True)
         marker.write_text(lock.sha256)
         # Keep only this lockfile's venv: disk is shared.
         for old in CACHE.glob("stack-*"):

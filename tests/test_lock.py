@@ -93,3 +93,38 @@ def test_direct_wheel_lines_carry_their_version():
     lock = parse_lockfile("flash-attn @ https://example.org/flash_attn-2.7.4.post1%2Bcu12torch2.6cxx11abiFALSE-cp310"
                           "-cp310-linux_x86_64.whl \\\n    --hash=sha256:" + "b" * 64 + "\n")
     assert lock.pins == {"flash-attn": "2.7.4.post1+cu12torch2.6cxx11abifalse"}
+
+
+def test_a_bump_relocks_that_package_alone(repo_copy: Path):
+    """The current lockfile's pins are uv's preferences: bumping one package moves its line only, not whatever
+    was released since the lock was made."""
+    spec_path = repo_copy / "images" / "vlm-r1.yaml"
+    before = read_lockfile(repo_copy / "lockfiles" / "vlm-r1" / "local.txt")
+    assert before.pins["accelerate"] != "1.14.0"
+    spec_path.write_text(spec_path.read_text().replace('accelerate: ">=1.3,<2"', 'accelerate: "==1.14.0"'))
+    lock_variant(load_spec(spec_path).variant("local"))
+    after = read_lockfile(repo_copy / "lockfiles" / "vlm-r1" / "local.txt")
+    assert after.pins["accelerate"] == "1.14.0"
+    moved = sorted({r.name for r in after.requirements} ^ {r.name for r in before.requirements}
+                   | {r.name for r in after.requirements if before.get(r.name) != r})
+    assert moved == ["accelerate"], moved
+    assert after.header["inputs-sha256"] != before.header["inputs-sha256"]
+
+
+def test_upgrade_package_moves_only_that_package(repo_copy: Path):
+    """--upgrade-package NAME: NAME to the newest version the spec allows, everything else kept."""
+    path = repo_copy / "lockfiles" / "vlm-r1" / "local.txt"
+    text = path.read_text()
+    before = read_lockfile(path)
+    old = before.get("accelerate")
+    # Make the current lockfile pin an older accelerate (and keep its header: the spec allows it).
+    older = text.replace(f"accelerate=={old.version}", "accelerate==1.14.0")
+    path.write_text(older)
+    lock_variant(load_spec(repo_copy / "images" / "vlm-r1.yaml").variant("local"))
+    kept = read_lockfile(path)
+    assert kept.pins["accelerate"] == "1.14.0"  # a preference the spec allows is kept
+    lock_variant(load_spec(repo_copy / "images" / "vlm-r1.yaml").variant("local"), upgrade_packages=("accelerate",))
+    upgraded = read_lockfile(path)
+    assert upgraded.pins["accelerate"] == old.version
+    assert [r for r in upgraded.requirements if r.name != "accelerate"] == \
+        [r for r in before.requirements if r.name != "accelerate"]

@@ -129,7 +129,7 @@ def test_no_secret_in_the_context_and_none_in_the_released_stage(rendered, varia
                 assert "--mount=type=secret,id=build-env" in run and "/run/secrets/build-env" in run, name
             if "uv pip install" in run:
                 assert "type=cache,id=vlmbuild-uv" in run, name
-                assert "--require-hashes" in run or "/tmp/wheels/*.whl" in run, name
+                assert "--require-hashes" in run, name
             if re.search(r"(?<!uv )pip install", run):
                 assert "type=cache,id=vlmbuild-pip,target=/root/.cache/pip" in run and "--require-hashes" in run, name
 
@@ -140,8 +140,74 @@ def test_deepspeed_is_built_with_the_variants_ops_for_a_portable_cpu(rendered):
     assert "DS_ACCELERATOR=cuda" in cuda and "DS_BUILD_FUSED_ADAM=1" in cuda and "TORCH_CUDA_ARCH_LIST=" in cuda
     assert "DS_BUILD_OPS=0" in local  # nothing but what the spec names
     for body in (local, cuda):
-        assert "CXX=/tmp/vlmbuild-build/portable-cxx" in body and "VLMBUILD_MARCH=x86-64-v3" in body
+        assert "CXX=/tmp/vlmbuild/files/portable-cxx" in body and "VLMBUILD_MARCH=x86-64-v3" in body
     assert "--no-build-isolation" in (rendered["local"].context / "build/build-deepspeed.sh").read_text()
+
+
+def test_deepspeed_is_built_from_torch_and_its_own_build_requirements_only(repo_copy: Path, tmp_path: Path):
+    """The wheel stage builds on the torch layer with the spec's build requirements (as locked) beside it: a version
+    change in the libraries layer (a dependency nobody builds DeepSpeed with) leaves it byte for byte the same, so
+    the ops are not compiled again; a change of a build requirement does reach it."""
+    spec = load_spec(repo_copy / "images" / "vlm-r1.yaml")
+    before = render(spec.variant("local"), tmp_path / "before")
+    wheel_stage = stages(before.dockerfile)["deepspeed-wheel"]
+    assert wheel_stage.startswith("layer-torch AS deepspeed-wheel")
+    assert "layer-2-libraries" not in wheel_stage
+    requires = requirement_names(before.context / "lock/deepspeed-build.txt")
+    assert {"setuptools", "ninja", "psutil", "py-cpuinfo"} <= set(requires) and "torch" not in requires
+    lock = spec.variant("local").lockfile_path
+    text = lock.read_text()
+    old = re.search(r"^platformdirs==(\S+)", text, flags=re.M).group(1)
+    assert "platformdirs" not in requires
+    lock.write_text(text.replace(f"platformdirs=={old}", "platformdirs==0.0.1"))
+    library_bump = render(load_spec(repo_copy / "images" / "vlm-r1.yaml").variant("local"), tmp_path / "lib")
+    assert stages(library_bump.dockerfile)["deepspeed-wheel"] == wheel_stage
+    for name in ("lock/deepspeed-build.txt", "lock/layer-1-torch.txt", "lock/sdist-deepspeed.txt"):
+        assert (library_bump.context / name).read_bytes() == (before.context / name).read_bytes(), name
+    assert (library_bump.context / "lock/layer-2-libraries.txt").read_bytes() != \
+        (before.context / "lock/layer-2-libraries.txt").read_bytes()
+    ninja = re.search(r"^ninja==(\S+)", text, flags=re.M).group(1)
+    lock.write_text(text.replace(f"ninja=={ninja}", "ninja==1.11.1"))
+    tool_bump = render(load_spec(repo_copy / "images" / "vlm-r1.yaml").variant("local"), tmp_path / "tool")
+    assert (tool_bump.context / "lock/deepspeed-build.txt").read_bytes() != \
+        (before.context / "lock/deepspeed-build.txt").read_bytes()
+
+
+def test_a_build_requirement_the_lock_lacks_is_a_clear_error(repo_copy: Path, tmp_path: Path):
+    spec_path = repo_copy / "images" / "vlm-r1.yaml"
+    spec_path.write_text(spec_path.read_text().replace("  simd: AVX256\n", "  simd: AVX256\n  requires: [setuptools, "
+                                                                          "no-such-build-tool]\n"))
+    with pytest.raises(VlmbuildError, match="deepspeed_build.requires names no-such-build-tool"):
+        render(load_spec(spec_path).variant("local"), tmp_path / "ctx")
+
+
+def test_every_layer_is_made_reproducible(rendered):
+    """What makes the same inputs give the same layer bytes (a real build twice: test_pipeline_docker): every RUN
+    whose files reach the image clamps its times, no RUN creates a mount point, apt's logs go, bytecode is
+    hash-based, and the context's files carry the fixed time."""
+    from vlmbuild.render import BUILD_EPOCH, MOUNT_POINTS, SCRATCH
+
+    result = rendered["local"]
+    parts = stages(result.dockerfile)
+    image_stages = ["python-base"] + [layer.stage for layer in result.layers] + [p.stage for p in result.packages] \
+        + ["final"]
+    for name in image_stages:
+        runs = re.findall(r"^RUN (.*?)(?=^\S|\Z)", parts[name], flags=re.M | re.S)
+        assert runs, name
+        for run in runs:
+            if run.startswith("mkdir -p"):  # the mount points, made once, with the fixed time
+                assert all(point in run for point in MOUNT_POINTS) and f"touch -h -d @{BUILD_EPOCH}" in run
+                continue
+            assert run.rstrip().endswith(f"normalize-times {BUILD_EPOCH}"), (name, run[-200:])
+            # every mounted file sits inside a tmpfs; every other mount point was made in the first RUN
+            assert "--mount=type=tmpfs,target=/run/secrets" in run or "type=secret" not in run, name
+            for target in re.findall(r"--mount=type=(?:bind|cache)[^\s]*target=([^,\s]+)", run):
+                assert target.startswith(SCRATCH + "/") or target in MOUNT_POINTS, (name, target)
+            if "uv pip install" in run:
+                assert f"SOURCE_DATE_EPOCH={BUILD_EPOCH}" in run, name
+    assert "/var/log/dpkg.log" in parts["python-base"] and "/var/cache/ldconfig/aux-cache" in parts["python-base"]
+    assert "COPY vlmbuild" not in result.dockerfile  # the smoke is copied inside a RUN, and clamped there
+    assert {p.stat().st_mtime for p in result.context.rglob("*")} == {BUILD_EPOCH}
 
 
 def test_the_portable_compiler_rewrites_the_build_machines_cpu_flags(tmp_path):

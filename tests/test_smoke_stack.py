@@ -230,6 +230,11 @@ def test_model_dir_runs_the_checks_on_a_given_checkpoint(cli, stack_python, tmp_
     assert result.code == 0, result.out[-3000:] + result.err[-2000:]
     checks = by_name(report)
     assert report["model"] == str(model)
+    # the checkpoint as the user gave it, its dtype and size, read from its safetensors headers
+    checkpoint = report["checkpoint"]
+    assert checkpoint["path"] == str(model) and checkpoint["dtype"] == "torch.float32"
+    assert checkpoint["tensors"] == checks["zero3_load"]["details"]["parameters"] and checkpoint["parameters"] > 0
+    assert f"checkpoint {model}: torch.float32, {checkpoint['parameters']:,} parameters" in result.out
     assert checks["zero3_load"]["details"]["parameters"] > 56  # untied lm_head: not the tiny built-in model
     assert checks["checkpoint_resume"]["status"] == "passed"
     assert checks["grpo"]["details"]["parameters"] == checks["zero3_load"]["details"]["parameters"]
@@ -318,3 +323,35 @@ def test_the_recipes_fp32_rotary_fix_meets_flash_attns_dtype_assertion(stack_pyt
     proc = subprocess.run([str(stack_python), "-c", ROTARY], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(tmp_path / "src" / "lib")})
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_without_a_lockfile_the_stack_check_names_every_missing_module(cli, stack_python, tmp_path):
+    """An environment that lacks trl, peft and Pillow: the stack check names all three (the default variant's
+    imports and the smoke's own), before any later check trips over one of them."""
+    env = {"PYTHONPATH": str(FAULTS), "VLMBUILD_FAULT_MISSING": "trl,peft,PIL"}
+    result, report = smoke(cli, stack_python, tmp_path, "--checks", "stack", env=env)
+    assert result.code == 1
+    stack = by_name(report)["stack"]
+    assert stack["status"] == "failed"
+    for module in ("trl", "peft", "PIL"):
+        assert f"import {module} failed: ModuleNotFoundError" in stack["error"], stack["error"]
+    assert {"math_verify", "wandb", "liger_kernel"} <= set(stack["details"]["imports"])  # the default variant's list
+
+
+def test_ops_are_jit_compiled_into_a_directory_of_this_environment_only(cli, stack_python, tmp_path):
+    """PyPI's DeepSpeed (no ops built in) JIT-compiles deepspeed_shm_comm at the first CPU run. torch's default
+    directory is shared with every other environment of the same Python: here another environment is in the middle
+    of building that op there (its lock file held, its half-built module present). The smoke builds and loads its
+    own copy in a directory keyed by its environment and is not held up or misled."""
+    shared = tmp_path / "torch_extensions"
+    other = shared / "deepspeed_shm_comm"
+    other.mkdir(parents=True)
+    (other / "lock").write_text("")  # torch's FileBaton: whoever uses this directory waits for it forever
+    (other / "deepspeed_shm_comm.so").write_bytes(b"not an ELF file: another environment's build")
+    env = {"PYTHONPATH": str(overlay("deepspeed==0.19.8")), "TORCH_EXTENSIONS_DIR": str(shared)}
+    result, report = smoke(cli, stack_python, tmp_path, "--checks", "stack,zero3_load", env=env)
+    assert result.code == 0, result.out[-3000:] + result.err[-2000:]
+    own = Path(report["environment"]["torch_extensions_dir"])
+    assert own.parent == shared and own.name.startswith("vlmbuild-py311-torch2.6.0-deepspeed0.19.8-")
+    assert list(own.glob("deepspeed_shm_comm/*.so")), sorted(own.rglob("*"))  # it really compiled, there
+    assert sorted(p.name for p in other.iterdir()) == ["deepspeed_shm_comm.so", "lock"]  # the other's untouched

@@ -72,7 +72,9 @@ def test_the_pass_test_needs_every_check_passed():
 
 def test_the_stack_check_imports_what_the_variant_names_and_flash_attn_when_installed():
     variant = {"imports": ["trl", "math_verify", "torch"]}
-    assert modules_to_import(variant, {}) == ["torch", "transformers", "deepspeed", "trl", "math_verify"]
+    # the smoke's own modules first (its checks need each of them), then the variant's, each once
+    assert modules_to_import(variant, {}) == ["torch", "transformers", "deepspeed", "accelerate", "trl", "PIL",
+                                              "math_verify"]
     assert modules_to_import(None, {"flash-attn": "2.7.4.post1"})[-1] == "flash_attn"
 
 

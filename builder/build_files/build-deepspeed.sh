@@ -1,42 +1,53 @@
 #!/bin/bash
-# vlmbuild: build DeepSpeed's wheel from its sdist with the ops compiled in (the deepspeed-wheel stage).
+# vlmbuild: build DeepSpeed's wheel from its sdist with the ops compiled in (the deepspeed-wheel stage, and the
+# tests' venv: the same helper, so the ops the smoke loads are built one way everywhere).
 #
 #   build-deepspeed.sh SDIST_REQUIREMENT OUT_DIR WHEEL_CACHE INPUT_FILE...
 #
 # The sdist is the one the lockfile names, checked by sha256 (fetch_sdist.py). It is built against the torch and
 # the build requirements already installed from the lockfile (no build isolation: nothing unhashed is fetched),
 # with the DS_BUILD_* variables, the portable compiler and the parallel build the environment sets.
+# VLMBUILD_PYTHON and VLMBUILD_UV name the interpreter and uv (the image's /opt/venv and tools stage by default).
 #
-# A built wheel is kept in WHEEL_CACHE (a BuildKit cache mount) under a key of everything that decides its
-# bytes: the sdist's hash, the lock layers it was built against (INPUT_FILE...), the compiler, the C library,
-# Python and the build variables. A rebuild whose inputs are all unchanged (a new base image with the same
-# toolchain, say) takes the wheel from there instead of compiling the ops again.
+# A built wheel is kept in WHEEL_CACHE under a key of everything that decides its bytes: the sdist's hash, what
+# it was built against (INPUT_FILE...: the torch layer and the build requirements, nothing else of the lock),
+# the compiler, the C library, Python and the build variables. A rebuild whose inputs are all unchanged (a new base
+# image with the same toolchain, a bumped library) takes the wheel from there instead of compiling the ops again.
+# pip's own wheel cache is not used: its key leaves out the DS_* variables (a CPU build reused a CUDA wheel).
+#
+# The sources are unpacked at one fixed path (DeepSpeed's __FILE__ strings end up in the ops) and the wheel's zip
+# entries carry SOURCE_DATE_EPOCH: the same inputs give the same wheel bytes.
 set -euo pipefail
 requirement=$1 out=$2 cache=$3
 shift 3
 here=$(dirname "$0")
-python=/opt/venv/bin/python
+python=${VLMBUILD_PYTHON:-/opt/venv/bin/python}
+uv=${VLMBUILD_UV:-/opt/build-tools/bin/uv}
 
 key=$( {
   cat "$requirement" "$@"
   "${VLMBUILD_REAL_CXX:-g++}" --version | head -n1
   ldd --version 2>&1 | head -n1
   "$python" -VV
-  env | grep -E '^(DS_|TORCH_CUDA_ARCH_LIST=|CUDA_HOME=|VLMBUILD_MARCH=|VLMBUILD_SIMD=)' | sort
-  sha256sum "$here/portable-cxx" "$here/build_ext.cfg" "$0"
+  env | grep -E '^(DS_|TORCH_CUDA_ARCH_LIST=|CUDA_HOME=|VLMBUILD_MARCH=|VLMBUILD_SIMD=|SOURCE_DATE_EPOCH=|PYTHONHASHSEED=)' | sort
+  sha256sum "$here/portable-cxx" "$here/build_ext.cfg" "$0" | cut -d' ' -f1
 } | sha256sum | cut -c1-32)
 
 mkdir -p "$out"
 if [ -s "$cache/$key/SHA256SUMS" ] && (cd "$cache/$key" && sha256sum --quiet -c SHA256SUMS); then
-  cp "$cache/$key"/*.whl "$cache/$key/SHA256SUMS" "$out/"
+  cp -p "$cache/$key"/*.whl "$cache/$key/SHA256SUMS" "$out/"
   echo "build-deepspeed: reused the wheel built from the same inputs (key $key)"
   exit 0
 fi
 
-sdist=$(mktemp -d)
-"$python" "$here/fetch_sdist.py" "$requirement" "$sdist"
-/opt/build-tools/bin/uv build --wheel --no-build-isolation --python "$python" --out-dir "$out" "$sdist"/*.tar.gz
-rm -rf "$sdist"
+src=${VLMBUILD_DS_SRC:-/tmp/deepspeed-src}
+rm -rf "$src" "$src.sdist" && mkdir -p "$src" "$src.sdist"
+"$python" "$here/fetch_sdist.py" "$requirement" "$src.sdist"
+tar -xzf "$src.sdist"/*.tar.gz -C "$src" --strip-components=1
+"$uv" build --wheel --no-build-isolation --python "$python" --out-dir "$out" "$src"
+rm -rf "$src" "$src.sdist"
+# uv records a local wheel's mtime in the installed dist-info (uv_cache.json)
+touch -d "@${SOURCE_DATE_EPOCH:-315532800}" "$out"/*.whl
 (cd "$out" && sha256sum ./*.whl > SHA256SUMS)
-mkdir -p "$cache/$key" && cp "$out"/*.whl "$out/SHA256SUMS" "$cache/$key/"
+mkdir -p "$cache/$key" && cp -p "$out"/*.whl "$out/SHA256SUMS" "$cache/$key/"
 echo "build-deepspeed: built $(cd "$out" && ls ./*.whl) (key $key)"

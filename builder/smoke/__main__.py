@@ -11,6 +11,7 @@ failed, 2 for bad usage or an environment it cannot run in. Standard library onl
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -27,7 +28,7 @@ from typing import Any
 from .. import __version__, contract
 from ..lockfile import LockfileError, read_lockfile
 from . import report as report_mod
-from .model_dir import ModelDirProblem, validate_model_dir
+from .model_dir import ModelDirProblem, describe_checkpoint, validate_model_dir
 from .stack import StackProblem, check_stack, default_paths, verify_install
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -57,6 +58,31 @@ def resolve_mode(requested: str) -> tuple[str, int]:
     if requested == "gpu" or (requested == "auto" and gpus > 0):
         return "gpu", min(2, gpus)
     return "cpu", 2
+
+
+def environment_extensions_dir() -> Path:
+    """Where this environment's JIT-compiled ops go when its DeepSpeed was not built with them: a directory of
+    its own under torch's usual one, keyed by its Python, torch and DeepSpeed (versions and where they are
+    installed). torch's default directory is shared by every environment of a user with the same Python and
+    CUDA: two environments JIT-compiling the same op there at once load each other's build (a DeepSpeed 0.19.8
+    smoke loaded another DeepSpeed's ``deepspeed_shm_comm`` and failed on a missing attribute)."""
+    from importlib import metadata
+
+    parts = [os.path.realpath(sys.prefix), platform.python_version()]
+    versions = []
+    for name in ("torch", "deepspeed"):
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            parts.append(f"{name} -")
+            continue
+        parts.append(f"{name} {dist.version} {os.path.realpath(str(dist.locate_file('')))}")
+        versions.append(f"{name}{dist.version}")
+    key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                   "torch_extensions")
+    tag = "-".join([f"py{sys.version_info.major}{sys.version_info.minor}", *versions])
+    return Path(root) / f"vlmbuild-{tag}-{key}"
 
 
 def worker_env(mode: str, world: int) -> dict[str, str]:
@@ -92,7 +118,7 @@ def select_checks(applicable: tuple[str, ...], requested: str | None, mode: str)
     return tuple(n for n in applicable if n in names)
 
 
-def repeat_zero3_load(args: argparse.Namespace, mode: str, world: int, workdir: Path, extensions: Path | None,
+def repeat_zero3_load(args: argparse.Namespace, mode: str, world: int, workdir: Path, extensions: Path,
                       first: list[dict[str, Any]]) -> dict[str, Any]:
     """The ZeRO-3 load ``--repeat`` times in all, each in fresh processes, from the same checkpoint: every run
     must be bit-identical to the checkpoint, and all of them alike (corruption can be intermittent)."""
@@ -130,7 +156,7 @@ class Ranks:
     any rank starts (seconds, on every smoke). As torchrun does, when one rank fails the others are stopped."""
 
     def __init__(self, args: argparse.Namespace, mode: str, world: int, workdir: Path, checks: tuple[str, ...],
-                 extensions: Path | None, results: str = "results", model_dir: Path | None = None) -> None:
+                 extensions: Path, results: str = "results", model_dir: Path | None = None) -> None:
         self.args, self.world, self.checks = args, world, checks
         self.results_dir = workdir / results
         self.results_dir.mkdir()
@@ -143,9 +169,9 @@ class Ranks:
         if model_dir and not args.model_dir:
             cmd.append("--tiny-model")  # the tiny checkpoint an earlier run saved: still the tiny model
         env = worker_env(mode, world)
-        if extensions is not None:
-            # Where torch would JIT-compile an op: empty, and checked after the run (check prebuilt_ops).
-            env["TORCH_EXTENSIONS_DIR"] = str(extensions)
+        # Where torch JIT-compiles an op: this run's empty directory (checked afterwards, check prebuilt_ops) or
+        # the environment's own one (environment_extensions_dir).
+        env["TORCH_EXTENSIONS_DIR"] = str(extensions)
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world),
                    LOCAL_WORLD_SIZE=str(world))
         self.log_path = workdir / f"workers-{results}.log"
@@ -190,7 +216,7 @@ class Ranks:
 
 
 def run_workers(args: argparse.Namespace, mode: str, world: int, workdir: Path, checks: tuple[str, ...],
-                extensions: Path | None, results: str = "results",
+                extensions: Path, results: str = "results",
                 model_dir: Path | None = None) -> list[dict[str, Any]]:
     return Ranks(args, mode, world, workdir, checks, extensions, results, model_dir).wait()
 
@@ -306,11 +332,15 @@ def run(args: argparse.Namespace) -> int:
     if lock_path is not None and not lock_path.is_file():
         raise UsageProblem(f"--lockfile {lock_path}: no such file")
     variant = json.loads(variant_path.read_text()) if variant_path else None
+    model = None
     if args.model_dir:
         try:
             validate_model_dir(Path(args.model_dir))
-        except ModelDirProblem as exc:
+            model = describe_checkpoint(Path(args.model_dir), args.model_label)
+        except (ModelDirProblem, OSError, ValueError) as exc:
             raise UsageProblem(str(exc)) from None
+        print(f"vlmbuild smoke: checkpoint {model['path']} ({model['dtype']}, {model['parameters']:,} parameters in "
+              f"{model['tensors']} tensors)", flush=True)
     if not 1 <= args.repeat <= 20:
         raise UsageProblem(f"--repeat {args.repeat}: expected 1 to 20")
     mode, world = resolve_mode(args.device)
@@ -323,10 +353,12 @@ def run(args: argparse.Namespace) -> int:
                                                 prebuilt_ops=bool(prebuilt), repeat=args.repeat), args.checks, mode)
     workdir = Path(tempfile.mkdtemp(prefix="vlmbuild-smoke-", dir=args.workdir))
     # In an image whose DeepSpeed carries its ops, nothing may be compiled: torch's extensions directory is an
-    # empty one, checked afterwards. Elsewhere (a venv) ops are JIT-compiled into the user's usual cache.
-    extensions = workdir / "torch_extensions" if prebuilt else None
-    if extensions is not None:
+    # empty one, checked afterwards. Elsewhere ops are JIT-compiled into this environment's own directory.
+    if prebuilt:
+        extensions = workdir / "torch_extensions"
         extensions.mkdir()
+    else:
+        extensions = environment_extensions_dir()
     try:
         # The ranks start first; the stack check runs here while they import and load.
         ranks = Ranks(args, mode, world, workdir, tuple(c for c in planned if c in contract.WORKER_CHECKS),
@@ -355,11 +387,13 @@ def run(args: argparse.Namespace) -> int:
         "mode": mode,
         "world_size": world,
         "device_name": device_name,
-        "model": str(args.model_dir) if args.model_dir else "tiny random Qwen2.5-VL (built locally)",
+        "model": model["path"] if model else "tiny random Qwen2.5-VL (built locally)",
+        "checkpoint": model,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - (time.monotonic() - started))),
         "seconds": 0.0,
         "environment": {"python": platform.python_version(), "platform": platform.platform(),
-                        "variant": variant, "lockfile": str(lock_path) if lock_path else None},
+                        "variant": variant, "lockfile": str(lock_path) if lock_path else None,
+                        "torch_extensions_dir": None if prebuilt else str(extensions)},
         "checks": checks,
     })
     report["seconds"] = round(time.monotonic() - started, 3)
@@ -400,6 +434,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of the summary")
     p.add_argument("--model-dir", help="also check a real local Qwen2.5-VL checkpoint (e.g. Qwen2.5-VL-3B-Instruct)")
+    p.add_argument("--model-label", default=None,
+                   help="how the report names --model-dir (its path on the host, where it is mounted in a container)")
     p.add_argument("--lockfile", help="compare installed versions with this lockfile (default: the image's)")
     p.add_argument("--variant-json", help="variant metadata (default: the image's)")
     p.add_argument("--timeout", type=float, default=900.0, help="kill the ranks after this many seconds")

@@ -7,10 +7,15 @@ starts a container (so a wrong directory is a clear exit 2, never a failed smoke
 from __future__ import annotations
 
 import json
+import math
+import struct
 from pathlib import Path
 
 MODEL_TYPE = "qwen2_5_vl"
 PROCESSOR_FILES = ("preprocessor_config.json", "tokenizer_config.json")
+# safetensors' dtype names against torch's
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
 class ModelDirProblem(ValueError):
@@ -40,3 +45,31 @@ def validate_model_dir(path: Path) -> dict:
         raise ModelDirProblem(f"{where}: no {' or '.join(missing)} (the grpo check feeds image+text prompts "
                               "through the checkpoint's own processor)")
     return config
+
+
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a .safetensors file (an 8-byte little-endian length, then the JSON) and the offset where
+    the tensors' data starts."""
+    with open(path, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        return json.loads(fh.read(length)), 8 + length
+
+
+def describe_checkpoint(path: Path, shown_as: str | None = None) -> dict:
+    """What the report says of the checkpoint that ran: its path as the user gave it (``shown_as``: the path on
+    the host when it is mounted into a container), where it was read, its dtype and parameter count (from the
+    safetensors headers, without reading the weights)."""
+    counts: dict[str, int] = {}
+    parameters = tensors = 0
+    for f in sorted(path.glob("*.safetensors")):
+        for name, info in safetensors_header(f)[0].items():
+            if name == "__metadata__":
+                continue
+            tensors += 1
+            size = math.prod(info["shape"])
+            parameters += size
+            counts[info["dtype"]] = counts.get(info["dtype"], 0) + size
+    stored = max(counts, key=counts.get) if counts else None
+    dtype = "torch." + SAFETENSORS_DTYPES.get(stored, stored.lower()) if stored else None
+    return {"path": shown_as or str(path), "read_at": str(path), "dtype": dtype, "parameters": parameters,
+            "tensors": tensors}

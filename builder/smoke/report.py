@@ -35,6 +35,9 @@ def summary(report: dict[str, Any]) -> str:
     mode = report["mode"]
     lines = [f"vlmbuild smoke: {mode.upper()} mode, world size {report.get('world_size')}, "
              f"{report.get('device_name') or 'cpu'}"]
+    checkpoint = report.get("checkpoint")
+    if checkpoint:
+        lines.append(f"  checkpoint {checkpoint['path']}: {checkpoint['dtype']}, {checkpoint['parameters']:,} parameters")
     for check in report["checks"]:
         status = {"passed": "PASS", "failed": "FAIL", "skipped": "SKIP"}[check["status"]]
         where = f"{check.get('device', mode)} x{check.get('world_size', '?')}"

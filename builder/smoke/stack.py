@@ -20,8 +20,9 @@ from .. import contract
 from ..lockfile import Lockfile
 from ..rules import installed_versions, load_rules, training_conditions
 
-# What every run imports; an image's variant.json adds the modules its spec names (the stack's and each group's).
-BASE_IMPORTS = ("torch", "transformers", "deepspeed")
+# What every run imports: what the smoke's own checks need (the HF Trainer needs accelerate, GRPO trl, the image
+# processor PIL). An image's variant.json adds the modules its spec names (the stack's and each group's).
+BASE_IMPORTS = ("torch", "transformers", "deepspeed", "accelerate", "trl", "PIL")
 
 
 def modules_to_import(variant: dict[str, Any] | None, installed: dict[str, str]) -> list[str]:

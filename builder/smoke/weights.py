@@ -4,18 +4,13 @@ library, so a broken ``safetensors`` cannot vouch for itself) and of every gathe
 from __future__ import annotations
 
 import hashlib
-import json
-import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from .common import CheckFailed
-
-# safetensors' dtype names against torch's
-SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+from .model_dir import SAFETENSORS_DTYPES, safetensors_header
 
 
 def tensor_digest(tensor: Any) -> str:
@@ -33,10 +28,8 @@ def safetensors_digests(path: Path) -> dict[str, dict[str, Any]]:
     The format is an 8-byte little-endian header length, a JSON header, then raw little-endian data.
     """
     out: dict[str, dict[str, Any]] = {}
+    header, data_start = safetensors_header(path)
     with open(path, "rb") as fh:
-        (header_len,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(header_len))
-        data_start = 8 + header_len
         for name, info in header.items():
             if name == "__metadata__":
                 continue

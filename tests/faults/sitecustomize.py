@@ -18,6 +18,9 @@ imported, it is patched:
   told apart by their MASTER_PORT, recorded in the file VLMBUILD_FAULT_STATE names): one run of the ZeRO-3
   load is clean, the next is not.
 
+Also ``VLMBUILD_FAULT_MISSING=mod1,mod2``: those modules cannot be imported (as in an environment that lacks
+them), whatever else is installed.
+
 Targets transformers 4.49's ``_load_state_dict_into_model``; fails loudly if it is missing, so a test
 cannot pass because the fault silently did nothing.
 """
@@ -119,3 +122,20 @@ if FAULT:
     if FAULT not in FAULTS:
         raise RuntimeError(f"VLMBUILD_FAULT={FAULT!r}: unknown fault; known: {sorted(FAULTS)}")
     sys.meta_path.insert(0, _PatchOnImport())
+
+
+class _Missing(importlib.abc.MetaPathFinder):
+    """Modules this environment pretends not to have."""
+
+    def __init__(self, names: set[str]) -> None:
+        self.names = names
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in self.names:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+MISSING = {m for m in os.environ.get("VLMBUILD_FAULT_MISSING", "").split(",") if m}
+if MISSING:
+    sys.meta_path.insert(0, _Missing(MISSING))
