@@ -116,9 +116,12 @@ class DeepSpeedBuild:
     env: str
     parent: str  # the stage it builds on: the lock layer that holds torch
     parent_file: str  # that layer's lock file, part of the wheel's cache key
-    requires: list[str]  # its build requirements outside that layer (names)
     requires_file: str
-    requirements: list[Requirement] = field(default_factory=list)  # ... as locked, with hashes
+    requirements: list[Requirement] = field(default_factory=list)  # its build requirements outside that layer
+
+    @property
+    def requires(self) -> list[str]:
+        return [r.name for r in self.requirements]
 
 
 # The lock cut into layers: those installed in place, in order, and the per-package ones, in order.
@@ -257,11 +260,11 @@ def deepspeed_build(variant: Variant, lock: Lockfile, plan: LayerPlan) -> DeepSp
         raise VlmbuildError(f"{variant.lockfile_path}: deepspeed must be locked from the index (name==version with "
                             "its sdist hash) to be built with its ops")
     chain, _ = plan
-    torch_layer = next((layer for layer, reqs in chain if any(r.name == "torch" for r in reqs)), None)
+    torch_layer, in_torch_layer = next(((layer, {r.name for r in reqs}) for layer, reqs in chain
+                                        if any(r.name == "torch" for r in reqs)), (None, set()))
     if torch_layer is None:
         raise VlmbuildError(f"{variant.image.path}: layers: torch must be in a layer installed in place (DeepSpeed "
                             "is built against it)")
-    in_torch_layer = {r.name for layer, reqs in chain if layer is torch_layer for r in reqs}
     how = variant.image.deepspeed_build
     missing = [name for name in how.requires if lock.get(name) is None]
     if missing:
@@ -272,8 +275,7 @@ def deepspeed_build(variant: Variant, lock: Lockfile, plan: LayerPlan) -> DeepSp
     return DeepSpeedBuild(req.version, "lock/sdist-deepspeed.txt", variant.accelerator,
                           sorted(how.ops.get(variant.accelerator, {})),
                           " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()),
-                          torch_layer.stage, torch_layer.file, [r.name for r in requirements],
-                          "lock/deepspeed-build.txt", requirements)
+                          torch_layer.stage, torch_layer.file, "lock/deepspeed-build.txt", requirements)
 
 
 def plan_layers(variant: Variant, lock: Lockfile) -> LayerPlan:

@@ -339,8 +339,6 @@ def run(args: argparse.Namespace) -> int:
             model = describe_checkpoint(Path(args.model_dir), args.model_label)
         except (ModelDirProblem, OSError, ValueError) as exc:
             raise UsageProblem(str(exc)) from None
-        print(f"vlmbuild smoke: checkpoint {model['path']} ({model['dtype']}, {model['parameters']:,} parameters in "
-              f"{model['tensors']} tensors)", flush=True)
     if not 1 <= args.repeat <= 20:
         raise UsageProblem(f"--repeat {args.repeat}: expected 1 to 20")
     mode, world = resolve_mode(args.device)
