@@ -591,7 +591,10 @@ def test_smoke_of_an_image_with_a_bf16_checkpoint_mounted_read_only(client, buil
                      "--report", str(report), timeout=1200)
     assert result.code == 0, result.out[-3000:] + result.err[-2000:]
     data = json.loads(report.read_text())
-    assert data["model"] == "/model"  # mounted, read-only
+    # named as the user gave it on the host, read where it is mounted (read-only), with its dtype and size
+    assert data["model"] == str(model) and data["checkpoint"]["read_at"] == "/model"
+    assert data["checkpoint"]["dtype"] == "torch.bfloat16" and data["checkpoint"]["parameters"] > 0
+    assert f"checkpoint {model}: torch.bfloat16" in result.out
     load = next(c for c in data["checks"] if c["name"] == "zero3_load")["details"]
     assert load["dtype"] == "torch.bfloat16" and load["bit_identical"]  # compared in the checkpoint's own dtype
     missing = run_cli("smoke", f"{TEST_REPO}:{built_local['tag']}", "--model-dir", str(tmp_path / "nope"))
