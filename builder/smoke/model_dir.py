@@ -55,21 +55,31 @@ def safetensors_header(path: Path) -> tuple[dict, int]:
         return json.loads(fh.read(length)), 8 + length
 
 
+def torch_dtype_name(stored: str) -> str:
+    return "torch." + SAFETENSORS_DTYPES.get(stored, stored.lower())
+
+
+def checkpoint_dtype(path: Path) -> str:
+    """The dtype most of a checkpoint's floating-point tensors are stored in, as torch names it (the dtype the
+    smoke loads and compares it in), from the safetensors headers alone."""
+    counts: dict[str, int] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        for name, info in safetensors_header(f)[0].items():
+            dtype = torch_dtype_name(info["dtype"]) if name != "__metadata__" else None
+            if dtype in ("torch.float32", "torch.float16", "torch.bfloat16", "torch.float64"):
+                counts[dtype] = counts.get(dtype, 0) + 1
+    return max(counts, key=counts.get) if counts else "torch.float32"
+
+
 def describe_checkpoint(path: Path, shown_as: str | None = None) -> dict:
     """What the report says of the checkpoint that ran: its path as the user gave it (``shown_as``: the path on
-    the host when it is mounted into a container), where it was read, its dtype and parameter count (from the
-    safetensors headers, without reading the weights)."""
-    counts: dict[str, int] = {}
+    the host when it is mounted into a container), where it was read, the dtype the smoke compares it in and its
+    parameter count (from the safetensors headers, without reading the weights)."""
     parameters = tensors = 0
     for f in sorted(path.glob("*.safetensors")):
         for name, info in safetensors_header(f)[0].items():
-            if name == "__metadata__":
-                continue
-            tensors += 1
-            size = math.prod(info["shape"])
-            parameters += size
-            counts[info["dtype"]] = counts.get(info["dtype"], 0) + size
-    stored = max(counts, key=counts.get) if counts else None
-    dtype = "torch." + SAFETENSORS_DTYPES.get(stored, stored.lower()) if stored else None
-    return {"path": shown_as or str(path), "read_at": str(path), "dtype": dtype, "parameters": parameters,
-            "tensors": tensors}
+            if name != "__metadata__":
+                tensors += 1
+                parameters += math.prod(info["shape"])
+    return {"path": shown_as or str(path), "read_at": str(path), "dtype": checkpoint_dtype(path),
+            "parameters": parameters, "tensors": tensors}

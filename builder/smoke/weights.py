@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import CheckFailed
-from .model_dir import SAFETENSORS_DTYPES, safetensors_header
+from .model_dir import safetensors_header, torch_dtype_name
 
 
 def tensor_digest(tensor: Any) -> str:
@@ -38,7 +38,7 @@ def safetensors_digests(path: Path) -> dict[str, dict[str, Any]]:
             out[name] = {
                 "sha256": hashlib.sha256(fh.read(end - begin)).hexdigest(),
                 "shape": list(info["shape"]),
-                "dtype": "torch." + SAFETENSORS_DTYPES.get(info["dtype"], info["dtype"].lower()),
+                "dtype": torch_dtype_name(info["dtype"]),
             }
     return out
 
@@ -51,15 +51,6 @@ def checkpoint_digests(model_dir: Path) -> dict[str, dict[str, Any]]:
     for f in files:
         digests.update(safetensors_digests(f))
     return digests
-
-
-def checkpoint_dtype(model_dir: Path) -> str:
-    """The dtype most of a checkpoint's floating-point tensors are stored in, as torch names it."""
-    counts: dict[str, int] = {}
-    for info in checkpoint_digests(model_dir).values():
-        if info["dtype"] in ("torch.float32", "torch.float16", "torch.bfloat16", "torch.float64"):
-            counts[info["dtype"]] = counts.get(info["dtype"], 0) + 1
-    return max(counts, key=counts.get) if counts else "torch.float32"
 
 
 @contextmanager

@@ -25,7 +25,8 @@ from typing import Any
 
 from . import tiny_model
 from .common import CheckFailed, all_ranks_ok, mean_over_ranks, set_comm_device
-from .weights import checkpoint_digests, checkpoint_dtype, diff_params, gathered_param_digests
+from .model_dir import checkpoint_dtype
+from .weights import checkpoint_digests, diff_params, gathered_param_digests
 
 TRAIN_STEPS = 4
 LEARNING_RATE = 1e-3
