@@ -40,12 +40,15 @@ def evidence(resolved: Resolved, runs: list[SmokeRun], sbom: bytes | None) -> tu
     """The report file (every smoke pass of this build) and the labels that vouch for it."""
     primary = runs[0]
     payload = report_mod.combine([r.report for r in runs if r.report is not None])
+    if not payload["passed"]:
+        # The labels state what the report says; a report that did not pass gets no labels to vouch for it.
+        raise CheckFailed("the smoke reports did not pass: no evidence is made for them, nothing is tagged")
     report_bytes = report_mod.dumps(payload).encode()
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     reports = [r.report or {} for r in runs]
     device = primary.device
     labels = {
-        contract.LABEL_RESULT: "passed",
+        contract.LABEL_RESULT: "passed",  # the payload's verdict: a failing one was refused above
         contract.LABEL_DEVICE: device,
         contract.LABEL_VALIDATED_ON: ("cpu-only (not a GPU validation)" if device == "cpu" else
                                       f"gpu: {(primary.report or {}).get('device_name') or 'unknown'}"),
@@ -109,15 +112,36 @@ def tags_naming(engine: Engine, resolved: Resolved, image_id: str) -> list[str]:
     return [t for t in resolved.tags if engine.image_id(f"{resolved.repository}:{t}") == image_id]
 
 
+def evidence_problem(engine: Engine, image: str, labels: dict[str, str]) -> str | None:
+    """Why the image's evidence does not hold, or None: its result label says passed, the report file inside hashes
+    to the label that vouches for it, and that report passes the contract's pass test. Labels alone are not
+    evidence: a report edited after tagging (or a label edited alone) fails here."""
+    if labels.get(contract.LABEL_RESULT) != "passed":
+        return "its result label does not say passed"
+    path = labels.get(contract.LABEL_REPORT_PATH) or contract.REPORT_PATH
+    data = engine.read_image_file(image, path)
+    if data is None:
+        return f"it has no smoke report at {path}"
+    if hashlib.sha256(data).hexdigest() != labels.get(contract.LABEL_REPORT_SHA256):
+        return f"its smoke report {path} does not hash to the label that vouches for it (edited after tagging?)"
+    try:
+        report = json.loads(data)
+    except ValueError:
+        return f"its smoke report {path} is not JSON"
+    if not contract.evidence_passed(report):
+        return f"its smoke report {path} does not pass the contract's pass test"
+    return None
+
+
 def validated_image(engine: Engine, resolved: Resolved) -> str | None:
     """The image the immutable tag names, when it carries passing evidence of exactly this identity."""
     image_id = engine.image_id(f"{resolved.repository}:{resolved.immutable_tag}")
     if image_id is None:
         return None
     labels = engine.labels(image_id)
-    if labels.get(contract.LABEL_RESULT) == "passed" and labels.get(LABEL_IDENTITY) == resolved.identity:
-        return image_id
-    return None
+    if labels.get(LABEL_IDENTITY) != resolved.identity or evidence_problem(engine, image_id, labels):
+        return None
+    return image_id
 
 
 def publish(engine: Engine, resolved: Resolved, final: str) -> tuple[str, list[str], bool]:
@@ -137,34 +161,41 @@ def publish(engine: Engine, resolved: Resolved, final: str) -> tuple[str, list[s
 
 
 def push_tags(engine: Engine, resolved: Resolved, tags: list[str], allow_cpu: bool) -> dict[str, str]:
-    """Push tags whose image passed the smoke, each digest printed. An immutable tag the registry already serves
-    with other content is never overwritten: that is an error, and nothing of it is pushed."""
+    """Push tags whose image passed the smoke, each digest printed. Every tag is checked before any is pushed, so a
+    refusal leaves the registry as it was. An immutable tag the registry already serves with other content is
+    never overwritten: that is an error, and nothing of it is pushed."""
     repository = resolved.repository
+    already: dict[str, str] = {}
+    for tag in tags:
+        ref = f"{repository}:{tag}"
+        image_id = engine.image_id(ref)
+        if image_id is None:
+            raise VlmbuildError(f"{ref}: no such local image; build it first (`vlmbuild build`)")
+        labels = engine.labels(ref)
+        problem = evidence_problem(engine, image_id, labels)
+        if problem:
+            raise CheckFailed(f"{ref}: carries no passing smoke evidence ({problem}); refusing to push")
+        if labels.get(contract.LABEL_LOCK_SHA256) != resolved.lock.sha256:
+            raise CheckFailed(f"{ref}: was built from another lockfile than the current one; rebuild before pushing")
+        if labels.get(contract.LABEL_DEVICE) != "gpu" and not allow_cpu:
+            raise CheckFailed(f"{ref}: its smoke ran on CPU only; pushing it needs --allow-cpu-evidence")
+        if tag == resolved.immutable_tag:
+            remote = engine.remote_digest(repository, tag)
+            local = engine.local_repo_digest(image_id, repository)
+            if remote is not None and remote != local:
+                raise CheckFailed(f"{ref}: the registry already serves this immutable tag as {remote}, other "
+                                  "content than this image; an immutable tag is never overwritten")
+            if remote is not None:
+                already[tag] = remote
     progress = Progress(f"push {resolved.variant.image.name}/{resolved.variant.name}")
     digests: dict[str, str] = {}
     try:
         for tag in tags:
             ref = f"{repository}:{tag}"
-            image_id = engine.image_id(ref)
-            if image_id is None:
-                raise VlmbuildError(f"{ref}: no such local image; build it first (`vlmbuild build`)")
-            labels = engine.labels(ref)
-            if labels.get(contract.LABEL_RESULT) != "passed":
-                raise CheckFailed(f"{ref}: carries no passing smoke evidence; refusing to push")
-            if labels.get(contract.LABEL_LOCK_SHA256) != resolved.lock.sha256:
-                raise CheckFailed(f"{ref}: was built from another lockfile than the current one; rebuild before pushing")
-            if labels.get(contract.LABEL_DEVICE) != "gpu" and not allow_cpu:
-                raise CheckFailed(f"{ref}: its smoke ran on CPU only; pushing it needs --allow-cpu-evidence")
-            if tag == resolved.immutable_tag:
-                remote = engine.remote_digest(repository, tag)
-                local = engine.local_repo_digest(image_id, repository)
-                if remote is not None and remote != local:
-                    raise CheckFailed(f"{ref}: the registry already serves this immutable tag as {remote}, other "
-                                      "content than this image; an immutable tag is never overwritten")
-                if remote is not None:
-                    digests[tag] = remote
-                    print(f"already in the registry: {ref} {remote}", flush=True)
-                    continue
+            if tag in already:
+                digests[tag] = already[tag]
+                print(f"already in the registry: {ref} {already[tag]}", flush=True)
+                continue
             digest = engine.push(repository, tag, progress)
             digests[tag] = digest
             print(f"pushed {ref} {digest}", flush=True)

@@ -549,6 +549,29 @@ def test_inspect_fails_a_tampered_image(client, built_local, change, finding):
     assert not our_containers(client)
 
 
+def test_an_image_whose_report_was_edited_after_tagging_is_not_reused_or_pushed(client, built_local):
+    """Its labels all say passed and its identity is these inputs', but the report inside no longer hashes to its
+    label: the immutable tag names no validated image (plan says so, a build would not reuse it), and a push
+    refuses it before anything leaves the machine."""
+    image = tampered(client, built_local["image_id"], "report")
+    immutable = built_local["immutable"]
+    try:
+        assert client.images.get(image).labels == client.images.get(built_local["image_id"]).labels
+        client.images.get(image).tag(TEST_REPO, immutable)
+        plan = run_cli("plan", "vlm-r1", "--variant", "local", "--repository", TEST_REPO)
+        assert plan.code == 0, plan.err
+        assert json.loads(plan.out)["built"] is None
+        push = run_cli("push", "vlm-r1", "--variant", "local", "--repository", TEST_REPO, "--allow-cpu-evidence")
+        assert push.code == 1, push.out + push.err
+        assert (f"{TEST_REPO}:{immutable}: carries no passing smoke evidence (its smoke report "
+                "/opt/vlmbuild/smoke-report.json does not hash to the label that vouches for it") in push.err
+    finally:
+        client.images.get(built_local["image_id"]).tag(TEST_REPO, immutable)
+        client.images.remove(image, force=True)
+    plan = run_cli("plan", "vlm-r1", "--variant", "local", "--repository", TEST_REPO)
+    assert json.loads(plan.out)["built"] == built_local["image_id"]  # the untouched image is validated again
+
+
 def test_smoke_of_an_image_without_the_smoke_is_a_clear_exit_2(client):
     base = "vlmbuild-local/debian:bookworm"
     result = run_cli("smoke", base, "--device", "cpu")
@@ -596,7 +619,8 @@ def test_smoke_of_an_image_with_a_bf16_checkpoint_mounted_read_only(client, buil
     assert data["checkpoint"]["dtype"] == "torch.bfloat16" and data["checkpoint"]["parameters"] > 0
     assert f"checkpoint {model}: torch.bfloat16" in result.out
     load = next(c for c in data["checks"] if c["name"] == "zero3_load")["details"]
-    assert load["dtype"] == "torch.bfloat16" and load["bit_identical"]  # compared in the checkpoint's own dtype
+    # compared in the checkpoint's own dtype, every tensor of it
+    assert load["dtype"] == "torch.bfloat16" and load["tensors_compared"] == data["checkpoint"]["tensors"]
     missing = run_cli("smoke", f"{TEST_REPO}:{built_local['tag']}", "--model-dir", str(tmp_path / "nope"))
     assert missing.code == 2 and "no such directory" in missing.err
     assert not our_containers(client)

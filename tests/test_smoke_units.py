@@ -168,3 +168,129 @@ def test_a_subset_of_checks_needs_what_it_depends_on():
         select_checks(applicable, "attention,zero3_load", "cpu")
     with pytest.raises(UsageProblem, match="unknown check"):
         select_checks(applicable, "nope", "cpu")
+    with pytest.raises(UsageProblem, match="prebuilt_ops needs train_step; prebuilt_ops needs optimizer_offload"):
+        select_checks(applicable, "prebuilt_ops", "cpu")
+
+
+# ---------------------------------------------------------------- optimizer_offload's verdict
+
+def offload_state(optimizer="deepspeed.ops.adam.cpu_adam.DeepSpeedCPUAdam", device="cpu", moments=2, step=1,
+                  written=True) -> dict:
+    return {"optimizer": optimizer, "fp32_partitions": {"count": 1, "devices": [device]},
+            "adam_moments": {"count": moments, "devices": [device] if moments else [], "written": written},
+            "parameter_shards": {"count": 56, "devices": [device]}, "adam_step": step}
+
+
+def test_offload_placement_is_judged_on_a_gpu_pass():
+    """Stand-in data for what only a GPU pass can observe (no GPU here: on the CPU every tensor is on the CPU, so
+    the real runs in test_smoke_faults reach the other branches): the placement DeepSpeed reports after the step."""
+    from vlmbuild.smoke.grpo import offload_problems
+
+    assert offload_problems(offload_state(), 1, gpu=True) == []
+    problems = offload_problems(offload_state(device="cuda:0"), 1, gpu=True)
+    assert problems == [f"the {what} are on cuda:0, not the CPU the offload config asks for"
+                        for what in ("fp32 master partitions", "Adam moments", "parameter shards (ds_tensor)")]
+    assert offload_problems(offload_state(device="cuda:0"), 1, gpu=False) == []  # the CPU pass cannot judge it
+
+
+def test_offload_needs_a_counted_step_with_written_moments():
+    from vlmbuild.smoke.grpo import offload_problems
+
+    assert offload_problems(offload_state(step=0), 1, gpu=False) == [
+        "deepspeed.ops.adam.cpu_adam.DeepSpeedCPUAdam counts 0 step(s) after 1 optimizer step(s)"]
+    assert offload_problems(offload_state(written=False), 1, gpu=False) == [
+        "the Adam moments of deepspeed.ops.adam.cpu_adam.DeepSpeedCPUAdam are all zero after 1 step(s)"]
+
+
+# ---------------------------------------------------------------- a pass with the recipe's workaround
+
+def test_a_workaround_makes_a_status_of_its_own_that_counts_as_passing_and_shows():
+    details = {"workaround": {"rule": "tf-4.49-fa2-bf16-rotary-dtype", "applied": "fp32 cos/sin",
+                              "stock_error": "AssertionError: Input and cos/sin must have the same dtype"}}
+    assert contract.status_of({}) == "passed" and contract.status_of(details) == "passed_with_workaround"
+    checks = [check("stack"), {**check("attention", status=contract.status_of(details)), "details": details}]
+    report = {"mode": "gpu", "world_size": 2, "seconds": 1.0, "checks": checks}
+    assert contract.report_passed(report)
+    assert contract.checks_label([report]) == {"stack": "passed", "attention": "passed_with_workaround"}
+    text = report_mod.summary(report_mod.finalize(report))
+    assert "  PASS* attention" in text and "passed only with the recipe's workaround (tf-4.49-fa2-bf16-rotary-dtype)" in text
+    assert "the stock code failed: AssertionError: Input and cos/sin must have the same dtype" in text
+
+
+# ---------------------------------------------------------------- the environment against its RECORDs and lock
+
+FLASH_URL = ("https://github.com/Dao-AILab/flash-attention/releases/download/v2.7.4.post1/"
+             "flash_attn-2.7.4.post1+cu12torch2.6cxx11abiFALSE-cp313-cp313-linux_x86_64.whl")
+
+
+def installed_dist(site: Path, name: str, version: str, files: dict[str, bytes], direct_url: dict | None = None):
+    """A distribution as an installer leaves it: its files, a dist-info with METADATA and a RECORD of sha256s."""
+    import base64
+    import hashlib
+    from importlib import metadata
+
+    info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    rows = []
+    for rel, data in files.items():
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / rel).write_bytes(data)
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        rows.append(f"{rel},sha256={digest},{len(data)}")
+    if direct_url is not None:
+        (info / "direct_url.json").write_text(json.dumps(direct_url))
+    (info / "RECORD").write_text("\n".join(rows + [f"{info.name}/RECORD,,"]) + "\n")
+    return metadata.PathDistribution(info)
+
+
+def test_record_hashes_catch_a_changed_and_a_missing_file(tmp_path):
+    from vlmbuild.smoke.stack import record_problems
+
+    dist = installed_dist(tmp_path, "tiny", "1.0", {"tiny/__init__.py": b"x = 1\n", "tiny/data.bin": b"\0" * 10,
+                                                    "tiny/__pycache__/__init__.cpython-311.pyc": b"cache"})
+    assert record_problems([dist]) == (2, [])  # a bytecode cache is Python's to check, not ours
+    (tmp_path / "tiny" / "__init__.py").write_text("x = 2\n")
+    (tmp_path / "tiny" / "data.bin").unlink()
+    (tmp_path / "tiny" / "__pycache__" / "__init__.cpython-311.pyc").write_bytes(b"rewritten by Python")
+    assert record_problems([dist]) == (2, [
+        f"tiny 1.0: {tmp_path}/tiny/__init__.py differs from its RECORD hash (changed after install)",
+        f"tiny 1.0: {tmp_path}/tiny/data.bin is listed in its RECORD but missing"])
+
+
+def test_a_direct_url_wheel_must_come_from_the_locked_url_and_file(tmp_path):
+    from vlmbuild.smoke.stack import direct_url_problems
+
+    lock = parse_lockfile(f"flash-attn @ {FLASH_URL} --hash=sha256:{'a' * 64}\n")
+
+    def found(direct_url):
+        site = tmp_path / str(len(list(tmp_path.iterdir())))
+        return {"flash-attn": [installed_dist(site, "flash-attn", "2.7.4.post1", {}, direct_url)]}
+
+    assert direct_url_problems(lock, found({"url": FLASH_URL, "archive_info": {"hash": f"sha256={'a' * 64}"}})) == []
+    assert direct_url_problems(lock, found({"url": FLASH_URL, "archive_info": {}})) == []  # no hash recorded
+    other_build = FLASH_URL.replace("cxx11abiFALSE", "cxx11abiTRUE")
+    assert direct_url_problems(lock, found({"url": other_build, "archive_info": {}})) == [
+        f"flash-attn: locked as {FLASH_URL}, installed from {other_build}"]
+    assert direct_url_problems(lock, found({"url": FLASH_URL, "archive_info": {"hashes": {"sha256": "b" * 64}}})) == [
+        f"flash-attn: installed from a file with sha256 {'b' * 64}, the lock pins {'a' * 64}"]
+    assert direct_url_problems(lock, found(None)) == [
+        f"flash-attn: locked as {FLASH_URL}, installed from an index (no direct_url.json)"]
+
+
+def test_a_record_hash_that_is_not_sha256_cannot_vouch_for_its_file(tmp_path):
+    from vlmbuild.smoke.stack import record_problems
+
+    dist = installed_dist(tmp_path, "tiny", "1.0", {})
+    (tmp_path / "tiny.py").write_text("x = 1\n")
+    record = dist._path / "RECORD"
+    record.write_text("tiny.py,md5=kFJ0nkc0Y1Mi6V4K1qPkHA,6\n" + record.read_text())
+    assert record_problems([dist]) == (0, ["tiny 1.0: tiny.py has a md5 hash in RECORD, not sha256"])
+
+
+def test_prebuilt_ops_is_skipped_when_a_check_that_loads_the_ops_did_not_pass(tmp_path):
+    from vlmbuild.smoke.__main__ import check_prebuilt_ops
+
+    entry = check_prebuilt_ops(["cpu_adam"], tmp_path, [], 2, "cpu",
+                               [check("train_step"), check("optimizer_offload", status="failed")])
+    assert entry["status"] == "skipped" and entry["error"] == "not run: optimizer_offload did not pass"

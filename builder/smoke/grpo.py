@@ -1,16 +1,23 @@
-"""Checks ``grpo`` and ``optimizer_offload``: GRPO as VLM-R1 runs it, on trl's ``GRPOTrainer`` from the image.
+"""Checks ``grpo`` and ``optimizer_offload``: GRPO under ZeRO-3 with the recipe's DeepSpeed configs, on trl from the image.
 
-VLM-R1 trains with ``VLMGRPOTrainer``, a subclass of trl's ``GRPOTrainer`` that feeds images to generation and
-to the loss. ``SmokeGRPOTrainer`` is our own such subclass, as small as it can be: trl's class keeps loading the
-reference model under ZeRO-3 and building its DeepSpeed engine (``prepare_deepspeed``), the repeat sampler, the
-seeding and the HF Trainer's DeepSpeed integration; the subclass only generates image+text prompts through trl's
-ZeRO-3 path
-(``unwrap_model_for_generation`` on the DeepSpeed engine: gather, remove the ZeRO-3 hooks, generate, put them
-back; https://github.com/huggingface/trl/issues/2962 is what breaks there) and computes GRPO's loss with the image.
+What runs: trl's ``GRPOTrainer`` (the class most GRPO recipes train with), subclassed as ``SmokeGRPOTrainer``.
+trl's own code does the rest of the run: its ``__init__`` loads the reference model and wraps it in its own
+ZeRO-3 engine with trl's ``prepare_deepspeed``, its sampler repeats each prompt ``num_generations`` times, and
+the HF Trainer underneath resolves the recipe's DeepSpeed config, makes the engine and optimizer and runs the
+steps with gradient checkpointing. Two parts are replaced by the subclass: ``_prepare_inputs`` (trl's
+``_generate_and_score_completions``: generation, rewards, advantages; ours feeds images, which trl 0.17's text
+path does not) and ``compute_loss`` (GRPO's loss with the image; one iteration per generation). Generation goes
+through trl's ZeRO-3 path, ``unwrap_model_for_generation`` on the DeepSpeed engine: gather, remove the ZeRO-3
+hooks, generate, put them back (https://github.com/huggingface/trl/issues/2962 is what breaks there).
 
-One run: the HF Trainer resolves the recipe's DeepSpeed config (``recipe_configs``), makes the optimizer,
-takes ``GRPO_STEPS`` optimizer steps with gradient checkpointing, then ``save_model`` writes the consolidated
-16-bit safetensors, which is read back byte for byte and compared with the gathered parameters.
+Which of VLM-R1's paths that covers: VLM-R1's ``VLMGRPOTrainer`` is not a ``GRPOTrainer`` subclass. It
+subclasses transformers' ``Trainer`` and takes from trl ``GRPOConfig``, ``prepare_deepspeed`` and
+``unwrap_model_for_generation``, the very functions this run goes through, with the same HF Trainer DeepSpeed
+integration, the recipe's configs and the consolidated save. trl's own GRPO scoring and loss (which VLM-R1 does
+not use either) are not what this check proves; ``benchmarks/vlm_r1_recipe.py`` runs VLM-R1's own script.
+
+One run: ``GRPO_STEPS`` optimizer steps, then ``save_model`` writes the consolidated 16-bit safetensors, which
+is read back byte for byte and compared with the gathered parameters.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ ANSWER_RE = re.compile(r"<answer>.*?</answer>", re.S)
 
 
 class GrpoProblem(Exception):
-    """The GRPO run finished but what it produced is wrong."""
+    """The GRPO run produced something wrong (raised during the run or after it)."""
 
 
 # ---------------------------------------------------------------- rule-based rewards (as the recipe's are)
@@ -101,9 +108,14 @@ def make_trainer_class() -> type:
             self.generation_calls += 1
             prompt_len = encoded["input_ids"].size(1)
             completion_ids = out[:, prompt_len:]
+            if completion_ids.size(1) == 0:
+                # Every completion empty: nothing to score and no token to take a gradient on.
+                raise GrpoProblem(f"generation under ZeRO-3 returned no new token for any of {len(inputs)} prompt(s) "
+                                  f"(max_new_tokens {MAX_COMPLETION_TOKENS}): every completion is empty")
             is_eos = completion_ids == tokenizer.eos_token_id
             first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), completion_ids.size(1))
             completion_mask = (torch.arange(completion_ids.size(1), device=device)[None, :] <= first_eos[:, None]).int()
+            # Each row has at least its first new token (up to and with its first EOS): every length is > 0.
             self.completion_lengths += completion_mask.sum(1).tolist()
 
             texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
@@ -216,17 +228,15 @@ def load_model(model_dir: Path, dtype: Any) -> Any:
 
 
 def resolved_config_facts(trainer: Any) -> dict[str, Any]:
-    """What the HF integration made of the recipe's config: no 'auto' may be left."""
+    """What the HF integration made of the recipe's config (its ``auto`` values resolved: DeepSpeed's config
+    model refuses an ``auto`` left in any of these keys, so a leftover never gets this far)."""
     config = trainer.accelerator.state.deepspeed_plugin.deepspeed_config
-    leftover = sorted(_auto_keys(config))
-    if leftover:
-        raise GrpoProblem(f"the HF integration left 'auto' in the DeepSpeed config: {', '.join(leftover)}")
     zero = config["zero_optimization"]
     return {
-        "stage": zero["stage"],
-        "overlap_comm": zero["overlap_comm"],
-        "reduce_bucket_size": zero["reduce_bucket_size"],
-        "stage3_param_persistence_threshold": zero["stage3_param_persistence_threshold"],
+        "stage": zero.get("stage"),
+        "overlap_comm": zero.get("overlap_comm"),
+        "reduce_bucket_size": zero.get("reduce_bucket_size"),
+        "stage3_param_persistence_threshold": zero.get("stage3_param_persistence_threshold"),
         "train_batch_size": config["train_batch_size"],
         "gradient_clipping": config["gradient_clipping"],
         "bf16": bool(config.get("bf16", {}).get("enabled")),
@@ -235,23 +245,16 @@ def resolved_config_facts(trainer: Any) -> dict[str, Any]:
     }
 
 
-def _auto_keys(node: Any, prefix: str = "") -> list[str]:
-    if isinstance(node, dict):
-        return [k for key, value in node.items() for k in _auto_keys(value, f"{prefix}{key}.")]
-    return [prefix.rstrip(".")] if node == "auto" else []
-
-
 def optimizer_name(trainer: Any) -> str:
     engine = trainer.model_wrapped
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     return f"{type(inner).__module__}.{type(inner).__name__}"
 
 
-def run_grpo(model_dir: Path, processor: Any, output_dir: Path, config_name: str, steps: int, world: int,
-             gpu: bool, dtype: Any, seed: int = 42) -> tuple[Any, dict[str, Any]]:
-    """Train ``steps`` GRPO steps; (trainer, facts). Raises GrpoProblem when the run is wrong."""
+def train_grpo(model_dir: Path, processor: Any, output_dir: Path, config_name: str, steps: int, world: int,
+               gpu: bool, dtype: Any, seed: int = 42) -> tuple[Any, dict[str, Any]]:
+    """Train ``steps`` GRPO steps: (trainer, the gathered parameter digests before training)."""
     import torch
-    import torch.distributed as dist
 
     from .weights import gathered_param_digests
 
@@ -263,17 +266,25 @@ def run_grpo(model_dir: Path, processor: Any, output_dir: Path, config_name: str
         reward_funcs=[format_reward, answer_reward],
         train_dataset=prompt_dataset(max(4, steps * NUM_GENERATIONS)),
     )
-    result = trainer.train()
+    trainer.smoke_train_loss = float(trainer.train().training_loss)
+    return trainer, initial
+
+
+def grpo_facts(trainer: Any, initial: dict[str, Any], steps: int, world: int) -> dict[str, Any]:
+    """What the run did, from the trainer and the engine after it; raises GrpoProblem when that is wrong."""
+    import torch.distributed as dist
+
+    from .weights import gathered_param_digests
+
     if trainer.state.global_step != steps:
         raise GrpoProblem(f"the trainer took {trainer.state.global_step} optimizer steps, expected {steps}")
-    if trainer.generation_calls < steps or not trainer.completion_lengths:
-        raise GrpoProblem(f"generation ran {trainer.generation_calls} time(s) for {steps} steps")
     if not all(math.isfinite(x) for x in trainer.losses):
         raise GrpoProblem(f"loss not finite: {trainer.losses}")
     engine = trainer.model_wrapped
     partitioned = sum(1 for p in engine.module.parameters() if hasattr(p, "ds_id"))
     if partitioned == 0:
-        raise GrpoProblem("the trained model carries no ZeRO-3 parameters (ds_id): it was not trained under ZeRO-3")
+        raise GrpoProblem("the trained model carries no ZeRO-3 parameters (ds_id): it was not trained under ZeRO-3 "
+                          f"(the resolved config says stage {resolved_config_facts(trainer)['stage']})")
     trained = gathered_param_digests(engine.module)
     moved = [n for n, d in trained.items() if n in initial and d["sha256"] != initial[n]["sha256"]]
     if not moved:
@@ -286,7 +297,7 @@ def run_grpo(model_dir: Path, processor: Any, output_dir: Path, config_name: str
         "completion_lengths": trainer.completion_lengths,
         "rewards": trainer.rewards,
         "losses": trainer.losses,
-        "train_loss": float(result.training_loss),
+        "train_loss": trainer.smoke_train_loss,
         "parameters_changed": len(moved),
         "parameters": len(trained),
         "partitioned_parameters": partitioned,
@@ -295,7 +306,55 @@ def run_grpo(model_dir: Path, processor: Any, output_dir: Path, config_name: str
         "deepspeed_config": resolved_config_facts(trainer),
     }
     dist.barrier()
-    return trainer, facts
+    return facts
+
+
+def offload_state(trainer: Any) -> dict[str, Any]:
+    """Where DeepSpeed holds the optimizer after the step, read from the engine: the ZeRO-3 optimizer's fp32
+    partitions, the inner optimizer's Adam moments and step count, every parameter's ZeRO-3 shard (ds_tensor)."""
+    import torch
+
+    engine = trainer.model_wrapped
+    zero_opt = engine.optimizer
+    inner = getattr(zero_opt, "optimizer", zero_opt)
+    flats = list(getattr(zero_opt, "fp32_partitioned_groups_flat", None) or [])
+    moments, steps = [], []
+    for state in inner.state.values():
+        moments += [state[k] for k in ("exp_avg", "exp_avg_sq") if torch.is_tensor(state.get(k))]
+        if state.get("step") is not None:
+            steps.append(int(state["step"]))
+    shards = [p.ds_tensor for p in engine.module.parameters() if hasattr(p, "ds_tensor")]
+    return {
+        "optimizer": optimizer_name(trainer),
+        "fp32_partitions": {"count": len(flats), "devices": sorted({str(t.device) for t in flats})},
+        "adam_moments": {"count": len(moments), "devices": sorted({str(t.device) for t in moments}),
+                         "written": any(bool(t.abs().sum() > 0) for t in moments)},
+        "parameter_shards": {"count": len(shards), "devices": sorted({str(t.device) for t in shards})},
+        "adam_step": max(steps, default=0),
+    }
+
+
+def offload_problems(state: dict[str, Any], steps: int, gpu: bool) -> list[str]:
+    """What is wrong with ``offload_state`` after ``steps`` offloaded optimizer step(s). Placement is judged on a
+    GPU only: on the CPU every tensor is on the CPU whether it was offloaded or not."""
+    problems = []
+    if "CPUAdam" not in state["optimizer"]:
+        problems.append(f"the offload config trained with {state['optimizer']}, not DeepSpeed's CPU Adam (cpu_adam)")
+    if state["adam_moments"]["count"] == 0:
+        problems.append(f"{state['optimizer']} holds no Adam moments after {steps} step(s): the step never ran "
+                        "through it")
+    elif state["adam_step"] < steps:
+        problems.append(f"{state['optimizer']} counts {state['adam_step']} step(s) after {steps} optimizer step(s)")
+    elif not state["adam_moments"]["written"]:
+        problems.append(f"the Adam moments of {state['optimizer']} are all zero after {steps} step(s)")
+    if gpu:
+        for part, what in (("fp32_partitions", "fp32 master partitions"), ("adam_moments", "Adam moments"),
+                           ("parameter_shards", "parameter shards (ds_tensor)")):
+            devices = state[part]["devices"]
+            if state[part]["count"] == 0 or devices != ["cpu"]:
+                problems.append(f"the {what} are on {', '.join(devices) or 'no device (none found)'}, not the CPU "
+                                "the offload config asks for")
+    return problems
 
 
 def verify_consolidated_save(trainer: Any, output_dir: Path) -> dict[str, Any]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..contract import evidence_passed, report_passed
+from ..contract import PASSED, PASSED_WITH_WORKAROUND, check_passed, evidence_passed, report_passed
 from ..rules import load_rules
 
 SCHEMA_VERSION = 2  # 2: every check records its world_size and device; checks grpo, optimizer_offload, attention
+STATUS_WORDS = {PASSED: "PASS", PASSED_WITH_WORKAROUND: "PASS*", "failed": "FAIL", "skipped": "SKIP"}
 
 
 def explain(check: dict[str, Any]) -> list[dict[str, Any]]:
@@ -25,7 +26,7 @@ def explain(check: dict[str, Any]) -> list[dict[str, Any]]:
 
 def finalize(report: dict[str, Any]) -> dict[str, Any]:
     for check in report["checks"]:
-        if check["status"] != "passed":
+        if not check_passed(check):
             check["explanations"] = explain(check)
     report["passed"] = report_passed(report)
     return report
@@ -39,7 +40,7 @@ def summary(report: dict[str, Any]) -> str:
     if checkpoint:
         lines.append(f"  checkpoint {checkpoint['path']}: {checkpoint['dtype']}, {checkpoint['parameters']:,} parameters")
     for check in report["checks"]:
-        status = {"passed": "PASS", "failed": "FAIL", "skipped": "SKIP"}[check["status"]]
+        status = STATUS_WORDS[check["status"]]
         where = f"{check.get('device', mode)} x{check.get('world_size', '?')}"
         lines.append(f"  {status} {check['name']:<18} {check['seconds']:7.1f}s  {where:<8} {_detail(check)}")
         if check["status"] == "failed" and check.get("error"):
@@ -50,6 +51,11 @@ def summary(report: dict[str, Any]) -> str:
             lines.append(f"         symptom: {rule['symptom']}")
             lines.append(f"         fix: {rule['fix']}")
             lines.extend(f"         source: {s}" for s in rule["sources"])
+        workaround = (check.get("details") or {}).get("workaround")
+        if check["status"] == PASSED_WITH_WORKAROUND and workaround:
+            lines.append(f"       * passed only with the recipe's workaround ({workaround.get('rule')}): "
+                         f"{workaround.get('applied')}")
+            lines.append(f"         the stock code failed: {str(workaround.get('stock_error', '')).splitlines()[0]}")
     verdict = "PASS" if report["passed"] else "FAIL"
     qualifier = " (CPU only: not a GPU validation)" if mode == "cpu" else ""
     lines.append(f"RESULT: {verdict} on {mode.upper()}{qualifier} in {report['seconds']:.1f}s")
@@ -59,16 +65,17 @@ def summary(report: dict[str, Any]) -> str:
 def _detail(check: dict[str, Any]) -> str:
     d = check.get("details") or {}
     name = check["name"]
-    if check["status"] != "passed":
+    if not check_passed(check):
         return ""
     if name == "stack":
         v = d.get("versions", {})
-        lock = d.get("lock")
-        locked = f", {lock['packages']} locked packages match" if lock else ", no lockfile to compare"
+        lock, files = d.get("lock"), d.get("files") or {}
+        locked = (f", {lock['packages']} locked packages installed exactly" if lock else ", no lockfile to compare")
+        locked += f", {files.get('checked', 0):,} files equal to their RECORD hashes"
         return f"torch {v.get('torch')}, deepspeed {v.get('deepspeed')}, transformers {v.get('transformers')}{locked}"
     if name == "zero3_load":
         return (f"{d.get('parameters')} parameters ({d.get('vision_parameters')} vision) partitioned, "
-                "bit-identical to the checkpoint")
+                f"{d.get('tensors_compared')} tensors bit-identical to the checkpoint")
     if name == "train_step":
         losses = d.get("losses") or []
         return f"{d.get('steps')} steps, loss " + " -> ".join(f"{x:.3f}" for x in losses)
@@ -77,19 +84,27 @@ def _detail(check: dict[str, Any]) -> str:
                 f"tensors equal after load, next loss {d.get('loss_after_resume', 0):.3f}")
     if name == "grpo":
         save = d.get("consolidated_save") or {}
-        return (f"{d.get('steps')} GRPO steps, {d.get('generations')} generation(s) under ZeRO-3, "
-                f"{d.get('parameters_changed')} parameters moved; consolidated save of {save.get('tensors_compared')} "
-                "tensors equal to the trained parameters")
+        lengths = d.get("completion_lengths") or [0]
+        return (f"{d.get('steps')} GRPO steps, {d.get('generations')} generation(s) under ZeRO-3 (completions "
+                f"{min(lengths)}-{max(lengths)} tokens), {d.get('parameters_changed')} parameters moved; consolidated "
+                f"save of {save.get('tensors_compared')} tensors equal to the trained parameters")
     if name == "optimizer_offload":
-        return f"{d.get('steps')} step(s) with {str(d.get('optimizer', '')).rsplit('.', 1)[-1]}, state offloaded to the CPU"
+        off = d.get("offload") or {}
+        where = ("fp32 partitions, moments and parameter shards on the CPU" if check.get("device", "cpu") != "cpu"
+                 else "placement not judged on the CPU")
+        return (f"{d.get('steps')} step(s) with {str(off.get('optimizer', '')).rsplit('.', 1)[-1]} (Adam step "
+                f"{off.get('adam_step')}, {(off.get('adam_moments') or {}).get('count')} moments written); {where}")
     if name == "zero3_repeat":
-        return f"{d.get('runs')} loads in fresh processes, every one bit-identical"
+        return f"{d.get('runs')} loads in fresh processes, every one bit-identical to the checkpoint"
     if name == "prebuilt_ops":
-        return f"{', '.join(d.get('ops') or {})} built into DeepSpeed; nothing compiled at run time"
+        loaded = d.get("loaded") or {}
+        return (f"{', '.join(loaded)} loaded from DeepSpeed's package on {min((len(r) for r in loaded.values()), default=0)} "
+                "rank(s); nothing compiled at run time")
     if name == "attention":
         vt, lm = d.get("vision_tower") or {}, d.get("language_model") or {}
         return (f"{d.get('candidate')} vs {d.get('reference')}: vision rel. error {vt.get('relative_error', 0):.1e}, "
-                f"language model {lm.get('relative_error', 0):.1e}; vision rotary: {d.get('vision_rotary')}")
+                f"language model {lm.get('relative_error', 0):.1e}"
+                + (f"; only with the recipe's fix ({d['workaround']['rule']})" if d.get("workaround") else ""))
     return ""
 
 

@@ -1,19 +1,28 @@
-"""Check 1, "stack": what is installed is what was locked, the CUDA build is the declared one, the GPU is
-usable for ZeRO-3 (arch compiled in, NCCL, bf16), and no compatibility rule matches the installed versions.
+"""Check 1, "stack": what is installed is what was locked, file for file, the CUDA build is the declared one, the
+GPU is usable for ZeRO-3 (arch compiled in, NCCL, bf16), and no compatibility rule matches the installed versions.
 
-Also ``verify_install``: the build-time form (no torch import; importlib.metadata only), run by the
-Dockerfile so an image whose layers disagree with its lockfile never finishes building.
+"What was locked" is judged on the environment itself (``environment_problems``): every distribution Python can
+see is locked, at the locked version, once (a second dist-info of a name is a copy that shadows or is shadowed),
+from the locked URL where the lock pins one, and every file its RECORD lists still has the hash the installer
+recorded. Also ``verify_install``: the build-time form (no torch import), run by the Dockerfile so an image
+whose layers disagree with its lockfile never finishes building.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import importlib
+import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from .. import contract
@@ -52,8 +61,124 @@ def lock_mismatches(lock: Lockfile, installed: dict[str, str]) -> list[str]:
     return problems
 
 
+# The smoke itself: staged beside the environment it checks, never part of its lock.
+SMOKE_DISTRIBUTION = "vlmbuild"
+
+
+def distributions_on_path() -> dict[str, list[metadata.Distribution]]:
+    """Every distribution the environment's Python sees, by canonical name, in sys.path order (the first is the one
+    imported). The working directory ``python -m`` puts first is left out: it is where the smoke was started from
+    (a checkout of vlmbuild, say), not part of the environment."""
+    out: dict[str, list[metadata.Distribution]] = {}
+    seen: set[str] = set()
+    path = [p for p in sys.path if p not in ("", os.getcwd())]
+    for dist in metadata.distributions(path=path):
+        name = dist.metadata.get("Name")
+        where = os.path.realpath(str(getattr(dist, "_path", "") or dist.locate_file("")))
+        if not name or where in seen:  # one directory twice on sys.path is one distribution
+            continue
+        seen.add(where)
+        out.setdefault(canonicalize_name(name), []).append(dist)
+    return out
+
+
+def dist_location(dist: metadata.Distribution) -> str:
+    return str(getattr(dist, "_path", None) or dist.locate_file(""))
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
+
+
+def record_problems(dists: list[metadata.Distribution]) -> tuple[int, list[str]]:
+    """(files checked, problems): every file each distribution's RECORD lists with a sha256 must be there with that
+    hash. Bytecode caches are left out: Python rewrites a .pyc whenever its source's mtime changes (the image
+    build clamps mtimes) and checks it against its source itself."""
+    todo: list[tuple[str, Path, str]] = []
+    problems: list[str] = []
+    for dist in dists:
+        name = f"{dist.metadata['Name']} {dist.version}"
+        for entry in dist.files or []:
+            if entry.hash is None or entry.suffix == ".pyc":
+                continue
+            if entry.hash.mode != "sha256":
+                problems.append(f"{name}: {entry} has a {entry.hash.mode} hash in RECORD, not sha256")
+                continue
+            todo.append((name, Path(str(entry.locate())), entry.hash.value))
+
+    def check(item: tuple[str, Path, str]) -> str | None:
+        name, path, expected = item
+        try:
+            actual = _file_sha256(path)
+        except FileNotFoundError:
+            return f"{name}: {path} is listed in its RECORD but missing"
+        except OSError as exc:
+            return f"{name}: {path} cannot be read ({exc.strerror})"
+        return None if actual == expected else f"{name}: {path} differs from its RECORD hash (changed after install)"
+
+    # hashlib releases the GIL on large buffers: threads hash a CUDA venv's gigabytes in parallel.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        problems += [p for p in pool.map(check, todo) if p]
+    return len(todo), problems
+
+
+def direct_url_problems(lock: Lockfile, found: dict[str, list[metadata.Distribution]]) -> list[str]:
+    """A requirement the lock pins to a URL (flash-attn's wheel) must be installed from that URL, and, where the
+    installer recorded the archive's hash, from that very file: the version alone says nothing of the build."""
+    problems = []
+    for req in lock.requirements:
+        if req.url is None or not found.get(req.name):
+            continue
+        dist = found[req.name][0]
+        raw = dist.read_text("direct_url.json")
+        if raw is None:
+            problems.append(f"{req.name}: locked as {req.url}, installed from an index (no direct_url.json)")
+            continue
+        info = json.loads(raw)
+        if info.get("url") != req.url:
+            problems.append(f"{req.name}: locked as {req.url}, installed from {info.get('url')}")
+            continue
+        archive = info.get("archive_info") or {}
+        hashes = dict(archive.get("hashes") or {})
+        if "hash" in archive and "=" in archive["hash"]:
+            algo, value = archive["hash"].split("=", 1)
+            hashes.setdefault(algo, value)
+        locked = {h.split(":", 1)[1] for h in req.hashes if h.startswith("sha256:")}
+        if "sha256" in hashes and hashes["sha256"] not in locked:
+            problems.append(f"{req.name}: installed from a file with sha256 {hashes['sha256']}, the lock pins "
+                            f"{', '.join(sorted(locked))}")
+    return problems
+
+
+def environment_problems(lock: Lockfile | None) -> tuple[dict[str, Any], list[str]]:
+    """(facts, problems) of the environment as a whole: duplicates, RECORD hashes and, given a lock, versions,
+    unlocked distributions and direct URLs."""
+    found = distributions_on_path()
+    problems = []
+    for name, dists in sorted(found.items()):
+        if len(dists) > 1:
+            where = ", ".join(f"{d.version} at {dist_location(d)}" for d in dists)
+            problems.append(f"{name}: {len(dists)} installed copies, the first shadows the rest: {where}")
+    checked, record = record_problems([d for dists in found.values() for d in dists])
+    problems += record
+    facts: dict[str, Any] = {"distributions": len(found), "files": {"checked": checked, "mismatches": len(record)}}
+    if lock is not None:
+        mismatches = lock_mismatches(lock, {name: dists[0].version for name, dists in found.items()})
+        unlocked = sorted(f"{name} {dists[0].version} ({dist_location(dists[0])})" for name, dists in found.items()
+                          if name not in lock.pins and name != SMOKE_DISTRIBUTION)
+        problems += mismatches + [f"{u}: installed but not in the lockfile" for u in unlocked]
+        problems += direct_url_problems(lock, found)
+        facts["unlocked"] = len(unlocked)
+        facts["version_mismatches"] = len(mismatches)
+    return facts, problems
+
+
 def verify_install(lock: Lockfile) -> list[str]:
-    return lock_mismatches(lock, installed_versions())
+    return environment_problems(lock)[1]
 
 
 def _gpu_facts(torch: Any) -> tuple[dict[str, Any], list[str]]:
@@ -86,13 +211,12 @@ def check_stack(mode: str, lock: Lockfile | None, variant: dict[str, Any] | None
     installed = installed_versions()
     details["versions"] = {k: installed.get(k) for k in ("torch", "deepspeed", "transformers", "accelerate", "trl",
                                                           "triton", "flash-attn", "safetensors", "tokenizers")}
-    if lock is not None:
-        mismatches = lock_mismatches(lock, installed)
-        details["lock"] = {"path": str(lock.path), "sha256": lock.sha256, "packages": len(lock.pins),
-                           "mismatches": len(mismatches)}
-        problems += mismatches
-    else:
-        details["lock"] = None
+    environment, env_problems = environment_problems(lock)
+    details["files"] = environment["files"]
+    details["lock"] = None if lock is None else {
+        "path": str(lock.path), "sha256": lock.sha256, "packages": len(lock.pins),
+        "mismatches": environment["version_mismatches"], "unlocked": environment["unlocked"]}
+    problems += env_problems
 
     modules = modules_to_import(variant, installed)
     import_seconds: dict[str, float] = {}

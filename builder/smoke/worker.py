@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .. import contract
 from . import tiny_model
 from .common import CheckFailed, all_ranks_ok, mean_over_ranks, set_comm_device
 from .model_dir import checkpoint_dtype
@@ -124,8 +125,10 @@ class Smoke:
                 "overlap_comm": False,
                 "contiguous_gradients": True,
             },
-            # torch's AdamW: no fused CUDA/CPU Adam op to JIT-build, same on CPU and GPU.
-            "optimizer": {"type": "AdamW", "params": {"lr": LEARNING_RATE, "torch_adam": True}},
+            # On GPU DeepSpeed's own AdamW, its fused_adam op: what a DeepSpeed config with an optimizer block
+            # trains with (and the op a CUDA image carries prebuilt). On the CPU torch's AdamW: the CPU
+            # accelerator's fused Adam is another op, which no image carries.
+            "optimizer": {"type": "AdamW", "params": {"lr": LEARNING_RATE, "torch_adam": not self.gpu}},
             "bf16": {"enabled": half == torch.bfloat16},
             "fp16": {"enabled": half == torch.float16, "initial_scale_power": 8},
         }
@@ -135,7 +138,7 @@ class Smoke:
     def run_check(self, name: str, fn: Callable[[], dict[str, Any] | None], needs: tuple[str, ...] = ()) -> bool:
         if name not in self.checks:
             return False
-        failed_deps = [r["name"] for r in self.results if r["name"] in needs and r["status"] != "passed"]
+        failed_deps = [r["name"] for r in self.results if r["name"] in needs and not contract.check_passed(r)]
         start = time.monotonic()
         entry: dict[str, Any] = {"name": name, "status": "passed", "seconds": 0.0, "error": None, "details": {},
                                  "world_size": self.world, "device": self.device_description()}
@@ -162,6 +165,8 @@ class Smoke:
             entry["status"] = "failed"
             if ok:
                 entry["error"] = "failed on another rank"
+        else:
+            entry["status"] = contract.status_of(entry["details"])
         entry["seconds"] = round(time.monotonic() - start, 3)
         self.results.append(entry)
         self.write_results()
@@ -176,7 +181,8 @@ class Smoke:
 
     def write_results(self) -> None:
         out = Path(self.args.results_dir) / f"rank{self.rank}.json"
-        out.write_text(json.dumps({"rank": self.rank, "world_size": self.world, "checks": self.results}, indent=2))
+        out.write_text(json.dumps({"rank": self.rank, "world_size": self.world, "device": self.device_description(),
+                                   "loaded_ops": loaded_ops(), "checks": self.results}, indent=2))
 
     # -- check 2: zero3_load
 
@@ -249,7 +255,7 @@ class Smoke:
             del self.model
             self.model = self.load_under_zero3(self.dtype)
         return {"parameters": len(names), "vision_parameters": vision, "partitioned": len(partitioned),
-                "bit_identical": True, "dtype": str(load_dtype), "weights_sha256": weights.hexdigest()}
+                "tensors_compared": len(reference), "dtype": str(load_dtype), "weights_sha256": weights.hexdigest()}
 
     # -- check 3: train_step
 
@@ -332,8 +338,9 @@ class Smoke:
 
         output = self.workdir / "grpo"
         try:
-            trainer, facts = grpo.run_grpo(self.model_dir, self.processor(), output, "zero3", grpo.GRPO_STEPS,
-                                           self.world, self.gpu, self.dtype)
+            trainer, initial = grpo.train_grpo(self.model_dir, self.processor(), output, "zero3", grpo.GRPO_STEPS,
+                                               self.world, self.gpu, self.dtype)
+            facts = grpo.grpo_facts(trainer, initial, grpo.GRPO_STEPS, self.world)
             facts["consolidated_save"] = grpo.verify_consolidated_save(trainer, output / "final")
         except grpo.GrpoProblem as exc:
             raise CheckFailed(str(exc)) from None
@@ -343,14 +350,21 @@ class Smoke:
         from . import grpo
 
         try:
-            trainer, facts = grpo.run_grpo(self.model_dir, self.processor(), self.workdir / "grpo-offload",
-                                           "zero3_offload", grpo.OFFLOAD_STEPS, self.world, self.gpu, self.dtype)
+            trainer, initial = grpo.train_grpo(self.model_dir, self.processor(), self.workdir / "grpo-offload",
+                                               "zero3_offload", grpo.OFFLOAD_STEPS, self.world, self.gpu, self.dtype)
+            # Where DeepSpeed holds the optimizer, as it holds it after the step, before anything else is judged.
+            state = grpo.offload_state(trainer)
+            problems = grpo.offload_problems(state, grpo.OFFLOAD_STEPS, self.gpu)
+            if problems:
+                raise CheckFailed("; ".join(problems) + f" (observed: {json.dumps(state)})")
+            facts = grpo.grpo_facts(trainer, initial, grpo.OFFLOAD_STEPS, self.world)
         except grpo.GrpoProblem as exc:
             raise CheckFailed(str(exc)) from None
-        if "CPUAdam" not in facts["optimizer"]:
-            raise CheckFailed(f"the offload config trained with {facts['optimizer']}, not DeepSpeed's CPU Adam")
-        if facts["deepspeed_config"]["offload_optimizer"] != "cpu":
-            raise CheckFailed("the optimizer state was not offloaded to the CPU")
+        facts["offload"] = state
+        facts["placement"] = ("judged: fp32 partitions, Adam moments and parameter shards on the CPU" if self.gpu else
+                              "not judged on the CPU, where every tensor is on the CPU offloaded or not; this pass "
+                              "proves DeepSpeed's CPU Adam (the cpu_adam op) took the step with the recipe's "
+                              "offload config and wrote its moments")
         return facts
 
     # -- check 7 (GPU): attention
@@ -370,6 +384,16 @@ class Smoke:
         self.run_check("grpo", self.check_grpo, needs=("zero3_load",))
         self.run_check("optimizer_offload", self.check_optimizer_offload, needs=("grpo",))
         self.run_check("attention", self.check_attention, needs=("zero3_load",))
+
+
+def loaded_ops() -> dict[str, str | None]:
+    """The DeepSpeed ops this process has loaded through their op builders (OpBuilder.load caches each one it
+    loads, prebuilt or JIT-compiled, by name), each with the file it came from."""
+    try:
+        from deepspeed.ops.op_builder.builder import OpBuilder
+    except Exception:  # noqa: BLE001 - no DeepSpeed to ask: no op was loaded through it
+        return {}
+    return {name: getattr(module, "__file__", None) for name, module in sorted(OpBuilder._loaded_ops.items())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -411,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     smoke = Smoke(args)
     smoke.run()
     smoke.write_results()
-    return 0 if all(r["status"] == "passed" for r in smoke.results) else 1
+    return 0 if all(contract.check_passed(r) for r in smoke.results) else 1
 
 
 if __name__ == "__main__":

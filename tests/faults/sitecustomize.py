@@ -1,8 +1,8 @@
 """Fault injection: make transformers behave like a broken upstream, from outside vlmbuild's code.
 
 Put this directory on PYTHONPATH and set VLMBUILD_FAULT; Python imports ``sitecustomize`` at start-up
-(in the smoke's launcher and in every rank torchrun starts). When ``transformers.modeling_utils`` is
-imported, it is patched:
+(in the smoke's launcher and in every rank torchrun starts). When the fault's target module is imported, it is
+patched. Faults of ``transformers.modeling_utils`` (the loader):
 
 - ``zero3-no-gather``: the loader of transformers main between PR 36335 and PR 36455 (4.50.0.dev0): the
   state dict is copied with plain ``_load_from_state_dict``, without ``deepspeed.zero.GatheredParameters``,
@@ -18,11 +18,29 @@ imported, it is patched:
   told apart by their MASTER_PORT, recorded in the file VLMBUILD_FAULT_STATE names): one run of the ZeRO-3
   load is clean, the next is not.
 
+Faults of the GRPO run (check grpo), each what a broken trainer, integration or optimizer does:
+
+- ``generate-nothing``: ``generate()`` returns the prompt alone, no new token.
+- ``trainer-stops-early``: the Trainer's flow callback stops training after the first step.
+- ``nan-loss``: the model's logits turn NaN whenever a gradient is taken (generation and the reference model,
+  which run without one, are untouched).
+- ``zero-stage-2``: the Trainer's DeepSpeed config loses ZeRO-3 (stage 2), as a config merge gone wrong would.
+- ``no-16bit-save``: the Trainer's DeepSpeed config loses ``stage3_gather_16bit_weights_on_model_save``.
+- ``save-corrupts``: ``save_pretrained`` with a given state dict (the consolidated save) writes one tensor wrong.
+- ``no-update``: torch's AdamW ``step()`` does nothing: the update never reaches the weights.
+
+Faults of the offload (check optimizer_offload) and of the prebuilt ops (check prebuilt_ops):
+
+- ``offload-dropped``: the Trainer's DeepSpeed config loses its offload (and asks for torch's AdamW).
+- ``cpu-adam-no-step``: DeepSpeed's CPU Adam ``step()`` does nothing.
+- ``shm-incompatible``: DeepSpeed finds its ``deepspeed_shm_comm`` op incompatible and silently goes without it.
+- ``shm-jit``: DeepSpeed's build metadata says ``deepspeed_shm_comm`` is not built in: it is JIT-compiled.
+
 Also ``VLMBUILD_FAULT_MISSING=mod1,mod2``: those modules cannot be imported (as in an environment that lacks
 them), whatever else is installed.
 
-Targets transformers 4.49's ``_load_state_dict_into_model``; fails loudly if it is missing, so a test
-cannot pass because the fault silently did nothing.
+Each fault fails loudly when what it patches is missing (transformers 4.49, DeepSpeed 0.19, trl 0.17), so a
+test cannot pass because the fault silently did nothing.
 """
 
 from __future__ import annotations
@@ -32,11 +50,17 @@ import importlib.util
 import os
 import sys
 
-TARGET = "transformers.modeling_utils"
 FAULT = os.environ.get("VLMBUILD_FAULT", "")
 
 
+def _require(module, *names):
+    for name in names:
+        if not hasattr(module, name):
+            raise RuntimeError(f"fault {FAULT!r}: {module.__name__} has no {name} to patch")
+
+
 def _no_gather(mu):
+    _require(mu, "_load_state_dict_into_model", "is_deepspeed_zero3_enabled")
     original = mu._load_state_dict_into_model
 
     def load_without_gathering(*args, **kwargs):
@@ -51,6 +75,7 @@ def _no_gather(mu):
 
 
 def _silent_corruption(mu):
+    _require(mu, "_load_state_dict_into_model")
     original = mu._load_state_dict_into_model
 
     def load_corrupted(model_to_load, state_dict, *args, **kwargs):
@@ -65,8 +90,7 @@ def _silent_corruption(mu):
 
 
 def _not_partitioned(mu):
-    if not hasattr(mu, "is_deepspeed_zero3_enabled"):
-        raise RuntimeError(f"fault 'not-partitioned': {TARGET} has no is_deepspeed_zero3_enabled to patch")
+    _require(mu, "is_deepspeed_zero3_enabled")
     mu.is_deepspeed_zero3_enabled = lambda: False
 
 
@@ -90,13 +114,152 @@ def _intermittent_corruption(mu):
         _silent_corruption(mu)
 
 
-FAULTS = {"zero3-no-gather": _no_gather, "silent-corruption": _silent_corruption,
-          "not-partitioned": _not_partitioned, "intermittent-corruption": _intermittent_corruption}
+def _generate_nothing(gu):
+    _require(gu, "GenerationMixin")
+
+    def generate(self, input_ids=None, **kwargs):
+        return input_ids  # the prompt, and not one new token
+
+    gu.GenerationMixin.generate = generate
+
+
+def _trainer_stops_early(tc):
+    _require(tc, "DefaultFlowCallback")
+    original = tc.DefaultFlowCallback.on_step_end
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control = original(self, args, state, control, **kwargs)
+        control.should_training_stop = True
+        return control
+
+    tc.DefaultFlowCallback.on_step_end = on_step_end
+
+
+def _nan_loss(modeling):
+    _require(modeling, "Qwen2_5_VLForConditionalGeneration")
+    import torch
+
+    cls = modeling.Qwen2_5_VLForConditionalGeneration
+    original = cls.forward
+
+    def forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if torch.is_grad_enabled() and self.training:
+            out.logits = out.logits * float("nan")
+        return out
+
+    cls.forward = forward
+
+
+def _trainer_config(change):
+    """A fault of the DeepSpeed config the HF Trainer hands to DeepSpeed (HfTrainerDeepSpeedConfig is made by the
+    TrainingArguments only; the smoke's own ZeRO-3 checks use its base class)."""
+    def patch(integration):
+        _require(integration, "HfTrainerDeepSpeedConfig")
+        cls = integration.HfTrainerDeepSpeedConfig
+        original = cls.__init__
+
+        def __init__(self, config_file_or_dict, *args, **kwargs):
+            if isinstance(config_file_or_dict, dict):
+                change(config_file_or_dict)
+            original(self, config_file_or_dict, *args, **kwargs)
+
+        cls.__init__ = __init__
+
+    return patch
+
+
+def _stage_2(config):
+    config["zero_optimization"]["stage"] = 2
+    for key in [k for k in config["zero_optimization"] if k.startswith("stage3_")]:
+        del config["zero_optimization"][key]
+
+
+def _no_16bit_save(config):
+    zero = config["zero_optimization"]
+    for key in ("stage3_gather_16bit_weights_on_model_save", "gather_16bit_weights_on_model_save"):
+        zero.pop(key, None)
+    zero["stage3_gather_16bit_weights_on_model_save"] = False
+
+
+def _offload_dropped(config):
+    zero = config["zero_optimization"]
+    if (zero.get("offload_optimizer") or {}).get("device") == "cpu":
+        zero["offload_optimizer"] = {"device": "none"}
+        zero["offload_param"] = {"device": "none"}
+        config["optimizer"]["params"]["torch_adam"] = True
+
+
+def _save_corrupts(mu):
+    _require(mu, "PreTrainedModel")
+    original = mu.PreTrainedModel.save_pretrained
+
+    def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
+        if state_dict:
+            state_dict = dict(state_dict)
+            key = sorted(k for k in state_dict if k.endswith("mlp.up_proj.weight"))[0]
+            state_dict[key] = state_dict[key].flip(0).contiguous()
+        return original(self, save_directory, *args, state_dict=state_dict, **kwargs)
+
+    mu.PreTrainedModel.save_pretrained = save_pretrained
+
+
+def _no_update(adamw):
+    _require(adamw, "AdamW")
+
+    def step(self, closure=None):
+        return None
+
+    adamw.AdamW.step = step
+
+
+def _cpu_adam_no_step(cpu_adam):
+    _require(cpu_adam, "DeepSpeedCPUAdam")
+
+    def step(self, closure=None):
+        return None
+
+    cpu_adam.DeepSpeedCPUAdam.step = step
+
+
+def _shm_incompatible(ops):
+    _require(ops, "_probe_compatible_ops")
+    compatible = ops._probe_compatible_ops()
+    if "deepspeed_shm_comm" not in compatible:
+        raise RuntimeError(f"fault {FAULT!r}: DeepSpeed knows no deepspeed_shm_comm op")
+    compatible["deepspeed_shm_comm"] = False
+    ops.__compatible_ops__ = compatible
+
+
+def _shm_jit(info):
+    _require(info, "installed_ops")
+    if not info.installed_ops.get("deepspeed_shm_comm"):
+        raise RuntimeError(f"fault {FAULT!r}: deepspeed_shm_comm is not built in: nothing to take away")
+    info.installed_ops["deepspeed_shm_comm"] = False
+
+
+LOADER = "transformers.modeling_utils"
+FAULTS = {"zero3-no-gather": (LOADER, _no_gather), "silent-corruption": (LOADER, _silent_corruption),
+          "not-partitioned": (LOADER, _not_partitioned), "intermittent-corruption": (LOADER, _intermittent_corruption),
+          "generate-nothing": ("transformers.generation.utils", _generate_nothing),
+          "trainer-stops-early": ("transformers.trainer_callback", _trainer_stops_early),
+          "nan-loss": ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", _nan_loss),
+          "zero-stage-2": ("transformers.integrations.deepspeed", _trainer_config(_stage_2)),
+          "no-16bit-save": ("transformers.integrations.deepspeed", _trainer_config(_no_16bit_save)),
+          "save-corrupts": (LOADER, _save_corrupts),
+          "no-update": ("torch.optim.adamw", _no_update),
+          "offload-dropped": ("transformers.integrations.deepspeed", _trainer_config(_offload_dropped)),
+          "cpu-adam-no-step": ("deepspeed.ops.adam.cpu_adam", _cpu_adam_no_step),
+          "shm-incompatible": ("deepspeed.ops", _shm_incompatible),
+          "shm-jit": ("deepspeed.git_version_info", _shm_jit)}
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
+    def __init__(self, target: str, patch) -> None:
+        self.target, self.patch = target, patch
+
     def find_spec(self, name, path=None, target=None):
-        if name != TARGET:
+        if name != self.target:
             return None
         sys.meta_path.remove(self)
         try:
@@ -109,9 +272,7 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
         def exec_and_patch(module):
             exec_module(module)
-            if not hasattr(module, "_load_state_dict_into_model"):
-                raise RuntimeError(f"fault {FAULT!r}: {TARGET} has no _load_state_dict_into_model to patch")
-            FAULTS[FAULT](module)
+            self.patch(module)
             print(f"[fault armed: {FAULT}]", file=sys.stderr)
 
         spec.loader.exec_module = exec_and_patch
@@ -121,7 +282,7 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 if FAULT:
     if FAULT not in FAULTS:
         raise RuntimeError(f"VLMBUILD_FAULT={FAULT!r}: unknown fault; known: {sorted(FAULTS)}")
-    sys.meta_path.insert(0, _PatchOnImport())
+    sys.meta_path.insert(0, _PatchOnImport(*FAULTS[FAULT]))
 
 
 class _Missing(importlib.abc.MetaPathFinder):
