@@ -556,7 +556,10 @@ def test_an_image_whose_report_was_edited_after_tagging_is_not_reused_or_pushed(
     image = tampered(client, built_local["image_id"], "report")
     immutable = built_local["immutable"]
     try:
-        assert client.images.get(image).labels == client.images.get(built_local["image_id"]).labels
+        def vouching(labels: dict) -> dict:
+            return {k: v for k, v in labels.items() if k != OWNER}  # the copy's maker marks its container
+
+        assert vouching(client.images.get(image).labels) == vouching(client.images.get(built_local["image_id"]).labels)
         client.images.get(image).tag(TEST_REPO, immutable)
         plan = run_cli("plan", "vlm-r1", "--variant", "local", "--repository", TEST_REPO)
         assert plan.code == 0, plan.err
