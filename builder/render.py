@@ -44,10 +44,6 @@ BUILD_FILES_MOUNT = f"{SCRATCH}/files"
 NORMALIZE_TIMES = f"{BUILD_FILES_MOUNT}/normalize-times {BUILD_EPOCH}"
 # Every mount point a RUN of the build uses outside SCRATCH, made once in the first RUN with the fixed time.
 MOUNT_POINTS = ("/run/secrets", SCRATCH, UV_CACHE, "/root/.cache/pip", "/opt/build-tools", "/var/cache/vlmbuild-wheels")
-# What apt and dpkg write that records when the build ran, not what it installed: emptied, not deleted (deleting a
-# file the base holds leaves a whiteout in the layer, which carries the time of the build).
-APT_BUILD_RECORDS = ("/var/log/apt/*", "/var/log/dpkg.log", "/var/log/alternatives.log", "/var/cache/apt/*.bin",
-                     "/var/cache/ldconfig/aux-cache", "/var/cache/debconf/*-old", "/var/lib/dpkg/*-old")
 # Every RUN: the build's secrets (inside a tmpfs: no file of theirs in any layer), the scratch tmpfs with the build
 # helpers in it. Every RUN that installs adds uv's download cache (one for every build on this machine: uv
 # verifies hashes on every install, so a shared cache cannot smuggle a file in) and uv from the tools stage.
@@ -220,13 +216,9 @@ def _bucket(variant: Variant, lock: Lockfile) -> dict[str, list[Requirement]]:
 
 def _split_order(layer: Layer, reqs: list[Requirement], variant: Variant) -> list[Requirement]:
     """A split layer's packages in the order the spec names them (its patterns, or its group's packages)."""
-    from fnmatch import fnmatchcase
-
-    names = list(variant.image.groups[layer.group].packages) if layer.group else list(layer.match)
-
     def rank(req: Requirement) -> tuple[int, str]:
-        hits = [i for i, pattern in enumerate(names) if fnmatchcase(req.name, pattern)]
-        return (hits[0] if hits else len(names), req.name)
+        position = variant.image.position_in(layer, req.name)
+        return (len(reqs) + 1000 if position is None else position, req.name)
 
     return sorted(reqs, key=rank)
 
@@ -238,8 +230,9 @@ def deepspeed_build_env(variant: Variant, build_files: str) -> dict[str, str]:
     ops = how.ops.get(variant.accelerator, {})
     env = {"DS_ACCELERATOR": variant.accelerator, "DS_BUILD_OPS": "0", **{var: "1" for var in ops.values()}}
     if variant.accelerator == "cuda":
-        # nvcc needs no GPU to compile for these architectures (the CUDA base images carry nvcc).
-        env.update({"TORCH_CUDA_ARCH_LIST": variant.cuda_archs or "", "CUDA_HOME": "/usr/local/cuda"})
+        # nvcc needs no GPU to compile for these architectures; the base family says where the toolkit lies.
+        toolkit = variant.family.cuda_toolkit(variant.cuda or "")
+        env.update({"TORCH_CUDA_ARCH_LIST": variant.cuda_archs or "", "CUDA_HOME": toolkit.home})
     env.update({
         # the portable compiler (build_files/portable-cxx) and the parallel build of the ops (build_ext.cfg)
         "CC": f"{build_files}/portable-cxx", "CXX": f"{build_files}/portable-cxx",
@@ -387,7 +380,8 @@ def render(variant: Variant, output: Path, base_image: str | None = None, lock: 
                 epoch=BUILD_EPOCH,
                 mount_points=MOUNT_POINTS,
                 mount_points_and_parents=mount_points_and_parents(),
-                apt_build_records=APT_BUILD_RECORDS,
+                python=variant.family.python_command(variant.python),
+                base_install=variant.family.install(variant.family.python_packages(variant.python), SCRATCH),
                 normalize_times=NORMALIZE_TIMES,
                 normalize_venv=NORMALIZE_VENV,
                 chain_layers=[layer for layer, _ in chain],

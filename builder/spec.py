@@ -19,6 +19,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
+from .bases import DEFAULT_FAMILY, FAMILIES, BaseFamily
 from .errors import SpecError
 from .rules import KNOWN_CONDITIONS
 
@@ -26,8 +27,8 @@ SCHEMA = 1
 TOP_KEYS = {"schema", "name", "description", "repository", "template", "default_variant", "recipe", "smoke",
             "labels", "defaults", "groups", "layers", "deepspeed_build", "variants"}
 REQUIRED_TOP = {"schema", "name", "repository", "template", "default_variant", "defaults", "layers", "variants"}
-VARIANT_KEYS = {"description", "expect", "base_image", "python", "cuda", "platform", "tag", "packages", "wheels",
-                "imports", "cuda_archs"}
+VARIANT_KEYS = {"description", "expect", "base_image", "base_family", "python", "cuda", "platform", "tag", "packages",
+                "wheels", "imports", "cuda_archs"}
 ACCELERATORS = ("cpu", "cuda")
 CUDA_ARCHS_RE = re.compile(r"^\d+\.\d+(\+PTX)?(;\d+\.\d+(\+PTX)?)*$")
 BUILD_VAR_RE = re.compile(r"^DS_BUILD_[A-Z0-9_]+$")
@@ -38,6 +39,8 @@ MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 REQUIRED_DEFAULTS = {"base_image", "python", "platform", "tag", "packages"}
 EXPECTS = ("pass", "rejected")
 DEVICES = ("auto", "gpu", "cpu")
+# The smoke's settings when the spec says nothing (the CLI's flags default to the spec's value, never to their own).
+DEFAULT_SMOKE_DEVICE, DEFAULT_SMOKE_TIMEOUT, DEFAULT_SMOKE_REPEAT = "auto", 1200, 1
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 PYTHON_RE = re.compile(r"^3\.\d{1,2}$")
@@ -126,6 +129,11 @@ class Variant:
     wheels: dict[str, Wheel]
     imports: tuple[str, ...] = ()  # modules the stack check imports: the stack's, then each group's
     cuda_archs: str | None = None  # TORCH_CUDA_ARCH_LIST for the CUDA ops compiled into the image
+    base_family: str = DEFAULT_FAMILY  # vlmbuild.bases: the distribution family of base_image
+
+    @property
+    def family(self) -> BaseFamily:
+        return FAMILIES[self.base_family]
 
     @property
     def accelerator(self) -> str:
@@ -187,16 +195,21 @@ class ImageSpec:
         return self.variants[name]
 
     def layer_of(self, package: str) -> Layer:
-        """The first layer whose patterns match the package; else the layer marked ``rest``."""
+        """The first layer whose patterns (or group) match the package; else the layer marked ``rest``."""
+        for layer in self.layers:
+            if self.position_in(layer, package) is not None:
+                return layer
+        return next(layer for layer in self.layers if layer.rest)
+
+    def position_in(self, layer: Layer, package: str) -> int | None:
+        """Where the layer names the package: the index of its first matching pattern (or of the package in the
+        layer's group), None when it does not. The one place a package is matched to a layer: layer_of places
+        it, and a split layer's packages are ordered by it."""
         from fnmatch import fnmatchcase
 
         cname = canonicalize_name(package)
-        for layer in self.layers:
-            if layer.group is not None and cname in self.groups[layer.group].packages:
-                return layer
-            if any(fnmatchcase(cname, pattern) for pattern in layer.match):
-                return layer
-        return next(layer for layer in self.layers if layer.rest)
+        names = list(self.groups[layer.group].packages) if layer.group is not None else list(layer.match)
+        return next((i for i, pattern in enumerate(names) if fnmatchcase(cname, pattern)), None)
 
 
 # ---------------------------------------------------------------- validation helpers
@@ -281,49 +294,81 @@ def _tag_fields(template: str) -> list[str]:
 
 def load_spec(path: Path) -> ImageSpec:
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpecError(path, "", f"cannot read spec: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SpecError(path, "", f"not valid YAML: {exc}") from None
+    data = _read_yaml(path)
     c = _Checker(path)
     c.mapping(data, "", allowed=TOP_KEYS, required=REQUIRED_TOP)
     if data["schema"] != SCHEMA:
         raise c.fail("schema", f"expected {SCHEMA}, got {data['schema']!r}")
     name = c.string(data["name"], "name", NAME_RE, "a lowercase name ([a-z0-9._-])")
     repository = c.string(data["repository"], "repository", REPOSITORY_RE, "an image repository such as ghcr.io/org/name")
-    root = path.resolve().parent.parent
     template_name = c.string(data["template"], "template")
     template = path.resolve().parent / "templates" / template_name
     if not template.is_file():
         raise c.fail("template", f"template {template_name!r} not found (looked for {template})")
-
     recipe = c.mapping(data.get("recipe") or {}, "recipe", allowed={"conditions"})
     conditions = recipe.get("conditions") or []
     if not isinstance(conditions, list) or not set(conditions) <= KNOWN_CONDITIONS:
         raise c.fail("recipe.conditions", f"expected a list drawn from {sorted(KNOWN_CONDITIONS)}, got {conditions!r}")
-    smoke = c.mapping(data.get("smoke") or {}, "smoke", allowed={"device", "timeout", "repeat"})
-    device = smoke.get("device", "auto")
-    if device not in DEVICES:
-        raise c.fail("smoke.device", f"expected one of {DEVICES}, got {device!r}")
-    timeout = smoke.get("timeout", 1200)
-    if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout <= 0:
-        raise c.fail("smoke.timeout", f"expected a positive number of seconds, got {timeout!r}")
-    repeat = smoke.get("repeat", 1)
-    if not isinstance(repeat, int) or isinstance(repeat, bool) or not 1 <= repeat <= 20:
-        raise c.fail("smoke.repeat", f"expected how many times the ZeRO-3 load runs, 1 to 20, got {repeat!r}")
+    device, timeout, repeat = _load_smoke(c, data.get("smoke") or {})
     labels = c.mapping(data.get("labels") or {}, "labels")
     for k, v in labels.items():
         c.string(v, f"labels.{k}")
-
     groups = _load_groups(c, data.get("groups") or {})
-    raw_layers = data["layers"]
+    layers = _load_layers(c, data["layers"], groups)
+    raw_build = data.get("deepspeed_build")
+    deepspeed_build = _load_deepspeed_build(c, raw_build) if raw_build else DEFAULT_DEEPSPEED_BUILD
+    defaults = c.mapping(data["defaults"], "defaults", allowed=VARIANT_KEYS - {"description", "expect"},
+                         required=REQUIRED_DEFAULTS)
+    image = ImageSpec(
+        path=path, root=path.resolve().parent.parent, name=name, description=str(data.get("description") or ""),
+        repository=repository, template=template, default_variant="", conditions=tuple(conditions),
+        smoke_device=device, smoke_timeout=timeout, smoke_repeat=repeat, labels={str(k): str(v) for k, v in labels.items()},
+        layers=layers, groups=groups, deepspeed_build=deepspeed_build,
+    )
+    raw_variants = c.mapping(data["variants"], "variants")
+    if not raw_variants:
+        raise c.fail("variants", "expected at least one variant")
+    for vname, raw in raw_variants.items():
+        image.variants[str(vname)] = _load_variant(c, image, str(vname), raw or {}, defaults)
+    default_variant = c.string(data["default_variant"], "default_variant")
+    if default_variant not in image.variants:
+        raise c.fail("default_variant", f"names no variant; variants are {sorted(image.variants)}")
+    if image.variants[default_variant].expected_rejected:
+        raise c.fail("default_variant", f"{default_variant!r} is marked 'expect: rejected' and cannot be the default")
+    image.default_variant = default_variant
+    return image
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(path, "", f"cannot read spec: {exc.strerror}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(path, "", f"not valid YAML: {exc}") from None
+
+
+def _load_smoke(c: _Checker, raw: Any) -> tuple[str, int, int]:
+    """The smoke's device, timeout and repeat count; the one place their defaults live."""
+    smoke = c.mapping(raw, "smoke", allowed={"device", "timeout", "repeat"})
+    device = smoke.get("device", DEFAULT_SMOKE_DEVICE)
+    if device not in DEVICES:
+        raise c.fail("smoke.device", f"expected one of {DEVICES}, got {device!r}")
+    timeout = smoke.get("timeout", DEFAULT_SMOKE_TIMEOUT)
+    if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout <= 0:
+        raise c.fail("smoke.timeout", f"expected a positive number of seconds, got {timeout!r}")
+    repeat = smoke.get("repeat", DEFAULT_SMOKE_REPEAT)
+    if not isinstance(repeat, int) or isinstance(repeat, bool) or not 1 <= repeat <= 20:
+        raise c.fail("smoke.repeat", f"expected how many times the ZeRO-3 load runs, 1 to 20, got {repeat!r}")
+    return device, timeout, repeat
+
+
+def _load_layers(c: _Checker, raw_layers: Any, groups: dict[str, Group]) -> tuple[Layer, ...]:
     if not isinstance(raw_layers, list) or not raw_layers:
         raise c.fail("layers", "expected a non-empty list of {name, match} or {name, rest: true}")
-    layers = []
+    layers: list[Layer] = []
     for i, raw in enumerate(raw_layers):
         k = f"layers[{i}]"
         c.mapping(raw, k, allowed={"name", "match", "rest", "group", "split"}, required={"name"})
@@ -350,29 +395,7 @@ def load_spec(path: Path) -> ImageSpec:
         raise c.fail("layers", "exactly one layer must have 'rest: true' (it takes every package no pattern names)")
     if len({layer.name for layer in layers}) != len(layers):
         raise c.fail("layers", "layer names must be unique")
-
-    raw_build = data.get("deepspeed_build")
-    deepspeed_build = _load_deepspeed_build(c, raw_build) if raw_build else DEFAULT_DEEPSPEED_BUILD
-    defaults = c.mapping(data["defaults"], "defaults", allowed=VARIANT_KEYS - {"description", "expect"},
-                         required=REQUIRED_DEFAULTS)
-    image = ImageSpec(
-        path=path, root=root, name=name, description=str(data.get("description") or ""), repository=repository,
-        template=template, default_variant="", conditions=tuple(conditions), smoke_device=device,
-        smoke_timeout=timeout, smoke_repeat=repeat, labels={str(k): str(v) for k, v in labels.items()}, layers=tuple(layers),
-        groups=groups, deepspeed_build=deepspeed_build,
-    )
-    raw_variants = c.mapping(data["variants"], "variants")
-    if not raw_variants:
-        raise c.fail("variants", "expected at least one variant")
-    for vname, raw in raw_variants.items():
-        image.variants[str(vname)] = _load_variant(c, image, str(vname), raw or {}, defaults)
-    default_variant = c.string(data["default_variant"], "default_variant")
-    if default_variant not in image.variants:
-        raise c.fail("default_variant", f"names no variant; variants are {sorted(image.variants)}")
-    if image.variants[default_variant].expected_rejected:
-        raise c.fail("default_variant", f"{default_variant!r} is marked 'expect: rejected' and cannot be the default")
-    image.default_variant = default_variant
-    return image
+    return tuple(layers)
 
 
 def _load_deepspeed_build(c: _Checker, raw: Any) -> DeepSpeedBuildSpec:
@@ -432,6 +455,27 @@ def _load_variant(c: _Checker, image: ImageSpec, name: str, raw: Any, defaults: 
     expect = raw.get("expect", "pass")
     if expect not in EXPECTS:
         raise c.fail(f"{k}.expect", f"expected one of {EXPECTS}, got {expect!r}")
+    base_image, base_family = _variant_base(c, pick)
+    python, cuda, cuda_archs = _variant_versions(c, image, k, pick)
+    platform, key = pick("platform")
+    platform = c.string(platform, key, PLATFORM_RE, "a target such as x86_64-manylinux_2_28")
+    packages, wheels = _variant_packages(c, image, k, raw, defaults)
+    tag, key = pick("tag")
+    tag = _variant_tag(c, c.string(tag, key, what="a tag template"), key, cuda, packages, wheels)
+    raw_imports, key = pick("imports")
+    imports = c.modules(raw_imports or [], key)
+    for group in image.groups.values():
+        imports += tuple(m for m in group.imports if m not in imports)
+
+    return Variant(
+        name=name, image=image, description=str(raw.get("description") or ""), expect=expect,
+        base_image=base_image, python=python, cuda=cuda, platform=platform, tag_template=tag,
+        packages=packages, wheels=wheels, imports=imports, cuda_archs=cuda_archs, base_family=base_family,
+    )
+
+
+def _variant_base(c: _Checker, pick) -> tuple[str, str]:
+    """The base image (pinned by digest unless made on the build machine) and its family (vlmbuild.bases)."""
     base_image, key = pick("base_image")
     base_image = c.string(base_image, key, what="an image reference")
     _, digest = split_digest(base_image)
@@ -439,6 +483,15 @@ def _load_variant(c: _Checker, image: ImageSpec, name: str, raw: Any, defaults: 
         raise c.fail(key, f"{base_image!r} is not pinned: a base from a registry is named with its digest "
                           "(name:tag@sha256:...), so that a build starts from exactly the image it was tested on; "
                           f"only a base made on the build machine ({LOCAL_BASE_PREFIX}...) goes without one")
+    family, key = pick("base_family")
+    family = DEFAULT_FAMILY if family is None else family
+    if family not in FAMILIES:
+        raise c.fail(key, f"unknown base family {family!r}; known: {sorted(FAMILIES)} (vlmbuild/bases)")
+    return base_image, family
+
+
+def _variant_versions(c: _Checker, image: ImageSpec, k: str, pick) -> tuple[str, str | None, str | None]:
+    """Python, CUDA (or None) and the GPU architectures its ops are compiled for."""
     python, key = pick("python")
     if isinstance(python, (int, float)) and not isinstance(python, bool):
         raise c.fail(key, f"expected a quoted Python version such as \"3.10\": YAML reads {python!r} as a number "
@@ -449,11 +502,18 @@ def _load_variant(c: _Checker, image: ImageSpec, name: str, raw: Any, defaults: 
         raise c.fail(key, f"expected a quoted CUDA version such as \"12.4\", or null: YAML reads {cuda!r} as a number")
     if cuda is not None:
         cuda = c.string(cuda, key, CUDA_RE, "a CUDA version such as '12.4', or null")
-    platform, key = pick("platform")
-    platform = c.string(platform, key, PLATFORM_RE, "a target such as x86_64-manylinux_2_28")
-    tag, key = pick("tag")
-    tag = c.string(tag, key, what="a tag template")
+    cuda_archs, key = pick("cuda_archs")
+    if cuda_archs is not None:
+        cuda_archs = c.string(cuda_archs, key, CUDA_ARCHS_RE, "a TORCH_CUDA_ARCH_LIST such as '8.0;9.0'")
+    if cuda is not None and image.deepspeed_build.ops.get("cuda") and cuda_archs is None:
+        raise c.fail(f"{k}.cuda_archs", "a CUDA variant with DeepSpeed ops to compile must list the GPU architectures "
+                                         "(TORCH_CUDA_ARCH_LIST) to compile them for")
+    return python, cuda, cuda_archs
 
+
+def _variant_packages(c: _Checker, image: ImageSpec, k: str, raw: Any,
+                      defaults: dict) -> tuple[dict[str, str], dict[str, Wheel]]:
+    """The stack, every group and the variant's overrides (``null`` drops a package); wheels beside them."""
     packages = {n: s for n, s in c.packages(defaults["packages"], "defaults.packages").items() if s is not None}
     for group in image.groups.values():
         for n, s in group.packages.items():
@@ -480,30 +540,17 @@ def _load_variant(c: _Checker, image: ImageSpec, name: str, raw: Any, defaults: 
                 Version(s[2:])
             except InvalidVersion:
                 raise c.fail(f"{k}.packages.{n}", f"{s!r} is not a valid version") from None
+    return packages, wheels
 
+
+def _variant_tag(c: _Checker, tag: str, key: str, cuda: str | None, packages: dict, wheels: dict) -> str:
     known = set(TAG_FIELDS_BUILTIN) | set(packages) | set(wheels)
     for f in _tag_fields(tag):
         if f not in known:
             raise c.fail(key, f"placeholder {{{f}}} is not one of {sorted(known)}")
     if "cuda" in _tag_fields(tag) and cuda is None:
         raise c.fail(key, "uses {cuda} but this variant has cuda: null")
-
-    cuda_archs, key = pick("cuda_archs")
-    if cuda_archs is not None:
-        cuda_archs = c.string(cuda_archs, key, CUDA_ARCHS_RE, "a TORCH_CUDA_ARCH_LIST such as '8.0;9.0'")
-    if cuda is not None and image.deepspeed_build.ops.get("cuda") and cuda_archs is None:
-        raise c.fail(f"{k}.cuda_archs", "a CUDA variant with DeepSpeed ops to compile must list the GPU architectures "
-                                         "(TORCH_CUDA_ARCH_LIST) to compile them for")
-    raw_imports, key = pick("imports")
-    imports = c.modules(raw_imports or [], key)
-    for group in image.groups.values():
-        imports += tuple(m for m in group.imports if m not in imports)
-
-    return Variant(
-        name=name, image=image, description=str(raw.get("description") or ""), expect=expect,
-        base_image=base_image, python=python, cuda=cuda, platform=platform, tag_template=tag,
-        packages=packages, wheels=wheels, imports=imports, cuda_archs=cuda_archs,
-    )
+    return tag
 
 
 def find_spec_path(image: str, root: Path) -> Path:

@@ -1,0 +1,73 @@
+"""Families of base images: what a build asks of the distribution under it.
+
+A base family is one small object: the packages and shell commands of the python-base stage, the name of its
+Python, how a stand-in root of one of its suites is made on a machine that reaches no registry, and where a CUDA
+toolkit comes from. The template and vlmbuild.localbase ask the family; neither names a distribution.
+
+Adding a family: a module beside debian.py that builds a ``BaseFamily`` and calls ``register``, an import of it
+below, and ``base_family: NAME`` in a spec (defaults or a variant).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class LocalRoot:
+    """How a stand-in root of ``suite`` is made here (debootstrap, from the family's mirror)."""
+
+    suite: str
+    mirror: str
+    components: tuple[str, ...] = ("main",)
+    variant: str = "minbase"
+
+    def command(self, target: str) -> list[str]:
+        extra = [f"--components={','.join(self.components)}"] if self.components != ("main",) else []
+        return ["debootstrap", f"--variant={self.variant}", *extra, self.suite, target, self.mirror]
+
+    @property
+    def recipe(self) -> str:
+        """What the made image is labelled with: a base held under another recipe is made again."""
+        components = f" [{','.join(self.components)}]" if self.components != ("main",) else ""
+        return f"debootstrap --variant={self.variant} {self.suite}{components} {self.mirror}; /etc/hosts"
+
+
+@dataclass(frozen=True)
+class CudaToolkit:
+    """Where nvcc and the CUDA headers come from when DeepSpeed's CUDA ops are compiled."""
+
+    home: str  # CUDA_HOME for the op build
+    packages: tuple[str, ...] = ()  # what the build stage installs for it; () when the base image carries it
+    source: str = ""  # in words, for the Dockerfile's comments and the README
+
+
+@dataclass(frozen=True)
+class BaseFamily:
+    name: str
+    description: str
+    # shell of the python-base stage: install these packages, leaving nothing of the download behind
+    install: Callable[[tuple[str, ...], str], str]
+    python_command: Callable[[str], str]  # "3.11" -> the interpreter's command name
+    python_packages: Callable[[str], tuple[str, ...]]  # what gives that Python, its venv, headers and a compiler
+    local_root: Callable[[str], LocalRoot]  # suite -> how a stand-in root of it is made
+    cuda_toolkit: Callable[[str], CudaToolkit]  # CUDA version -> where its toolkit comes from
+    # files the package manager writes that record when the build ran: emptied (reproducible layers)
+    build_records: tuple[str, ...] = field(default=())
+
+
+FAMILIES: dict[str, BaseFamily] = {}
+DEFAULT_FAMILY = "debian"
+
+
+def register(family: BaseFamily) -> BaseFamily:
+    FAMILIES[family.name] = family
+    return family
+
+
+def family(name: str) -> BaseFamily:
+    return FAMILIES[name]
+
+
+from . import debian  # noqa: E402,F401 - registers the family
