@@ -205,7 +205,9 @@ class PlainLog:
             state.reported = True
             seconds = time.monotonic() - state.started
             how = "cached" if state.done - state.pulled <= state.cached else f"done in {seconds:.0f}s"
-            self.progress.info(f"stage {stage}: {how}")
+            # on GitHub Actions a fold holding the stage's last output lines
+            output = [line for v, (s, _, _) in self.vertices.items() if s == stage for line in self.output[v]]
+            self.progress.fold(f"stage {stage}: {how}", output)
 
     def failure(self) -> str:
         """The failing step and its last output lines, for a person."""
@@ -222,22 +224,19 @@ class PlainLog:
 # ---------------------------------------------------------------- the build
 
 
-def build(context: Path, progress: Progress, nocache: bool = False, ca_bundle: Path | None = None,
-          target: str | None = None) -> str:
+def build(context: Path, progress: Progress, nocache: bool = False) -> str:
     """Build ``context`` with BuildKit, untagged; the image id. Raises BuildFailed (a step failed),
     BuilderUnavailable, or VlmbuildError (the CLI failed otherwise). Ctrl-C and SIGTERM cancel the build."""
     prefix, extra_env = builder_command()
     log = PlainLog(progress)
     with tempfile.TemporaryDirectory(prefix="vlmbuild-secrets-") as tmp:
-        secrets = write_secrets(Path(tmp) / "s", ca_bundle if ca_bundle is not None else host_ca_bundle())
+        secrets = write_secrets(Path(tmp) / "s", host_ca_bundle())
         iidfile = Path(tmp) / "iid"
         cmd = prefix + ["--progress=plain", "--iidfile", str(iidfile)]
         for name, path in secrets.items():
             cmd += ["--secret", f"id={name},src={path}"]
         if nocache:
             cmd.append("--no-cache")
-        if target:
-            cmd += ["--target", target]
         cmd.append(str(context))
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
                                 env={**os.environ, **extra_env}, start_new_session=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .lock import variant_status
+from .lock import LockStatus, variant_status
 from .lockfile import Lockfile, LockfileError, read_lockfile
 from .rules import RECIPE_CONDITIONS, RuleSet, Violation, installed_versions, training_conditions
 from .spec import Variant
@@ -43,10 +43,11 @@ def declared_versions(variant: Variant) -> dict[str, str]:
     return out
 
 
-def check_variant(variant: Variant, rules: RuleSet, lock: Lockfile | None = None) -> VariantVerdict:
+def check_variant(variant: Variant, rules: RuleSet, lock: Lockfile | None = None,
+                  status: LockStatus | None = None) -> VariantVerdict:
     """The variant's locked versions (its declared pins while it has no lockfile) against the rules;
-    ``lock`` when the caller has read it already."""
-    status = variant_status(variant, lock)
+    ``lock`` and its ``status`` when the caller has them already."""
+    status = status or variant_status(variant, lock)
     notes = []
     if status.state in ("fresh", "stale"):
         try:

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .contract import DEFAULT_SMOKE_TIMEOUT
 from .errors import CheckFailed, VlmbuildError
 from .spec import ImageSpec, Variant, all_spec_paths, find_spec_path, load_spec
 
@@ -251,22 +252,22 @@ def render(ctx: Context, image: str, variant: str, output: Path, base_image: str
 @click.option("--repeat", type=click.IntRange(1, 20), default=1, show_default=True,
               help="Run the ZeRO-3 load this many times in fresh processes; fail if any run differs.")
 @click.option("--checks", default=None, help="Only these checks (comma-separated, with what they depend on).")
-@click.option("--timeout", type=int, default=900, show_default=True, help="Seconds before the smoke is killed.")
+@click.option("--timeout", type=int, default=None,
+              help=f"Seconds before the smoke is killed (default: {DEFAULT_SMOKE_TIMEOUT}, as a spec's smoke.timeout).")
 @pass_ctx
 @guarded
 def smoke(ctx: Context, image_ref: str | None, local: bool, python: str | None, device: str, report: Path | None,
-          model_dir: Path | None, lockfile: Path | None, repeat: int, checks: str | None, timeout: int) -> None:
+          model_dir: Path | None, lockfile: Path | None, repeat: int, checks: str | None, timeout: int | None) -> None:
     """Run the ZeRO-3 smoke in this environment (--local) or inside a built image (IMAGE_REF)."""
+    from .smoke_command import run_local, smoke_image
+
     if local == bool(image_ref):
         raise VlmbuildError("give exactly one of --local or IMAGE_REF")
+    timeout = timeout or DEFAULT_SMOKE_TIMEOUT
     if local:
-        from .smoke_local import run_local
-
         code = run_local(python or sys.executable, device, report, model_dir, lockfile, timeout, ctx.root, repeat,
                          checks)
     else:
-        from .gate import smoke_image
-
         code = smoke_image(image_ref, device, report, timeout, repeat, model_dir, checks)
     sys.exit(code)
 
@@ -303,15 +304,18 @@ def build(ctx: Context, image: str, variants: tuple[str, ...], smoke_device: str
           repeat: int | None, model_dir: Path | None, rebuild: bool, report: Path | None, ignore_rules: bool,
           nocache: bool) -> None:
     """Build, smoke and tag variants of IMAGE; an image that fails the smoke is never tagged."""
-    from .gate import BuildOptions, GateFailed, PushFailed, build_variant, write_build_report
+    from .gate import GateFailed
+    from .options import build_options
+    from .pipeline import build_variant, write_build_report
+    from .release import PushFailed
 
-    options = BuildOptions(smoke_device=smoke_device, base_image=base_image, push=push, keep_failed=keep_failed,
-                           smoke_timeout=smoke_timeout, ignore_rules=ignore_rules, repository=repository,
-                           allow_cpu_push=allow_cpu_evidence, nocache=nocache, rebuild=rebuild, repeat=repeat,
-                           model_dir=model_dir)
     selected = ctx.variants(image, variants, include_rejected=False)
     if not selected:
         raise VlmbuildError(f"{image}: no variant to build (all are marked 'expect: rejected'; name one with --variant)")
+    options = build_options(selected[0].image, smoke_device=smoke_device, smoke_timeout=smoke_timeout, repeat=repeat,
+                            model_dir=model_dir, base_image=base_image, push=push, keep_failed=keep_failed,
+                            ignore_rules=ignore_rules, repository=repository, allow_cpu_push=allow_cpu_evidence,
+                            nocache=nocache, rebuild=rebuild)
     outcomes, failures, push_errors = [], [], []
     for variant in selected:
         try:

@@ -8,6 +8,7 @@ library only: it ships inside every image.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 # ---------------------------------------------------------------- inside the image
@@ -18,6 +19,8 @@ VARIANT_PATH = f"{IMAGE_DIR}/variant.json"
 REPORT_PATH = f"{IMAGE_DIR}/smoke-report.json"
 SMOKE_ENTRYPOINT = "vlmbuild-smoke"
 VENV = "/opt/venv"
+# Seconds before a smoke's ranks are killed, when neither the spec nor a flag says (the one default of it).
+DEFAULT_SMOKE_TIMEOUT = 1200
 
 # ---------------------------------------------------------------- labels
 
@@ -39,36 +42,114 @@ OWNER_LABEL = f"{LABEL_PREFIX}.owner"
 
 # ---------------------------------------------------------------- checks
 
-# Every check the smoke can run, in the order it runs them. "gpu" checks run only in GPU mode.
-CHECKS: tuple[tuple[str, str, str], ...] = (
-    ("stack", "any", "installed versions and every installed file equal the lockfile (RECORD hashes; nothing "
-                     "unlocked, duplicated or from another URL); CUDA build, GPU arch, NCCL, bf16; rules; every "
-                     "module of the stack and the recipe imports"),
-    ("zero3_load", "any", "from_pretrained under ZeRO-3: every parameter partitioned, every gathered tensor "
-                          "bit-identical to the checkpoint file"),
-    ("train_step", "any", "deepspeed.initialize, gradient checkpointing, optimizer steps on an image+text batch "
-                          "(DeepSpeed's FusedAdam on GPU), loss falling"),
-    ("checkpoint_resume", "any", "save_checkpoint, load into a fresh engine: parameters, fp32 partitions and Adam "
-                                 "moments equal; one more step"),
-    ("grpo", "any", "trl's GRPOTrainer (its generation and loss replaced by the smoke's, with images) with the "
-                    "recipe's ZeRO-3 config: generation through trl's unwrap_model_for_generation, every completion "
-                    "non-empty, rule-based rewards, a reference model through trl's prepare_deepspeed, optimizer "
-                    "steps that move the weights, the consolidated 16-bit save equal to the trained parameters"),
-    ("optimizer_offload", "any", "one GRPO step with the recipe's zero3_offload config: DeepSpeed's CPU Adam took "
-                                 "the step (Adam state with a step count, moments written); on GPU the fp32 "
-                                 "partitions, the moments and the parameter shards are on the CPU"),
-    ("attention", "gpu", "flash_attention_2 against sdpa in bf16, vision tower and language model"),
-    ("zero3_repeat", "repeat", "the ZeRO-3 load again in fresh processes (--repeat N): every run bit-identical "
-                               "to the checkpoint"),
-    ("prebuilt_ops", "image", "every DeepSpeed op the image was built with was loaded by the checks that use it, "
-                              "on every rank, from DeepSpeed's package, and nothing was compiled while they ran"),
-)
-# What a check needs to have run before it (the launcher refuses a selection without them). prebuilt_ops needs the
-# checks that load the ops: train_step (fused_adam on GPU) and optimizer_offload (cpu_adam); the CPU
-# accelerator's deepspeed_shm_comm is loaded when the ranks start.
-DEPENDS = {"train_step": ("zero3_load",), "checkpoint_resume": ("train_step",), "grpo": ("zero3_load",),
-           "optimizer_offload": ("grpo",), "attention": ("zero3_load",), "zero3_repeat": ("zero3_load",),
-           "prebuilt_ops": ("train_step", "optimizer_offload")}
+# Every smoke check, defined once. The launcher (smoke/__main__.py) plans and runs them in this order, the ranks
+# (smoke/worker.py) run those marked "ranks", the report shows each one's detail line; nothing else lists checks.
+# Adding a check: a function (launcher: ``fn(launch) -> record``; ranks: ``fn(smoke) -> details``), a detail
+# function (``fn(record) -> str``), one ``register`` call below, and its tests.
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    proves: str  # what a pass proves, in words
+    runs_in: str  # "launcher": the smoke's own process; "ranks": every rank, inside the process group
+    run: str  # "module:attribute" of the function that runs it
+    detail: str = ""  # "module:attribute" of ``fn(record) -> str``, the summary line's detail of a passing check
+    needs: tuple[str, ...] = ()  # checks that must have passed before it (a --checks selection must name them)
+    # "any"; "gpu": GPU mode with flash-attn installed; "repeat": --repeat above one; "image": an image whose
+    # DeepSpeed was built with the ops this mode's accelerator loads
+    when: str = "any"
+
+
+REGISTRY: dict[str, Check] = {}
+_WHEN = ("any", "gpu", "repeat", "image")
+
+
+def register(check: Check) -> Check:
+    if check.runs_in not in ("launcher", "ranks") or check.when not in _WHEN:
+        raise ValueError(f"check {check.name}: runs_in launcher|ranks, when one of {_WHEN}")
+    unknown = [n for n in check.needs if n not in REGISTRY]
+    if unknown:
+        raise ValueError(f"check {check.name} needs {unknown}, which are not registered before it")
+    REGISTRY[check.name] = check
+    return check
+
+
+def entry_point(ref: str) -> Any:
+    """The object a registry reference ("module:attribute.attribute") names."""
+    import importlib
+
+    module, _, attributes = ref.partition(":")
+    target: Any = importlib.import_module(module)
+    for attribute in attributes.split("."):
+        target = getattr(target, attribute)
+    return target
+
+
+def check_names() -> tuple[str, ...]:
+    return tuple(REGISTRY)
+
+
+def checks_for(mode: str, flash_attention: bool, prebuilt_ops: bool = False, repeat: int = 1) -> tuple[str, ...]:
+    """The checks a run in ``mode`` ("cpu" or "gpu") performs, in order (see ``Check.when``)."""
+    applies = {"any": True, "gpu": mode == "gpu" and flash_attention, "repeat": repeat > 1, "image": prebuilt_ops}
+    return tuple(name for name, check in REGISTRY.items() if applies[check.when])
+
+
+def check_record(name: str, world_size: int, device: str | None, status: str = "passed", error: str | None = None,
+                 details: Mapping[str, Any] | None = None, seconds: float = 0.0,
+                 traceback: str | None = None) -> dict[str, Any]:
+    """A check's result as the report holds it: the one place such a record is made."""
+    return {"name": name, "status": status, "seconds": round(seconds, 3), "error": error, "traceback": traceback,
+            "details": dict(details or {}), "world_size": world_size, "device": device}
+
+
+def failed_needs(name: str, earlier: list[Mapping[str, Any]]) -> list[str]:
+    """The checks ``name`` needs that ran before it and did not pass."""
+    needs = REGISTRY[name].needs
+    return [c["name"] for c in earlier if c["name"] in needs and not check_passed(c)]
+
+
+LAUNCHER, RANKS = "vlmbuild.smoke.__main__", "vlmbuild.smoke.worker"
+DETAIL = "vlmbuild.smoke.report"
+register(Check("stack", "installed versions and every installed file equal the lockfile (RECORD hashes; nothing "
+                        "unlocked, duplicated or from another URL); CUDA build, GPU arch, NCCL, bf16; rules; every "
+                        "module of the stack and the recipe imports",
+               "launcher", f"{LAUNCHER}:run_stack", f"{DETAIL}:detail_stack"))
+register(Check("zero3_load", "from_pretrained under ZeRO-3: every parameter partitioned, every gathered tensor "
+                             "bit-identical to the checkpoint file",
+               "ranks", f"{RANKS}:Smoke.check_zero3_load", f"{DETAIL}:detail_zero3_load"))
+register(Check("train_step", "deepspeed.initialize, gradient checkpointing, optimizer steps on an image+text batch "
+                             "(DeepSpeed's FusedAdam on GPU), loss falling",
+               "ranks", f"{RANKS}:Smoke.check_train_step", f"{DETAIL}:detail_train_step", needs=("zero3_load",)))
+register(Check("checkpoint_resume", "save_checkpoint, load into a fresh engine: parameters, fp32 partitions and "
+                                    "Adam moments equal; one more step",
+               "ranks", f"{RANKS}:Smoke.check_checkpoint_resume", f"{DETAIL}:detail_checkpoint_resume",
+               needs=("train_step",)))
+register(Check("grpo", "trl's GRPOTrainer (its generation and loss replaced by the smoke's, with images) with the "
+                       "recipe's ZeRO-3 config: generation through trl's unwrap_model_for_generation, every completion "
+                       "non-empty, rule-based rewards, a reference model through trl's prepare_deepspeed, optimizer "
+                       "steps that move the weights, the consolidated 16-bit save equal to the trained parameters",
+               "ranks", f"{RANKS}:Smoke.check_grpo", f"{DETAIL}:detail_grpo", needs=("zero3_load",)))
+register(Check("optimizer_offload", "one GRPO step with the recipe's zero3_offload config: DeepSpeed's CPU Adam "
+                                    "took the step (Adam state with a step count, moments written); on GPU the fp32 "
+                                    "partitions, the moments and the parameter shards are on the CPU",
+               "ranks", f"{RANKS}:Smoke.check_optimizer_offload", f"{DETAIL}:detail_optimizer_offload",
+               needs=("grpo",)))
+register(Check("attention", "flash_attention_2 against sdpa in bf16, vision tower and language model",
+               "ranks", f"{RANKS}:Smoke.check_attention", f"{DETAIL}:detail_attention", needs=("zero3_load",),
+               when="gpu"))
+register(Check("zero3_repeat", "the ZeRO-3 load again in fresh processes (--repeat N): every run bit-identical "
+                               "to the checkpoint",
+               "launcher", f"{LAUNCHER}:repeat_zero3_load", f"{DETAIL}:detail_zero3_repeat", needs=("zero3_load",),
+               when="repeat"))
+# prebuilt_ops needs the checks that load the ops: train_step (fused_adam on GPU) and optimizer_offload (cpu_adam);
+# the CPU accelerator's deepspeed_shm_comm is loaded when the ranks start.
+register(Check("prebuilt_ops", "every DeepSpeed op the image was built with was loaded by the checks that use it, "
+                               "on every rank, from DeepSpeed's package, and nothing was compiled while they ran",
+               "launcher", f"{LAUNCHER}:check_prebuilt_ops", f"{DETAIL}:detail_prebuilt_ops",
+               needs=("train_step", "optimizer_offload"), when="image"))
+
 # Which part of the smoke loads each DeepSpeed op an image may carry (for the prebuilt_ops check's messages).
 OP_LOADED_BY = {"fused_adam": "train_step (GPU)", "cpu_adam": "optimizer_offload",
                 "deepspeed_shm_comm": "the ranks' start (deepspeed.init_distributed, CPU accelerator)"}
@@ -89,23 +170,8 @@ def status_of(details: Mapping[str, Any] | None) -> str:
     return PASSED_WITH_WORKAROUND if (details or {}).get("workaround") else PASSED
 
 
-CHECK_NAMES = tuple(name for name, _, _ in CHECKS)
 SBOM_PATH = f"{IMAGE_DIR}/sbom.cdx.json"
 BUILT_WHEELS_PATH = f"{IMAGE_DIR}/built-wheels.sha256"
-# The checks that run in the torchrun ranks (the others run in the launcher).
-WORKER_CHECKS = ("zero3_load", "train_step", "checkpoint_resume", "grpo", "optimizer_offload", "attention")
-
-
-def checks_for(mode: str, flash_attention: bool, prebuilt_ops: bool = False, repeat: int = 1) -> tuple[str, ...]:
-    """The checks a run in ``mode`` ("cpu" or "gpu") performs: ``attention`` needs a GPU and flash-attn,
-    ``prebuilt_ops`` an image whose DeepSpeed was built with the ops this mode's accelerator loads,
-    ``zero3_repeat`` a repeat count above one."""
-    out = []
-    for name, where, _ in CHECKS:
-        if (where == "any" or (where == "image" and prebuilt_ops) or (where == "repeat" and repeat > 1)
-                or (where == mode == "gpu" and flash_attention)):
-            out.append(name)
-    return tuple(out)
 
 
 def report_passed(report: Mapping[str, Any] | None) -> bool:

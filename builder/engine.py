@@ -13,7 +13,6 @@ import tarfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import docker
@@ -23,10 +22,10 @@ from docker.utils import parse_repository_tag
 
 from . import buildkit, contract
 from .buildkit import BuildFailed  # noqa: F401 - re-exported: the gate catches it from here
+from .engine_api import Base, SmokeRun  # noqa: F401 - SmokeRun re-exported
 from .errors import CheckFailed, VlmbuildError
 from .localbase import ensure_local_base
 from .progress import Progress
-from .resolve import Base
 from .spec import LOCAL_BASE_PREFIX, split_digest
 
 CONTAINER_REPORT_DIR = "/tmp/vlmbuild-smoke"
@@ -36,20 +35,6 @@ OWNER_LABEL = contract.OWNER_LABEL
 
 class EngineError(VlmbuildError):
     """No daemon, or the daemon went away, or it refused a request: exit 2."""
-
-
-@dataclass
-class SmokeRun:
-    exit_code: int | None  # None: killed at the timeout
-    report: dict | None
-    logs: str
-    seconds: float
-    timed_out: bool
-    device: str = "cpu"
-
-    @property
-    def passed(self) -> bool:
-        return self.exit_code == 0 and contract.report_passed(self.report)
 
 
 @contextmanager
@@ -87,6 +72,8 @@ def discard(container) -> None:
 
 
 class Engine:
+    """The Docker engine, as vlmbuild.engine_api.EngineAPI describes it."""
+
     def __init__(self, timeout: int = 600) -> None:
         try:
             self.client = docker.from_env(timeout=timeout)
@@ -95,6 +82,18 @@ class Engine:
             raise EngineError(f"no Docker daemon answers ({exc}). Start one (`bash .ci/setup` installs and starts "
                               "dockerd) or point DOCKER_HOST at one.") from None
         self.api = self.client.api
+
+    @contextmanager
+    def container(self, image: str, purpose: str, what: str, **kwargs) -> Iterator:
+        """A container of ours of ``image``, created (not started) and marked with ``purpose``; removed when the
+        block ends, whatever ends it (a failure, a timeout, Ctrl-C, SIGTERM)."""
+        container = None
+        try:
+            with engine_errors(what):
+                container = self.client.containers.create(image, labels={OWNER_LABEL: purpose}, **kwargs)
+            yield container
+        finally:
+            discard(container)
 
     # ------------------------------------------------------------ images
 
@@ -105,6 +104,10 @@ class Engine:
             except docker.errors.ImageNotFound:
                 return None
 
+    def image_size(self, ref: str) -> int:
+        with engine_errors(f"inspecting {ref}"):
+            return int(self.client.images.get(ref).attrs.get("Size") or 0)
+
     def labels(self, ref: str) -> dict[str, str]:
         with engine_errors(f"inspecting {ref}"):
             return self.client.images.get(ref).labels or {}
@@ -113,7 +116,7 @@ class Engine:
         with engine_errors(f"inspecting {ref}"):
             return tuple(self.client.images.get(ref).attrs["RootFS"].get("Layers") or ())
 
-    def resolve_base(self, ref: str) -> Base:
+    def resolve_base(self, ref: str, progress: Progress | None = None) -> Base:
         """The base image as the engine has it, checked against its pin.
 
         A base made on this machine (vlmbuild-local/...) is made when missing; its image id is what the build
@@ -121,7 +124,8 @@ class Engine:
         a build never starts from whatever the engine happens to have cached under the tag."""
         name, digest = split_digest(ref)
         if ref.startswith(LOCAL_BASE_PREFIX):
-            image_id = ensure_local_base(self.client, ref, echo=lambda m: print(m, flush=True))
+            say = progress.info if progress is not None else Progress(f"base {ref}", tty=False).info
+            image_id = ensure_local_base(self.client, ref, echo=say)
             return Base(ref, image_id, None, self.layers(image_id))
         if digest is None:  # --base-image naming a local image by tag or id: its id is what counts
             image_id = self.image_id(ref)
@@ -207,14 +211,11 @@ class Engine:
                 info.size, info.mode, info.mtime = len(data), 0o644, 0
                 tar.addfile(info, io.BytesIO(data))
         changes = [f"LABEL {json.dumps(k)}={json.dumps(v)}" for k, v in sorted(labels.items())]
-        with engine_errors(f"adding evidence to {image_id[:19]}"):
-            container = self.client.containers.create(image_id, command=["true"], labels={OWNER_LABEL: "evidence"})
-            try:
-                if not container.put_archive("/", buf.getvalue()):
-                    raise EngineError(f"the engine refused the evidence files for {image_id[:19]}")
-                image = container.commit(changes=changes, message="vlmbuild: smoke evidence")
-            finally:
-                discard(container)
+        what = f"adding evidence to {image_id[:19]}"
+        with self.container(image_id, "evidence", what, command=["true"]) as container, engine_errors(what):
+            if not container.put_archive("/", buf.getvalue()):
+                raise EngineError(f"the engine refused the evidence files for {image_id[:19]}")
+            image = container.commit(changes=changes, message="vlmbuild: smoke evidence")
         return image.id
 
     def tag(self, image_id: str, repository: str, tag: str) -> None:
@@ -263,17 +264,15 @@ class Engine:
                    "--timeout", str(max(60, timeout - 30)), "--repeat", str(repeat)]
         if checks:
             command += ["--checks", checks]
-        kwargs: dict = dict(network_mode="none", shm_size="2g", labels={OWNER_LABEL: "smoke"}, stdin_open=False)
+        kwargs: dict = dict(network_mode="none", shm_size="2g", stdin_open=False)
         if model_dir is not None:  # a real checkpoint, read-only
             kwargs["volumes"] = {str(Path(model_dir).absolute()): {"bind": CONTAINER_MODEL_DIR, "mode": "ro"}}
             command += ["--model-dir", CONTAINER_MODEL_DIR, "--model-label", str(Path(model_dir).absolute())]
         if device == "gpu":
             kwargs["device_requests"] = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
-        container = None
         started = time.monotonic()
-        try:
-            with engine_errors(f"creating the smoke container of {image}"):
-                container = self.client.containers.create(image, command=command, **kwargs)
+        with self.container(image, "smoke", f"creating the smoke container of {image}", command=command,
+                            **kwargs) as container:
             try:
                 container.start()
             except docker.errors.APIError as exc:
@@ -299,8 +298,6 @@ class Engine:
                 report = None if timed_out else self._read_file(container, report_path)
             return SmokeRun(exit_code, json.loads(report) if report else None, logs,
                             time.monotonic() - started, timed_out, device)
-        finally:
-            discard(container)
 
     @staticmethod
     def _read_file(container, path: str) -> bytes | None:
@@ -321,25 +318,18 @@ class Engine:
         return self.read_image_files(image, [path])[path]
 
     def read_image_files(self, image: str, paths: list[str]) -> dict[str, bytes | None]:
-        with engine_errors(f"reading files from {image[:19]}"):
-            container = self.client.containers.create(image, command=["true"], labels={OWNER_LABEL: "inspect"})
-            try:
-                return {path: self._read_file(container, path) for path in paths}
-            finally:
-                discard(container)
+        what = f"reading files from {image[:19]}"
+        with self.container(image, "inspect", what, command=["true"]) as container, engine_errors(what):
+            return {path: self._read_file(container, path) for path in paths}
 
     def run_in_image(self, image: str, command: list[str], timeout: int = 300) -> tuple[int, str]:
         """(exit status, output) of ``command`` in a container of ``image`` with no network; always removed."""
-        container = None
-        try:
-            with engine_errors(f"running {command[0]} in {image}"):
-                container = self.client.containers.create(image, command=command, network_mode="none",
-                                                          labels={OWNER_LABEL: "inspect"})
-                container.start()
-                code = container.wait(timeout=timeout)["StatusCode"]
-                return code, container.logs().decode(errors="replace")
-        finally:
-            discard(container)
+        what = f"running {command[0]} in {image}"
+        with self.container(image, "inspect", what, command=command, network_mode="none") as container, \
+                engine_errors(what):
+            container.start()
+            code = container.wait(timeout=timeout)["StatusCode"]
+            return code, container.logs().decode(errors="replace")
 
     def history(self, image: str) -> list[dict]:
         """The image's history, oldest first."""

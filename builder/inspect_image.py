@@ -18,6 +18,7 @@ from packaging.version import Version
 
 from . import contract
 from .engine import Engine
+from .engine_api import EngineAPI
 from .errors import VlmbuildError
 from .lockfile import LockfileError, parse_lockfile
 from .release import LABEL_BASE_ID, LABEL_IDENTITY, LABEL_PASSES, LABEL_SBOM_SHA256
@@ -143,13 +144,13 @@ def check_lock_and_sbom(result: Inspection, lock_bytes: bytes | None, sbom_bytes
                      "; ".join(disagree[:5]))
 
 
-def check_installed(engine: Engine, result: Inspection) -> None:
+def check_installed(engine: EngineAPI, result: Inspection) -> None:
     code, out = engine.run_in_image(result.image_id, [contract.SMOKE_ENTRYPOINT, "verify-install"])
     result.check(code == 0, "the installed distributions are the locked ones (verify-install in the image)",
                  out.strip().splitlines()[-1] if out.strip() else f"exit {code}")
 
 
-def describe_layers(engine: Engine, result: Inspection, variant: dict[str, Any]) -> None:
+def describe_layers(engine: EngineAPI, result: Inspection, variant: dict[str, Any]) -> None:
     """Each layer's size and what it holds, from the image's history and the layer plan in variant.json."""
     history = engine.history(result.image_id)
     base_id = result.labels.get(LABEL_BASE_ID)
@@ -179,15 +180,14 @@ def describe_layers(engine: Engine, result: Inspection, variant: dict[str, Any])
         result.layers.append({"size": size, "what": what})
 
 
-def inspect_image(ref: str, engine: Engine | None = None) -> Inspection:
+def inspect_image(ref: str, engine: EngineAPI | None = None) -> Inspection:
     engine = engine or Engine()
     image_id = engine.image_id(ref)
     if image_id is None:
         raise VlmbuildError(f"{ref}: no such image in this engine")
     labels = engine.labels(image_id)
     result = Inspection(ref, image_id, labels=labels)
-    with_attrs = engine.client.images.get(image_id)
-    result.size = int(with_attrs.attrs.get("Size") or 0)
+    result.size = engine.image_size(image_id)
     if not result.check(contract.LABEL_SMOKE_ENTRYPOINT in labels, "the image was built by vlmbuild",
                         f"label {contract.LABEL_SMOKE_ENTRYPOINT}"):
         return result

@@ -179,10 +179,23 @@ def build_tools_status(root: Path) -> LockStatus:
     return _status(build_tools_path(root), build_tools_inputs_hash())
 
 
-def require_fresh(variant: Variant, lock: Lockfile | None = None) -> None:
+def require_fresh(variant: Variant, lock: Lockfile | None = None) -> LockStatus:
+    """The lockfile's status, when fresh; a stale, missing or invalid one is refused (exit 1)."""
     status = variant_status(variant, lock)
     if status.state != "fresh":
         raise CheckFailed(f"{status.path}: lockfile {status.state}: {status.detail}")
     tools = build_tools_status(variant.image.root)
     if tools.state != "fresh":
         raise CheckFailed(f"{tools.path}: lockfile {tools.state}: {tools.detail}")
+    return status
+
+
+def load_variant_lock(variant: Variant) -> Lockfile:
+    path = variant.lockfile_path
+    if not path.is_file():
+        raise VlmbuildError(f"{path}: lockfile missing for {variant.image.name}/{variant.name}: run `vlmbuild lock "
+                            f"{variant.image.name} --variant {variant.name}`")
+    try:
+        return read_lockfile(path)
+    except LockfileError as exc:
+        raise VlmbuildError(str(exc)) from None

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from . import contract
-from .engine import Engine, SmokeRun
+from .engine_api import EngineAPI, SmokeRun
 from .engine_setup import STATE
 from .errors import CheckFailed, VlmbuildError
 from .progress import Progress
@@ -85,7 +85,7 @@ def tag_lock(repository: str, variant: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def move_tags(engine: Engine, image_id: str, repository: str, tags: list[str]) -> list[str]:
+def move_tags(engine: EngineAPI, image_id: str, repository: str, tags: list[str]) -> list[str]:
     """Point ``tags`` at ``image_id`` as one unit: on any failure (Ctrl-C and SIGTERM included) every tag moved
     so far goes back where it was, or is removed if it named nothing before."""
     moved: list[str] = []
@@ -107,12 +107,12 @@ def move_tags(engine: Engine, image_id: str, repository: str, tags: list[str]) -
     return moved
 
 
-def tags_naming(engine: Engine, resolved: Resolved, image_id: str) -> list[str]:
+def tags_naming(engine: EngineAPI, resolved: Resolved, image_id: str) -> list[str]:
     """The variant's tags that name ``image_id`` now."""
     return [t for t in resolved.tags if engine.image_id(f"{resolved.repository}:{t}") == image_id]
 
 
-def evidence_problem(engine: Engine, image: str, labels: dict[str, str]) -> str | None:
+def evidence_problem(engine: EngineAPI, image: str, labels: dict[str, str]) -> str | None:
     """Why the image's evidence does not hold, or None: its result label says passed, the report file inside hashes
     to the label that vouches for it, and that report passes the contract's pass test. Labels alone are not
     evidence: a report edited after tagging (or a label edited alone) fails here."""
@@ -133,7 +133,7 @@ def evidence_problem(engine: Engine, image: str, labels: dict[str, str]) -> str 
     return None
 
 
-def validated_image(engine: Engine, resolved: Resolved) -> str | None:
+def validated_image(engine: EngineAPI, resolved: Resolved) -> str | None:
     """The image the immutable tag names, when it carries passing evidence of exactly this identity."""
     image_id = engine.image_id(f"{resolved.repository}:{resolved.immutable_tag}")
     if image_id is None:
@@ -144,7 +144,7 @@ def validated_image(engine: Engine, resolved: Resolved) -> str | None:
     return image_id
 
 
-def publish(engine: Engine, resolved: Resolved, final: str) -> tuple[str, list[str], bool]:
+def publish(engine: EngineAPI, resolved: Resolved, final: str) -> tuple[str, list[str], bool]:
     """Tag ``final`` with the variant's tag set, unless the immutable tag is taken: (image the tags name, tags that
     name it, whether ``final`` was tagged). An immutable tag never moves: when it already names a validated image
     of the same inputs (a --rebuild, or a concurrent build that tagged first) no tag moves at all and ``final``
@@ -160,7 +160,33 @@ def publish(engine: Engine, resolved: Resolved, final: str) -> tuple[str, list[s
         return taken, tags_naming(engine, resolved, taken), False
 
 
-def push_tags(engine: Engine, resolved: Resolved, tags: list[str], allow_cpu: bool) -> dict[str, str]:
+class PushFailed(VlmbuildError):
+    """A push refused or failed (its exit code is the cause's); ``outcome``: the build it followed, when one did."""
+
+    def __init__(self, error: VlmbuildError) -> None:
+        super().__init__(str(error))
+        self.exit_code = error.exit_code
+        self.outcome = None
+
+
+def push_tags(engine: EngineAPI, resolved: Resolved, tags: list[str], allow_cpu: bool,
+              progress: Progress | None = None) -> dict[str, str]:
+    """push_tags_or_fail, with every refusal a PushFailed."""
+    own = progress is None
+    progress = progress or Progress(f"push {resolved.variant.image.name}/{resolved.variant.name}")
+    try:
+        return push_tags_or_fail(engine, resolved, tags, allow_cpu, progress)
+    except PushFailed:
+        raise
+    except VlmbuildError as exc:
+        raise PushFailed(exc) from None
+    finally:
+        if own:
+            progress.close()
+
+
+def push_tags_or_fail(engine: EngineAPI, resolved: Resolved, tags: list[str], allow_cpu: bool,
+                      progress: Progress) -> dict[str, str]:
     """Push tags whose image passed the smoke, each digest printed. Every tag is checked before any is pushed, so a
     refusal leaves the registry as it was. An immutable tag the registry already serves with other content is
     never overwritten: that is an error, and nothing of it is pushed."""
@@ -187,18 +213,14 @@ def push_tags(engine: Engine, resolved: Resolved, tags: list[str], allow_cpu: bo
                                   "content than this image; an immutable tag is never overwritten")
             if remote is not None:
                 already[tag] = remote
-    progress = Progress(f"push {resolved.variant.image.name}/{resolved.variant.name}")
     digests: dict[str, str] = {}
-    try:
-        for tag in tags:
-            ref = f"{repository}:{tag}"
-            if tag in already:
-                digests[tag] = already[tag]
-                print(f"already in the registry: {ref} {already[tag]}", flush=True)
-                continue
-            digest = engine.push(repository, tag, progress)
-            digests[tag] = digest
-            print(f"pushed {ref} {digest}", flush=True)
-    finally:
-        progress.close()
+    for tag in tags:
+        ref = f"{repository}:{tag}"
+        if tag in already:
+            digests[tag] = already[tag]
+            progress.say(f"already in the registry: {ref} {already[tag]}")
+            continue
+        digest = engine.push(repository, tag, progress)
+        digests[tag] = digest
+        progress.say(f"pushed {ref} {digest}")
     return digests

@@ -19,8 +19,8 @@ import jinja2
 
 from . import __version__, contract
 from .errors import VlmbuildError
-from .lock import build_tools_path
-from .lockfile import Lockfile, LockfileError, Requirement, read_lockfile
+from .lock import build_tools_path, load_variant_lock
+from .lockfile import Lockfile, Requirement
 from .spec import Layer, Variant
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -142,17 +142,6 @@ def git_revision(root: Path) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
-
-
-def load_variant_lock(variant: Variant) -> Lockfile:
-    path = variant.lockfile_path
-    if not path.is_file():
-        raise VlmbuildError(f"{path}: lockfile missing for {variant.image.name}/{variant.name}: run `vlmbuild lock "
-                            f"{variant.image.name} --variant {variant.name}`")
-    try:
-        return read_lockfile(path)
-    except LockfileError as exc:
-        raise VlmbuildError(str(exc)) from None
 
 
 def key_versions(lock: Lockfile) -> dict[str, str]:
@@ -322,9 +311,10 @@ def fix_times(context: Path) -> None:
     os.utime(context, (BUILD_EPOCH, BUILD_EPOCH))
 
 
-def render(variant: Variant, output: Path, base_image: str | None = None, lock: Lockfile | None = None) -> RenderResult:
+def render(variant: Variant, output: Path, base_image: str | None = None, lock: Lockfile | None = None,
+           tag: str | None = None) -> RenderResult:
     """Write the complete build context of ``variant`` into ``output`` (created; must be empty or absent).
-    ``lock``: the variant's lockfile when the caller has read it already (vlmbuild.resolve)."""
+    ``lock`` and ``tag``: the variant's lockfile and tag when the caller has them already (vlmbuild.resolve)."""
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         raise VlmbuildError(f"{output}: output directory is not empty")
@@ -332,7 +322,7 @@ def render(variant: Variant, output: Path, base_image: str | None = None, lock: 
     tools = build_tools_path(variant.image.root)
     if not tools.is_file():
         raise VlmbuildError(f"{tools}: build-tools lockfile missing: run `vlmbuild lock`")
-    tag = variant.tag(lock.pins)
+    tag = tag or variant.tag(lock.pins)
     base = base_image or variant.base_image
     labels = variant_labels(variant, lock, tag, base)
 

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checks import check_variant
+from .engine_api import Base, EngineAPI
 from .errors import CheckFailed
-from .lock import require_fresh
+from .lock import load_variant_lock, require_fresh
 from .lockfile import Lockfile
-from .render import RenderResult, load_variant_lock, render
+from .render import RenderResult, render
 from .rules import load_rules
 from .spec import Variant
 
@@ -27,14 +28,6 @@ IDENTITY_CHARS = 12
 # Recorded in the image, but not part of what decides its bytes: a commit that changes nothing of the image
 # must not make a new one.
 VOLATILE_LABELS = ("org.opencontainers.image.revision",)
-
-
-@dataclass(frozen=True)
-class Base:
-    ref: str  # what FROM names
-    image_id: str  # the engine's image id of it: what the build really starts from
-    digest: str | None  # the registry digest the spec pins (sha256:...), None for a base made on this machine
-    layers: tuple[str, ...] = ()
 
 
 @dataclass
@@ -68,8 +61,8 @@ class Resolved:
 def refuse_up_front(variant: Variant, lock: Lockfile, ignore_rules: bool) -> list[str]:
     """Exit 1 before any build: a stale lockfile, or (unless ignored) a rule the locked versions violate.
     Returns the warnings the rules raise."""
-    require_fresh(variant, lock)
-    verdict = check_variant(variant, load_rules(), lock)
+    status = require_fresh(variant, lock)
+    verdict = check_variant(variant, load_rules(), lock, status)
     if verdict.errors and not ignore_rules:
         explained = "\n".join(v.explain(indent="    ") for v in verdict.errors)
         raise CheckFailed(f"{variant.image.name}/{variant.name} violates known-bad rules; not building "
@@ -97,19 +90,19 @@ def identity(lock: Lockfile, base: Base, context: Path) -> str:
     return h.hexdigest()
 
 
-def resolve(variant: Variant, engine, workdir: Path, base_override: str | None = None,
-            repository: str | None = None, ignore_rules: bool = False) -> Resolved:
+def resolve(variant: Variant, engine: EngineAPI, workdir: Path, base_override: str | None = None,
+            repository: str | None = None, ignore_rules: bool = False, progress=None) -> Resolved:
     """Everything a build of ``variant`` needs, decided once. ``engine`` finds (or makes) the base."""
     lock = load_variant_lock(variant)
     warnings = refuse_up_front(variant, lock, ignore_rules)
     tag = variant.tag(lock.pins)
-    base = engine.resolve_base(base_override or variant.base_image)
-    rendered = render(variant, Path(workdir) / "context", base_image=base.ref, lock=lock)
+    base = engine.resolve_base(base_override or variant.base_image, progress)
+    rendered = render(variant, Path(workdir) / "context", base_image=base.ref, lock=lock, tag=tag)
     return Resolved(variant, lock, tag, repository or variant.image.repository, base, rendered,
                     identity(lock, base, rendered.context), warnings)
 
 
-def resolve_for_tags(variant: Variant, engine, base_override: str | None = None,
+def resolve_for_tags(variant: Variant, engine: EngineAPI, base_override: str | None = None,
                      repository: str | None = None) -> Resolved:
     """Resolve in a temporary directory that is gone afterwards (for ``plan`` and ``push``)."""
     with tempfile.TemporaryDirectory(prefix="vlmbuild-resolve-") as tmp:

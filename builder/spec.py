@@ -19,6 +19,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
+from . import contract
 from .bases import DEFAULT_FAMILY, FAMILIES, BaseFamily
 from .errors import SpecError
 from .rules import KNOWN_CONDITIONS
@@ -40,7 +41,7 @@ REQUIRED_DEFAULTS = {"base_image", "python", "platform", "tag", "packages"}
 EXPECTS = ("pass", "rejected")
 DEVICES = ("auto", "gpu", "cpu")
 # The smoke's settings when the spec says nothing (the CLI's flags default to the spec's value, never to their own).
-DEFAULT_SMOKE_DEVICE, DEFAULT_SMOKE_TIMEOUT, DEFAULT_SMOKE_REPEAT = "auto", 1200, 1
+DEFAULT_SMOKE_DEVICE, DEFAULT_SMOKE_TIMEOUT, DEFAULT_SMOKE_REPEAT = "auto", contract.DEFAULT_SMOKE_TIMEOUT, 1
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 PYTHON_RE = re.compile(r"^3\.\d{1,2}$")

@@ -16,7 +16,6 @@ from vlmbuild import contract
 from vlmbuild.engine import EngineError, SmokeRun
 from vlmbuild.errors import CheckFailed
 from vlmbuild.gate import (
-    BuildOptions,
     BuildOutcome,
     GateFailed,
     describe_failure,
@@ -24,6 +23,8 @@ from vlmbuild.gate import (
     run_gate,
     smoke_passes,
 )
+from vlmbuild.options import BuildOptions
+from vlmbuild.progress import Progress
 from vlmbuild.release import evidence, move_tags
 from vlmbuild.smoke import report as report_mod
 
@@ -54,9 +55,8 @@ class OneGpuEngine:
         return SmokeRun(0, report, "", 30.0, False, device)
 
 
-class Silent:
-    def info(self, message: str) -> None:
-        pass
+def Silent() -> Progress:  # noqa: N802 - what the stand-in engines are handed as progress
+    return Progress("test", tty=False, github=False)
 
 
 def test_a_one_gpu_pass_is_followed_by_a_two_rank_cpu_pass():
@@ -132,7 +132,8 @@ def test_a_failing_cpu_pass_fails_the_gate():
                                base=SimpleNamespace(ref="debian:trixie-slim", image_id="sha256:" + "b" * 64))
     outcome = BuildOutcome("vlm-r1", "cu124", False, "vlmbuild/vlm-r1")
     with pytest.raises(GateFailed, match=r"the smoke failed on CPU \(zero3_load\); nothing was tagged"):
-        run_gate(engine, resolved, BuildOptions(), outcome, None)
+        run_gate(engine, resolved, BuildOptions(spec.smoke_device, spec.smoke_timeout, spec.smoke_repeat), outcome,
+                 Silent())
     assert engine.calls == ["gpu", "cpu"] and engine.removed == ["sha256:candidate"]
     assert not outcome.passed and outcome.failing_checks == ["zero3_load"] and outcome.tags == []
     assert outcome.passes == ["gpu x1", "cpu x2"]
@@ -181,10 +182,22 @@ def test_the_tag_set_moves_as_a_unit():
 
 def test_model_dir_validation_is_a_usage_error(tmp_path: Path):
     from vlmbuild.errors import VlmbuildError
-    from vlmbuild.gate import checked_model_dir
+    from vlmbuild.options import checked_model_dir
 
     with pytest.raises(VlmbuildError, match="no such directory"):
         checked_model_dir(tmp_path / "nope")
     (tmp_path / "config.json").write_text('{"model_type": "qwen2_vl"}')
     with pytest.raises(VlmbuildError, match="model_type 'qwen2_vl'"):
         checked_model_dir(tmp_path)
+
+
+def test_on_github_actions_each_smoke_pass_is_a_fold_and_the_failing_check_an_annotation(capsys):
+    engine = GateEngine()
+    runs = smoke_passes(engine, "sha256:candidate", "gpu", 600, 1, None, Progress("t", tty=False, github=True))
+    assert [r.passed for r in runs] == [True, False]
+    out = capsys.readouterr().out.splitlines()
+    folds = [line for line in out if line.startswith("::group::")]
+    assert len(folds) == 2 and "smoke pass on GPU" in folds[0] and "smoke pass on CPU" in folds[1]
+    assert out.count("::endgroup::") == 2
+    errors = [line for line in out if line.startswith("::error")]
+    assert len(errors) == 1 and errors[0].startswith("::error title=smoke check zero3_load failed on CPU::")

@@ -51,3 +51,41 @@ def test_push_progress_names_each_layer(capsys):
     progress.push_event({"id": "abc", "status": "Pushed"}, layers)
     progress.close()
     assert capsys.readouterr().out.count("layer abc: pushed") == 1
+
+
+def test_on_github_actions_each_finished_stage_is_a_fold_holding_its_output(capsys):
+    progress = Progress("build x", tty=False, github=True)
+    log = PlainLog(progress)
+    for line in PLAIN.splitlines():
+        log.feed(line)
+    out = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(out) if line.startswith("::group::") and "stage pkg-trl: done in" in line)
+    assert out[start + 1:start + 4] == ["Resolved 1 package", "Installed 1 package", "::endgroup::"]
+    assert any(line.startswith("::group::") and "stage python-base: cached" in line for line in out)
+
+
+def test_elsewhere_a_stage_is_one_line_and_no_workflow_command_is_printed(capsys, monkeypatch):
+    monkeypatch.delenv("GITHUB_ACTIONS", raising=False)
+    progress = Progress("build x", tty=False)
+    for line in PLAIN.splitlines():
+        PlainLog(progress).feed(line)
+    with progress.group("smoke pass on CPU"):
+        progress.say("RESULT: PASS")
+    progress.error("broken", title="smoke check grpo failed")
+    captured = capsys.readouterr()
+    assert "::" not in captured.out and "smoke pass on CPU" in captured.out
+    assert captured.err.strip() == "broken"
+
+
+def test_on_github_actions_a_failure_is_an_annotation_naming_what_failed(capsys):
+    progress = Progress("build x", tty=False, github=True)
+    with progress.group("smoke pass on CPU"):
+        progress.say("inside")
+    progress.error("zero3_load: 3 tensors differ\n100% of them", title="smoke check zero3_load failed, on CPU")
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0].startswith("::group::") and lines[0].endswith("smoke pass on CPU")
+    assert lines[1:3] == ["inside", "::endgroup::"]
+    # the workflow-command escapes: newlines and % in the message, also : and , in the title
+    assert lines[3] == "::error title=smoke check zero3_load failed%2C on CPU::zero3_load: 3 tensors differ%0A100%25 of them"
+    assert captured.err.startswith("zero3_load: 3 tensors differ")

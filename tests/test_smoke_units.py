@@ -289,8 +289,11 @@ def test_a_record_hash_that_is_not_sha256_cannot_vouch_for_its_file(tmp_path):
 
 
 def test_prebuilt_ops_is_skipped_when_a_check_that_loads_the_ops_did_not_pass(tmp_path):
-    from vlmbuild.smoke.__main__ import check_prebuilt_ops
+    from argparse import Namespace
 
-    entry = check_prebuilt_ops(["cpu_adam"], tmp_path, [], 2, "cpu",
-                               [check("train_step"), check("optimizer_offload", status="failed")])
+    from vlmbuild.smoke.__main__ import Launch, run_launcher_check
+
+    launch = Launch(Namespace(), "cpu", 2, tmp_path, tmp_path, None, None, ["cpu_adam"],
+                    records=[check("train_step"), check("optimizer_offload", status="failed")])
+    entry = run_launcher_check(launch, "prebuilt_ops")
     assert entry["status"] == "skipped" and entry["error"] == "not run: optimizer_offload did not pass"

@@ -4,8 +4,8 @@ A base family is one small object: the packages and shell commands of the python
 Python, how a stand-in root of one of its suites is made on a machine that reaches no registry, and where a CUDA
 toolkit comes from. The template and vlmbuild.localbase ask the family; neither names a distribution.
 
-Adding a family: a module beside debian.py that builds a ``BaseFamily`` and calls ``register``, an import of it
-below, and ``base_family: NAME`` in a spec (defaults or a variant).
+Adding a family: a module beside debian.py that builds a ``BaseFamily`` and calls ``register`` (every module of
+this package is imported below), and ``base_family: NAME`` in a spec (defaults or a variant).
 """
 
 from __future__ import annotations
@@ -70,4 +70,12 @@ def family(name: str) -> BaseFamily:
     return FAMILIES[name]
 
 
-from . import debian  # noqa: E402,F401 - registers the family
+def _import_families() -> None:
+    import importlib
+    import pkgutil
+
+    for module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+        importlib.import_module(f"{__name__}.{module}")
+
+
+_import_families()

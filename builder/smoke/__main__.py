@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -103,38 +104,57 @@ def select_checks(applicable: tuple[str, ...], requested: str | None, mode: str)
     if not requested:
         return applicable
     names = [n.strip() for n in requested.split(",") if n.strip()]
-    unknown = [n for n in names if n not in contract.CHECK_NAMES]
+    known = contract.check_names()
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise UsageProblem(f"--checks {','.join(unknown)}: unknown check; known: {', '.join(contract.CHECK_NAMES)}")
+        raise UsageProblem(f"--checks {','.join(unknown)}: unknown check; known: {', '.join(known)}")
     not_here = [n for n in names if n not in applicable]
     if not_here:
         raise UsageProblem(f"--checks {','.join(not_here)}: does not run in {mode} mode here "
                            f"(this run can do {', '.join(applicable)})")
-    if "zero3_repeat" in applicable and "zero3_load" in names:
-        names.append("zero3_repeat")  # asked for by --repeat
-    missing = [f"{n} needs {d}" for n in names for d in contract.DEPENDS.get(n, ()) if d not in names]
+    # a check that --repeat asks for comes with what it repeats
+    names += [n for n in applicable if contract.REGISTRY[n].when == "repeat" and n not in names
+              and all(d in names for d in contract.REGISTRY[n].needs)]
+    missing = [f"{n} needs {d}" for n in names for d in contract.REGISTRY[n].needs if d not in names]
     if missing:
         raise UsageProblem(f"--checks: {'; '.join(missing)}")
     return tuple(n for n in applicable if n in names)
 
 
-def repeat_zero3_load(args: argparse.Namespace, mode: str, world: int, workdir: Path, extensions: Path,
-                      first: list[dict[str, Any]]) -> dict[str, Any]:
+@dataclass
+class Launch:
+    """What the launcher's checks see of the run: its settings, the scratch directory, the records so far and what
+    each rank said about itself once the ranks ended."""
+
+    args: argparse.Namespace
+    mode: str
+    world: int
+    workdir: Path
+    extensions: Path
+    lock_path: Path | None
+    variant: dict[str, Any] | None
+    prebuilt: list[str]
+    records: list[dict[str, Any]] = field(default_factory=list)
+    facts: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def rank_device(self) -> str:
+        return self.facts[0]["device"] if self.facts and self.facts[0].get("device") else self.mode
+
+
+def repeat_zero3_load(launch: Launch) -> dict[str, Any]:
     """The ZeRO-3 load ``--repeat`` times in all, each in fresh processes, from the same checkpoint: every run
     must be bit-identical to the checkpoint, and all of them alike (corruption can be intermittent)."""
     started = time.monotonic()
-    entry: dict[str, Any] = {"name": "zero3_repeat", "status": "passed", "error": None, "world_size": world,
-                             "device": first[0].get("device", mode) if first else mode, "details": {}}
-    load = next((c for c in first if c["name"] == "zero3_load"), None)
-    if load is None or not contract.check_passed(load):
-        entry.update(status="skipped", error="not run: zero3_load did not pass", seconds=0.0)
-        return entry
-    model_dir = Path(args.model_dir) if args.model_dir else workdir / "tiny-model"
+    args, first = launch.args, launch.records
+    device = next((c.get("device") for c in first if c["name"] == "zero3_load"), launch.mode)
+    load = next(c for c in first if c["name"] == "zero3_load")
+    model_dir = Path(args.model_dir) if args.model_dir else launch.workdir / "tiny-model"
     digests = [load["details"].get("weights_sha256")]
     problems = []
     for run in range(2, args.repeat + 1):
-        again = run_workers(args, mode, world, workdir, ("zero3_load",), extensions, results=f"results-{run}",
-                            model_dir=model_dir)
+        again = run_workers(args, launch.mode, launch.world, launch.workdir, ("zero3_load",), launch.extensions,
+                            results=f"results-{run}", model_dir=model_dir)
         result = again[0]
         # Each run is judged by zero3_load's own test (every tensor bit-identical to the checkpoint file), so
         # runs that pass are alike by construction: a comparison between them could never fail.
@@ -143,12 +163,10 @@ def repeat_zero3_load(args: argparse.Namespace, mode: str, world: int, workdir: 
             digests.append(None)
         else:
             digests.append(result["details"].get("weights_sha256"))
-    entry["details"] = {"runs": args.repeat, "weights_sha256": digests,
-                        "failed_runs": [i + 1 for i, d in enumerate(digests) if d is None]}
-    if problems:
-        entry.update(status="failed", error="\n".join(problems))
-    entry["seconds"] = round(time.monotonic() - started, 3)
-    return entry
+    details = {"runs": args.repeat, "weights_sha256": digests,
+               "failed_runs": [i + 1 for i, d in enumerate(digests) if d is None]}
+    return contract.check_record("zero3_repeat", launch.world, device, "failed" if problems else "passed",
+                                 "\n".join(problems) or None, details, time.monotonic() - started)
 
 
 class Ranks:
@@ -267,7 +285,7 @@ def merge_rank_results(results_dir: Path, world: int, timed_out: bool, elapsed: 
         if name in merged:
             out.append(merged[name])
             continue
-        entry = {"name": name, "status": "failed", "seconds": round(elapsed, 3), "traceback": None, "details": {}}
+        entry = contract.check_record(name, world, None, "failed", seconds=elapsed)
         if out and not contract.check_passed(out[-1]):
             entry.update(status="skipped", seconds=0.0, error=f"not run: {out[-1]['name']} did not pass")
         elif fatal:
@@ -280,19 +298,17 @@ def merge_rank_results(results_dir: Path, world: int, timed_out: bool, elapsed: 
     return out
 
 
-def run_stack(mode: str, lock_path: Path | None, variant: dict[str, Any] | None) -> dict[str, Any]:
+def run_stack(launch: Launch) -> dict[str, Any]:
     started = time.monotonic()
-    entry: dict[str, Any] = {"name": "stack", "status": "passed", "error": None, "details": {},
-                             "world_size": 1, "device": mode}
+    mode = launch.mode
     try:
-        lock = read_lockfile(lock_path) if lock_path else None
-        entry["details"] = check_stack(mode, lock, variant)
+        lock = read_lockfile(launch.lock_path) if launch.lock_path else None
+        return contract.check_record("stack", 1, mode, details=check_stack(mode, lock, launch.variant),
+                                     seconds=time.monotonic() - started)
     except StackProblem as exc:
-        entry.update(status="failed", error=str(exc), details=exc.details)
+        return contract.check_record("stack", 1, mode, "failed", str(exc), exc.details, time.monotonic() - started)
     except LockfileError as exc:
         raise UsageProblem(str(exc)) from None
-    entry["seconds"] = round(time.monotonic() - started, 3)
-    return entry
 
 
 def prebuilt_ops_for(variant: dict[str, Any] | None, mode: str) -> list[str]:
@@ -302,21 +318,13 @@ def prebuilt_ops_for(variant: dict[str, Any] | None, mode: str) -> list[str]:
     return list(declared.get("ops") or []) if declared.get("accelerator") == accelerator else []
 
 
-def check_prebuilt_ops(ops: list[str], extensions: Path, ranks: list[dict[str, Any]], world: int, mode: str,
-                       earlier: list[dict[str, Any]]) -> dict[str, Any]:
+def check_prebuilt_ops(launch: Launch) -> dict[str, Any]:
     """Every op the image declares was loaded during the run, on every rank, through its DeepSpeed builder and
     from DeepSpeed's own package (not JIT-compiled, not from elsewhere), and nothing was compiled: torch's
     extensions directory of this run is still empty. Judged from what the ranks loaded, not from DeepSpeed's
     build metadata: DeepSpeed skips an op it finds incompatible without a word (``build_shm_op`` returns None)."""
     started = time.monotonic()
-    device = ranks[0]["device"] if ranks and ranks[0].get("device") else mode
-    entry: dict[str, Any] = {"name": "prebuilt_ops", "status": "passed", "error": None, "world_size": world,
-                             "device": device, "details": {}}
-    needs = [c["name"] for c in earlier if c["name"] in contract.DEPENDS["prebuilt_ops"]
-             and not contract.check_passed(c)]
-    if needs:
-        entry.update(status="skipped", error=f"not run: {', '.join(needs)} did not pass", seconds=0.0)
-        return entry
+    ops, extensions, ranks = launch.prebuilt, launch.extensions, launch.facts
     # The checks it needs passed, so DeepSpeed imported here and in every rank, and every rank wrote its facts.
     import deepspeed
     from deepspeed.git_version_info import installed_ops
@@ -342,11 +350,10 @@ def check_prebuilt_ops(ops: list[str], extensions: Path, ranks: list[dict[str, A
     compiled = sorted(str(p.relative_to(extensions)) for p in extensions.rglob("*"))
     if compiled:
         problems.append(f"ops were compiled at run time into {extensions}: {', '.join(compiled[:8])}")
-    entry["details"] = {"ops": built_in, "loaded": loaded, "package": package, "compiled_at_run_time": compiled}
-    if problems:
-        entry.update(status="failed", error="\n".join(problems))
-    entry["seconds"] = round(time.monotonic() - started, 3)
-    return entry
+    details = {"ops": built_in, "loaded": loaded, "package": package, "compiled_at_run_time": compiled}
+    return contract.check_record("prebuilt_ops", launch.world, launch.rank_device,
+                                 "failed" if problems else "passed", "\n".join(problems) or None, details,
+                                 time.monotonic() - started)
 
 
 def flash_attention_installed() -> bool:
@@ -357,6 +364,38 @@ def flash_attention_installed() -> bool:
     except metadata.PackageNotFoundError:
         return False
     return True
+
+
+def run_launcher_check(launch: Launch, name: str) -> dict[str, Any]:
+    """A launcher check of the registry, skipped when a check it needs did not pass."""
+    failed = contract.failed_needs(name, launch.records)
+    if failed:
+        return contract.check_record(name, launch.world, launch.rank_device, "skipped",
+                                     f"not run: {', '.join(failed)} did not pass")
+    return contract.entry_point(contract.REGISTRY[name].run)(launch)
+
+
+def run_planned(launch: Launch, planned: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The planned checks in the registry's order. The ranks start first (they import and load for a while);
+    the launcher checks that come before the rank checks run here meanwhile, those after them once they ended."""
+    ranks_checks = tuple(n for n in planned if contract.REGISTRY[n].runs_in == "ranks")
+    first_rank = planned.index(ranks_checks[0]) if ranks_checks else len(planned)
+    ranks = Ranks(launch.args, launch.mode, launch.world, launch.workdir, ranks_checks,
+                  launch.extensions) if ranks_checks else None
+    try:
+        for name in planned[:first_rank]:
+            launch.records.append(run_launcher_check(launch, name))
+    except BaseException:
+        if ranks:
+            ranks.stop()
+        raise
+    if ranks:
+        launch.records += ranks.wait()
+        launch.facts = ranks.facts
+    for name in planned[first_rank:]:
+        if contract.REGISTRY[name].runs_in == "launcher":
+            launch.records.append(run_launcher_check(launch, name))
+    return launch.records
 
 
 def run(args: argparse.Namespace) -> int:
@@ -392,26 +431,14 @@ def run(args: argparse.Namespace) -> int:
         extensions.mkdir(mode=0o555)  # read-only: a compile attempt by a non-root user fails where it starts
     else:
         extensions = environment_extensions_dir()
+    launch = Launch(args, mode, world, workdir, extensions, lock_path, variant, prebuilt)
     try:
-        # The ranks start first; the stack check runs here while they import and load.
-        ranks = Ranks(args, mode, world, workdir, tuple(c for c in planned if c in contract.WORKER_CHECKS),
-                      extensions)
-        try:
-            checks = [run_stack(mode, lock_path, variant)] if "stack" in planned else []
-        except BaseException:
-            ranks.stop()
-            raise
-        worker_checks = ranks.wait()
-        checks += worker_checks
-        if "zero3_repeat" in planned:
-            checks.append(repeat_zero3_load(args, mode, world, workdir, extensions, worker_checks))
-        if "prebuilt_ops" in planned:
-            checks.append(check_prebuilt_ops(prebuilt, extensions, ranks.facts, world, mode, checks))
+        checks = run_planned(launch, planned)
     finally:
         if not args.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     device_name = None
-    gpu = (checks[0].get("details") or {}).get("gpu")
+    gpu = (checks[0].get("details") or {}).get("gpu") if checks else None
     if gpu:
         device_name = gpu.get("device_name")
     report = report_mod.finalize({
@@ -471,7 +498,8 @@ def parser() -> argparse.ArgumentParser:
                    help="how the report names --model-dir (its path on the host, where it is mounted in a container)")
     p.add_argument("--lockfile", help="compare installed versions with this lockfile (default: the image's)")
     p.add_argument("--variant-json", help="variant metadata (default: the image's)")
-    p.add_argument("--timeout", type=float, default=900.0, help="kill the ranks after this many seconds")
+    p.add_argument("--timeout", type=float, default=float(contract.DEFAULT_SMOKE_TIMEOUT),
+                   help="kill the ranks after this many seconds")
     p.add_argument("--repeat", type=int, default=1,
                    help="run the ZeRO-3 load this many times in all, in fresh processes; fail if any run differs")
     p.add_argument("--checks", default=None,
@@ -498,4 +526,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # The registry names launcher checks as vlmbuild.smoke.__main__:*; run as `python -m`, this module is
+    # __main__, and importing it by name again would make a second copy (with a second UsageProblem class).
+    sys.modules.setdefault("vlmbuild.smoke.__main__", sys.modules[__name__])
     sys.exit(main())

@@ -5,7 +5,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..contract import PASSED, PASSED_WITH_WORKAROUND, check_passed, evidence_passed, report_passed
+from ..contract import (
+    PASSED,
+    PASSED_WITH_WORKAROUND,
+    REGISTRY,
+    check_passed,
+    entry_point,
+    evidence_passed,
+    report_passed,
+)
 from ..rules import load_rules
 
 SCHEMA_VERSION = 2  # 2: every check records its world_size and device; checks grpo, optimizer_offload, attention
@@ -41,7 +49,7 @@ def summary(report: dict[str, Any]) -> str:
         lines.append(f"  checkpoint {checkpoint['path']}: {checkpoint['dtype']}, {checkpoint['parameters']:,} parameters")
     for check in report["checks"]:
         status = STATUS_WORDS[check["status"]]
-        where = f"{check.get('device', mode)} x{check.get('world_size', '?')}"
+        where = f"{check.get('device') or mode} x{check.get('world_size', '?')}"
         lines.append(f"  {status} {check['name']:<18} {check['seconds']:7.1f}s  {where:<8} {_detail(check)}")
         if check["status"] == "failed" and check.get("error"):
             for err_line in str(check["error"]).splitlines()[:10]:
@@ -63,49 +71,75 @@ def summary(report: dict[str, Any]) -> str:
 
 
 def _detail(check: dict[str, Any]) -> str:
-    d = check.get("details") or {}
-    name = check["name"]
-    if not check_passed(check):
+    """The detail line of a passing check, by the function the registry names for it."""
+    registered = REGISTRY.get(check["name"])
+    if not check_passed(check) or registered is None or not registered.detail:
         return ""
-    if name == "stack":
-        v = d.get("versions", {})
-        lock, files = d.get("lock"), d.get("files") or {}
-        locked = (f", {lock['packages']} locked packages installed exactly" if lock else ", no lockfile to compare")
-        locked += f", {files.get('checked', 0):,} files equal to their RECORD hashes"
-        return f"torch {v.get('torch')}, deepspeed {v.get('deepspeed')}, transformers {v.get('transformers')}{locked}"
-    if name == "zero3_load":
-        return (f"{d.get('parameters')} parameters ({d.get('vision_parameters')} vision) partitioned, "
-                f"{d.get('tensors_compared')} tensors bit-identical to the checkpoint")
-    if name == "train_step":
-        losses = d.get("losses") or []
-        return f"{d.get('steps')} steps, loss " + " -> ".join(f"{x:.3f}" for x in losses)
-    if name == "checkpoint_resume":
-        return (f"{d.get('parameters_compared')} parameters and {d.get('optimizer_tensors_compared')} optimizer "
-                f"tensors equal after load, next loss {d.get('loss_after_resume', 0):.3f}")
-    if name == "grpo":
-        save = d.get("consolidated_save") or {}
-        lengths = d.get("completion_lengths") or [0]
-        return (f"{d.get('steps')} GRPO steps, {d.get('generations')} generation(s) under ZeRO-3 (completions "
-                f"{min(lengths)}-{max(lengths)} tokens), {d.get('parameters_changed')} parameters moved; consolidated "
-                f"save of {save.get('tensors_compared')} tensors equal to the trained parameters")
-    if name == "optimizer_offload":
-        off = d.get("offload") or {}
-        where = ("fp32 partitions, moments and parameter shards on the CPU" if check.get("device", "cpu") != "cpu"
-                 else "placement not judged on the CPU")
-        return (f"{d.get('steps')} step(s) with {str(off.get('optimizer', '')).rsplit('.', 1)[-1]} (Adam step "
-                f"{off.get('adam_step')}, {(off.get('adam_moments') or {}).get('count')} moments written); {where}")
-    if name == "zero3_repeat":
-        return f"{d.get('runs')} loads in fresh processes, every one bit-identical to the checkpoint"
-    if name == "prebuilt_ops":
-        loaded = d.get("loaded") or {}
-        return (f"{', '.join(loaded)} loaded from DeepSpeed's package on {min((len(r) for r in loaded.values()), default=0)} "
-                "rank(s); nothing compiled at run time")
-    if name == "attention":
-        vt, lm = d.get("vision_tower") or {}, d.get("language_model") or {}
-        return (f"{d.get('candidate')} vs {d.get('reference')}: vision rel. error {vt.get('relative_error', 0):.1e}, "
-                f"language model {lm.get('relative_error', 0):.1e}"
-                + (f"; only with the recipe's fix ({d['workaround']['rule']})" if d.get("workaround") else ""))
-    return ""
+    return entry_point(registered.detail)(check)
+
+
+def detail_stack(check: dict[str, Any]) -> str:
+    d = check.get("details") or {}
+    v = d.get("versions", {})
+    lock, files = d.get("lock"), d.get("files") or {}
+    locked = (f", {lock['packages']} locked packages installed exactly" if lock else ", no lockfile to compare")
+    locked += f", {files.get('checked', 0):,} files equal to their RECORD hashes"
+    return f"torch {v.get('torch')}, deepspeed {v.get('deepspeed')}, transformers {v.get('transformers')}{locked}"
+
+
+def detail_zero3_load(check: dict[str, Any]) -> str:
+    d = check.get("details") or {}
+    return (f"{d.get('parameters')} parameters ({d.get('vision_parameters')} vision) partitioned, "
+            f"{d.get('tensors_compared')} tensors bit-identical to the checkpoint")
+
+
+def detail_train_step(check: dict[str, Any]) -> str:
+    d = check.get("details") or {}
+    losses = d.get("losses") or []
+    return f"{d.get('steps')} steps, loss " + " -> ".join(f"{x:.3f}" for x in losses)
+
+
+def detail_checkpoint_resume(check: dict[str, Any]) -> str:
+    d = check.get("details") or {}
+    return (f"{d.get('parameters_compared')} parameters and {d.get('optimizer_tensors_compared')} optimizer "
+            f"tensors equal after load, next loss {d.get('loss_after_resume', 0):.3f}")
+
+
+def detail_grpo(check: dict[str, Any]) -> str:
+    d = check.get("details") or {}
+    save = d.get("consolidated_save") or {}
+    lengths = d.get("completion_lengths") or [0]
+    return (f"{d.get('steps')} GRPO steps, {d.get('generations')} generation(s) under ZeRO-3 (completions "
+            f"{min(lengths)}-{max(lengths)} tokens), {d.get('parameters_changed')} parameters moved; consolidated "
+            f"save of {save.get('tensors_compared')} tensors equal to the trained parameters")
+
+
+def detail_optimizer_offload(check: dict[str, Any]) -> str:
+    d = check.get("details") or {}
+    off = d.get("offload") or {}
+    where = ("fp32 partitions, moments and parameter shards on the CPU" if check.get("device", "cpu") != "cpu"
+             else "placement not judged on the CPU")
+    return (f"{d.get('steps')} step(s) with {str(off.get('optimizer', '')).rsplit('.', 1)[-1]} (Adam step "
+            f"{off.get('adam_step')}, {(off.get('adam_moments') or {}).get('count')} moments written); {where}")
+
+
+def detail_zero3_repeat(check: dict[str, Any]) -> str:
+    d = check.get("details") or {}
+    return f"{d.get('runs')} loads in fresh processes, every one bit-identical to the checkpoint"
+
+
+def detail_prebuilt_ops(check: dict[str, Any]) -> str:
+    loaded = (check.get("details") or {}).get("loaded") or {}
+    return (f"{', '.join(loaded)} loaded from DeepSpeed's package on {min((len(r) for r in loaded.values()), default=0)} "
+            "rank(s); nothing compiled at run time")
+
+
+def detail_attention(check: dict[str, Any]) -> str:
+    d = check.get("details") or {}
+    vt, lm = d.get("vision_tower") or {}, d.get("language_model") or {}
+    return (f"{d.get('candidate')} vs {d.get('reference')}: vision rel. error {vt.get('relative_error', 0):.1e}, "
+            f"language model {lm.get('relative_error', 0):.1e}"
+            + (f"; only with the recipe's fix ({d['workaround']['rule']})" if d.get("workaround") else ""))
 
 
 def combine(reports: list[dict[str, Any]]) -> dict[str, Any]:

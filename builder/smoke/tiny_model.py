@@ -1,6 +1,6 @@
 """A tiny random-weight Qwen2.5-VL, built locally (no hub), and a batch it can train on.
 
-The shapes follow the constraints transformers 4.49 enforces (see shared CONTEXT §3):
+The shapes follow the constraints transformers 4.49 enforces (its Qwen2_5_VLConfig and rotary code):
 ``sum(mrope_section) == head_dim / 2``, ``out_hidden_size == hidden_size`` and an even image grid
 because ``spatial_merge_size == 2``.
 """

@@ -140,8 +140,7 @@ class Smoke:
             return False
         failed_deps = [r["name"] for r in self.results if r["name"] in needs and not contract.check_passed(r)]
         start = time.monotonic()
-        entry: dict[str, Any] = {"name": name, "status": "passed", "seconds": 0.0, "error": None, "details": {},
-                                 "world_size": self.world, "device": self.device_description()}
+        entry = contract.check_record(name, self.world, self.device_description())
         if failed_deps:
             entry.update(status="skipped", error=f"not run: {', '.join(failed_deps)} did not pass")
             self.results.append(entry)
@@ -378,12 +377,11 @@ class Smoke:
             raise CheckFailed(str(exc)) from None
 
     def run(self) -> None:
-        self.run_check("zero3_load", self.check_zero3_load)
-        self.run_check("train_step", self.check_train_step, needs=("zero3_load",))
-        self.run_check("checkpoint_resume", self.check_checkpoint_resume, needs=("train_step",))
-        self.run_check("grpo", self.check_grpo, needs=("zero3_load",))
-        self.run_check("optimizer_offload", self.check_optimizer_offload, needs=("grpo",))
-        self.run_check("attention", self.check_attention, needs=("zero3_load",))
+        """The rank checks of the registry (vlmbuild.contract), in its order, each with what it needs."""
+        for check in contract.REGISTRY.values():
+            if check.runs_in == "ranks":
+                run = contract.entry_point(check.run)
+                self.run_check(check.name, lambda run=run: run(self), needs=check.needs)
 
 
 def loaded_ops() -> dict[str, str | None]:
@@ -439,4 +437,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # The registry names rank checks as vlmbuild.smoke.worker:Smoke.check_*; run as `python -m`, this module is
+    # __main__, and importing it by name again would make a second copy (with a second CheckFailed class).
+    sys.modules.setdefault("vlmbuild.smoke.worker", sys.modules[__name__])
     sys.exit(main())

@@ -1,6 +1,7 @@
-"""`vlmbuild smoke --local`: the image's smoke code, run by any interpreter (a user's conda env, say).
+"""`vlmbuild smoke`: the image's smoke code on any built image (IMAGE_REF), or run by any interpreter (--local: a
+user's conda env, say).
 
-The smoke sources are staged exactly as they lie in an image (lib/vlmbuild/...), so the environment
+For --local the smoke sources are staged exactly as they lie in an image (lib/vlmbuild/...), so the environment
 under test needs nothing of vlmbuild installed and runs the very code that ships in images.
 """
 
@@ -13,8 +14,11 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from . import contract
 from .errors import VlmbuildError
 from .lockfile import LockfileError, read_lockfile
+from .options import checked_model_dir
+from .progress import Progress
 from .render import stage_smoke_sources, variant_metadata
 from .spec import all_spec_paths, find_spec_path, load_spec
 
@@ -79,3 +83,29 @@ def run_local(python: str, device: str, report: Path | None, model_dir: Path | N
             raise VlmbuildError(f"the smoke did not finish within {timeout + 120} s") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def smoke_image(ref: str, device: str, report: Path | None, timeout: int, repeat: int = 1,
+                model_dir: Path | None = None, checks: str | None = None) -> int:
+    """`vlmbuild smoke IMAGE_REF`: re-run the gate's smoke on any built image (with a real checkpoint, read-only)."""
+    from .engine import Engine
+    from .gate import resolve_device, smoke_passes
+    from .smoke import report as report_mod
+
+    engine = Engine()
+    model_dir = checked_model_dir(model_dir)
+    if engine.image_id(ref) is None:
+        raise VlmbuildError(f"{ref}: no such image in this engine")
+    if contract.LABEL_SMOKE_ENTRYPOINT not in engine.labels(ref):
+        raise VlmbuildError(f"{ref}: not an image vlmbuild built (no {contract.LABEL_SMOKE_ENTRYPOINT} label): "
+                            "it has no smoke to run")
+    device = resolve_device(engine, device)
+    progress = Progress(f"smoke {ref}")
+    try:
+        runs = smoke_passes(engine, ref, device, timeout, repeat, model_dir, progress, checks)
+    finally:
+        progress.close()
+    reports = [r.report for r in runs if r.report is not None]
+    if report and reports:
+        Path(report).write_text(report_mod.dumps(reports[0] if len(reports) == 1 else report_mod.combine(reports)))
+    return 0 if all(r.passed for r in runs) else 1

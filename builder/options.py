@@ -1,0 +1,45 @@
+"""One build's settings, resolved once: the command line's flags, then the spec, then the defaults (the spec
+loader holds the one default of each smoke setting). The pipeline reads this frozen value and nothing else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import VlmbuildError
+from .smoke.model_dir import ModelDirProblem, validate_model_dir
+from .spec import ImageSpec
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    smoke_device: str  # auto | gpu | cpu, as asked (the engine decides what auto means)
+    smoke_timeout: int  # seconds before a smoke pass is killed
+    smoke_repeat: int  # ZeRO-3 loads in fresh processes
+    base_image: str | None = None  # None: the variant's
+    repository: str | None = None  # None: the spec's
+    push: bool = False
+    allow_cpu_push: bool = False
+    keep_failed: bool = False
+    nocache: bool = False
+    rebuild: bool = False
+    ignore_rules: bool = False
+    model_dir: Path | None = None  # a checked Qwen2.5-VL checkpoint, absolute
+
+
+def checked_model_dir(model_dir: Path | None) -> Path | None:
+    if model_dir is None:
+        return None
+    try:
+        validate_model_dir(Path(model_dir))
+    except ModelDirProblem as exc:
+        raise VlmbuildError(str(exc)) from None
+    return Path(model_dir).absolute()
+
+
+def build_options(spec: ImageSpec, smoke_device: str | None = None, smoke_timeout: int | None = None,
+                  repeat: int | None = None, model_dir: Path | None = None, **flags: object) -> BuildOptions:
+    """The flags given (None: not given) over the spec's smoke settings."""
+    return BuildOptions(smoke_device=smoke_device or spec.smoke_device, smoke_timeout=smoke_timeout or spec.smoke_timeout,
+                        smoke_repeat=repeat or spec.smoke_repeat, model_dir=checked_model_dir(model_dir),
+                        **flags)  # type: ignore[arg-type]

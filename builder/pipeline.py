@@ -1,0 +1,45 @@
+"""The main job, one variant from its spec to its tags: resolve (vlmbuild.resolve), gate (vlmbuild.gate: build,
+smoke, decide, tag), release (vlmbuild.release: push). One Progress carries everything said on the way."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from .engine import Engine
+from .gate import BuildOutcome, gate
+from .options import BuildOptions
+from .progress import Progress
+from .release import PushFailed, push_tags
+from .resolve import resolve
+from .spec import Variant
+
+
+def build_variant(variant: Variant, options: BuildOptions, engine: Engine | None = None) -> BuildOutcome:
+    """Resolve, gate and (with --push) push one variant. Raises GateFailed (nothing tagged) or PushFailed (tagged,
+    not pushed), each with the outcome."""
+    engine = engine or Engine()
+    progress = Progress(f"build {variant.image.name}/{variant.name}")
+    try:
+        with tempfile.TemporaryDirectory(prefix="vlmbuild-build-") as tmp:
+            resolved = resolve(variant, engine, Path(tmp), options.base_image, options.repository,
+                               options.ignore_rules, progress)
+            outcome = gate(engine, resolved, options, progress)
+        if options.push:
+            try:
+                outcome.digests = push_tags(engine, resolved, outcome.tags, options.allow_cpu_push, progress)
+            except PushFailed as exc:
+                outcome.push_error = str(exc)
+                exc.outcome = outcome
+                raise
+        return outcome
+    finally:
+        progress.close()
+
+
+def write_build_report(path: Path, outcomes: list[BuildOutcome]) -> None:
+    payload = {"schema_version": 2, "builds": [asdict(o) for o in outcomes]}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
