@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .contract import HEADLINE_PACKAGES
 from .lock import LockStatus, variant_status
 from .lockfile import Lockfile, LockfileError, read_lockfile
 from .rules import RECIPE_CONDITIONS, RuleSet, Violation, installed_versions, training_conditions
@@ -83,7 +84,7 @@ def format_verdict(verdict: VariantVerdict) -> str:
     v = verdict.variant
     expect = " (expected to be rejected)" if v.expected_rejected else ""
     state = "ok" if verdict.ok else "FAIL"
-    keys = ", ".join(f"{k} {verdict.versions[k]}" for k in ("torch", "deepspeed", "transformers", "trl")
+    keys = ", ".join(f"{k} {verdict.versions[k]}" for k in HEADLINE_PACKAGES
                      if k in verdict.versions)
     lines = [f"{state}  {v.image.name}/{v.name}{expect}: {keys} [{verdict.source}; when {', '.join(verdict.conditions)}]"]
     for violation in verdict.violations:

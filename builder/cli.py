@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .contract import DEFAULT_SMOKE_TIMEOUT
+from .contract import DEFAULT_SMOKE_TIMEOUT, HEADLINE_PACKAGES
 from .errors import CheckFailed, VlmbuildError
 from .spec import ImageSpec, Variant, all_spec_paths, find_spec_path, load_spec
 
@@ -153,7 +153,7 @@ def check(ctx: Context, image: str | None, env_mode: bool, when: tuple[str, ...]
         if bad:
             raise VlmbuildError(f"--when {sorted(bad)[0]}: unknown condition; known: {sorted(KNOWN_CONDITIONS)}")
         versions, conds, violations = check_environment(rules, when or None)
-        keys = ", ".join(f"{k} {versions[k]}" for k in ("torch", "deepspeed", "transformers", "trl") if k in versions)
+        keys = ", ".join(f"{k} {versions[k]}" for k in HEADLINE_PACKAGES if k in versions)
         click.echo(f"environment {sys.executable}: {keys or 'no training packages'} [when {', '.join(conds)}]")
         for v in violations:
             click.echo(v.explain(indent="    "))

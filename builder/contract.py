@@ -22,6 +22,11 @@ VENV = "/opt/venv"
 # Seconds before a smoke's ranks are killed, when neither the spec nor a flag says (the one default of it).
 DEFAULT_SMOKE_TIMEOUT = 1200
 
+# The packages that decide whether the recipe trains: the versions label and the stack check name them; a
+# one-line summary (`vlmbuild check`) names the headline ones.
+KEY_PACKAGES = ("torch", "deepspeed", "transformers", "accelerate", "trl", "triton", "flash-attn")
+HEADLINE_PACKAGES = ("torch", "deepspeed", "transformers", "trl")
+
 # ---------------------------------------------------------------- labels
 
 LABEL_PREFIX = "io.vlmbuild"

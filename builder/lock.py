@@ -63,7 +63,7 @@ def variant_inputs_hash(variant: Variant) -> str:
 
 
 def build_tools_path(root: Path) -> Path:
-    return root / "lockfiles" / "build-tools.txt"
+    return root / "lockfiles" / "build-tools.txt"  # ImageSpec.build_tools_lockfile, for a repository root
 
 
 def build_tools_inputs_hash() -> str:

@@ -19,14 +19,14 @@ import jinja2
 
 from . import __version__, contract
 from .errors import VlmbuildError
-from .lock import build_tools_path, load_variant_lock
+from .lock import load_variant_lock
 from .lockfile import Lockfile, Requirement
 from .spec import Layer, Variant
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # What of vlmbuild ships inside the image: the smoke and what it imports, nothing that needs click/jinja/docker.
 SMOKE_SOURCES = ("__init__.py", "contract.py", "lockfile.py", "rules", "smoke")
-KEY_PACKAGES = ("torch", "deepspeed", "transformers", "accelerate", "trl", "triton", "flash-attn")
+KEY_PACKAGES = contract.KEY_PACKAGES
 LABEL_PREFIX = contract.LABEL_PREFIX
 SMOKE_ENTRYPOINT = contract.SMOKE_ENTRYPOINT
 
@@ -319,7 +319,7 @@ def render(variant: Variant, output: Path, base_image: str | None = None, lock: 
     if output.exists() and any(output.iterdir()):
         raise VlmbuildError(f"{output}: output directory is not empty")
     lock = lock or load_variant_lock(variant)
-    tools = build_tools_path(variant.image.root)
+    tools = variant.image.build_tools_lockfile
     if not tools.is_file():
         raise VlmbuildError(f"{tools}: build-tools lockfile missing: run `vlmbuild lock`")
     tag = tag or variant.tag(lock.pins)

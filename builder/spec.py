@@ -190,6 +190,11 @@ class ImageSpec:
     deepspeed_build: DeepSpeedBuildSpec = DEFAULT_DEEPSPEED_BUILD
     variants: dict[str, Variant] = field(default_factory=dict)
 
+    @property
+    def build_tools_lockfile(self) -> Path:
+        """The hash-locked build tools (uv, cyclonedx-py) every image of this repository builds with."""
+        return self.root / "lockfiles" / "build-tools.txt"
+
     def variant(self, name: str) -> Variant:
         if name not in self.variants:
             raise SpecError(self.path, "variants", f"no variant {name!r}; this spec has {sorted(self.variants)}")

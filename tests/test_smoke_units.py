@@ -9,7 +9,13 @@ from types import SimpleNamespace
 from vlmbuild import contract
 from vlmbuild.lockfile import parse_lockfile
 from vlmbuild.smoke import report as report_mod
-from vlmbuild.smoke.__main__ import UsageProblem, fail_on_bad_exit, merge_rank_results, select_checks
+from vlmbuild.smoke.__main__ import (
+    UsageProblem,
+    fail_on_bad_exit,
+    merge_rank_results,
+    read_rank_files,
+    select_checks,
+)
 from vlmbuild.smoke.stack import _gpu_facts, lock_mismatches, modules_to_import
 
 CPU_WORKER_CHECKS = contract.checks_for("cpu", flash_attention=False)[1:]
@@ -30,7 +36,7 @@ def check(name, status="passed", error=None):
 
 def test_a_fatal_start_fails_the_first_check_and_skips_the_rest(tmp_path):
     write_rank(tmp_path, 0, fatal="RuntimeError: 0 active drivers ([]). There should only be one.")
-    out = merge_rank_results(tmp_path, 2, False, 3.0, 60, "log", CPU_WORKER_CHECKS)
+    out = merge_rank_results(read_rank_files(tmp_path, 2), False, 3.0, 60, "log", CPU_WORKER_CHECKS)
     assert [c["status"] for c in out] == ["failed"] + ["skipped"] * (len(CPU_WORKER_CHECKS) - 1)
     assert "0 active drivers" in out[0]["error"]
 
@@ -38,13 +44,13 @@ def test_a_fatal_start_fails_the_first_check_and_skips_the_rest(tmp_path):
 def test_a_failure_on_any_rank_wins_and_keeps_its_own_message(tmp_path):
     write_rank(tmp_path, 0, [check("zero3_load", "failed", "failed on another rank")])
     write_rank(tmp_path, 1, [check("zero3_load", "failed", "size mismatch ... torch.Size([0])")])
-    out = merge_rank_results(tmp_path, 2, False, 3.0, 60, "log", CPU_WORKER_CHECKS)
+    out = merge_rank_results(read_rank_files(tmp_path, 2), False, 3.0, 60, "log", CPU_WORKER_CHECKS)
     assert out[0]["error"] == "size mismatch ... torch.Size([0])"
 
 
 def test_a_timeout_is_a_failure_not_a_pass(tmp_path):
     write_rank(tmp_path, 0, [check("zero3_load")])
-    out = merge_rank_results(tmp_path, 2, True, 61.0, 60, "log", CPU_WORKER_CHECKS)
+    out = merge_rank_results(read_rank_files(tmp_path, 2), True, 61.0, 60, "log", CPU_WORKER_CHECKS)
     assert out[0]["status"] == "passed" and out[1]["status"] == "failed" and "timed out" in out[1]["error"]
     assert out[2]["status"] == "skipped"
 

@@ -230,9 +230,9 @@ class Ranks:
         returncode = next((c for c in codes if c != 0), 0)
         elapsed = time.monotonic() - self.started
         log_tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-40:])
-        merged = merge_rank_results(self.results_dir, self.world, timed_out, elapsed, self.args.timeout, log_tail,
-                                    self.checks)
-        self.facts = rank_facts(self.results_dir, self.world)
+        per_rank = read_rank_files(self.results_dir, self.world)
+        merged = merge_rank_results(per_rank, timed_out, elapsed, self.args.timeout, log_tail, self.checks)
+        self.facts = rank_facts(per_rank)
         return fail_on_bad_exit(merged, None if timed_out else returncode, log_tail)
 
 
@@ -242,15 +242,16 @@ def run_workers(args: argparse.Namespace, mode: str, world: int, workdir: Path, 
     return Ranks(args, mode, world, workdir, checks, extensions, results, model_dir).wait()
 
 
-def rank_facts(results_dir: Path, world: int) -> list[dict[str, Any]]:
+def read_rank_files(results_dir: Path, world: int) -> list[dict[str, Any] | None]:
+    """What each rank wrote (rank{N}.json), None for a rank that wrote nothing."""
+    files = [results_dir / f"rank{rank}.json" for rank in range(world)]
+    return [json.loads(f.read_text()) if f.is_file() else None for f in files]
+
+
+def rank_facts(per_rank: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
     """What each rank that reported says about itself: its rank, device and the DeepSpeed ops it loaded."""
-    out = []
-    for rank in range(world):
-        f = results_dir / f"rank{rank}.json"
-        data = json.loads(f.read_text()) if f.is_file() else {}
-        if "loaded_ops" in data:
-            out.append({"rank": rank, "device": data.get("device"), "loaded_ops": data["loaded_ops"]})
-    return out
+    return [{"rank": rank, "device": data.get("device"), "loaded_ops": data["loaded_ops"]}
+            for rank, data in enumerate(per_rank) if data and "loaded_ops" in data]
 
 
 def fail_on_bad_exit(checks: list[dict[str, Any]], returncode: int | None, log_tail: str) -> list[dict[str, Any]]:
@@ -264,13 +265,10 @@ def fail_on_bad_exit(checks: list[dict[str, Any]], returncode: int | None, log_t
     return checks
 
 
-def merge_rank_results(results_dir: Path, world: int, timed_out: bool, elapsed: float, timeout: float,
+def merge_rank_results(per_rank: list[dict[str, Any] | None], timed_out: bool, elapsed: float, timeout: float,
                        log_tail: str, checks: tuple[str, ...]) -> list[dict[str, Any]]:
     """Rank 0's view, with any rank's failure folded in; checks that never reported become failures."""
-    per_rank = []
-    for rank in range(world):
-        f = results_dir / f"rank{rank}.json"
-        per_rank.append(json.loads(f.read_text()) if f.is_file() else None)
+    world = len(per_rank)
     fatal = next((r for r in per_rank if r and r.get("fatal")), None)
     merged: dict[str, dict[str, Any]] = {}
     for data in per_rank:

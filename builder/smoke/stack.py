@@ -209,8 +209,7 @@ def check_stack(mode: str, lock: Lockfile | None, variant: dict[str, Any] | None
     problems: list[str] = []
     details: dict[str, Any] = {"python": sys.version.split()[0]}
     installed = installed_versions()
-    details["versions"] = {k: installed.get(k) for k in ("torch", "deepspeed", "transformers", "accelerate", "trl",
-                                                          "triton", "flash-attn", "safetensors", "tokenizers")}
+    details["versions"] = {k: installed.get(k) for k in (*contract.KEY_PACKAGES, "safetensors", "tokenizers")}
     environment, env_problems = environment_problems(lock)
     details["files"] = environment["files"]
     details["lock"] = None if lock is None else {
