@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from .contract import HEADLINE_PACKAGES
 from .lock import LockStatus, variant_status
 from .lockfile import Lockfile, LockfileError, read_lockfile
-from .rules import RECIPE_CONDITIONS, RuleSet, Violation, installed_versions, training_conditions
+from .rules import RECIPE_CONDITIONS, RuleSet, Violation, installed_versions, load_rules, training_conditions
 from .spec import Variant
 
 
@@ -44,10 +44,11 @@ def declared_versions(variant: Variant) -> dict[str, str]:
     return out
 
 
-def check_variant(variant: Variant, rules: RuleSet, lock: Lockfile | None = None,
+def check_variant(variant: Variant, rules: RuleSet | None = None, lock: Lockfile | None = None,
                   status: LockStatus | None = None) -> VariantVerdict:
-    """The variant's locked versions (its declared pins while it has no lockfile) against the rules;
-    ``lock`` and its ``status`` when the caller has them already."""
+    """The variant's locked versions (its declared pins while it has no lockfile) against the rules (the shipped
+    ones unless given); ``lock`` and its ``status`` when the caller has them already."""
+    rules = rules or load_rules()
     status = status or variant_status(variant, lock)
     notes = []
     if status.state in ("fresh", "stale"):

@@ -16,13 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import contract
 from .buildkit import BuildFailed
 from .engine_api import EngineAPI, SmokeRun
 from .errors import CheckFailed, VlmbuildError
 from .options import BuildOptions
 from .progress import Progress
-from .release import evidence, publish, tags_naming, validated_image
+from .release import release_candidate, tags_naming, validated_image
 from .resolve import Resolved
 from .rules import explain_rule, load_rules
 from .smoke import report as report_mod
@@ -175,10 +174,7 @@ def run_gate(engine: EngineAPI, resolved: Resolved, options: BuildOptions, outco
             candidate = None
             raise GateFailed(f"{spec.name}/{variant.name}: the smoke failed on {failed.device.upper()} "
                              f"({', '.join(outcome.failing_checks)}); nothing was tagged", outcome)
-        sbom = engine.read_image_file(candidate, contract.SBOM_PATH)
-        files, labels = evidence(resolved, runs, sbom)
-        final = engine.add_evidence(candidate, files, labels)
-        image_id, tags, tagged = publish(engine, resolved, final)
+        final, image_id, tags, tagged = release_candidate(engine, resolved, candidate, runs)
         outcome.passed, outcome.image_id, outcome.tags = True, image_id, tags
         if tagged:
             candidate = None  # now the tested parent of a released image: keep

@@ -199,3 +199,10 @@ def load_variant_lock(variant: Variant) -> Lockfile:
         return read_lockfile(path)
     except LockfileError as exc:
         raise VlmbuildError(str(exc)) from None
+
+
+def read_fresh_lock(variant: Variant) -> tuple[Lockfile, LockStatus]:
+    """The variant's lockfile, read once, and its status: refused when missing or unreadable (exit 2), stale, or
+    beside a stale build-tools lockfile (exit 1)."""
+    lock = load_variant_lock(variant)
+    return lock, require_fresh(variant, lock)

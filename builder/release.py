@@ -169,6 +169,17 @@ class PushFailed(VlmbuildError):
         self.outcome = None
 
 
+def release_candidate(engine: EngineAPI, resolved: Resolved, candidate: str,
+                      runs: list[SmokeRun]) -> tuple[str, str, list[str], bool]:
+    """The tested candidate with its evidence added (the report and its labels, one layer) and the tag set moved
+    to it: (the image with the evidence, the image the tags name, the tags, whether they moved)."""
+    sbom = engine.read_image_file(candidate, contract.SBOM_PATH)
+    files, labels = evidence(resolved, runs, sbom)
+    final = engine.add_evidence(candidate, files, labels)
+    image_id, tags, tagged = publish(engine, resolved, final)
+    return final, image_id, tags, tagged
+
+
 def push_tags(engine: EngineAPI, resolved: Resolved, tags: list[str], allow_cpu: bool,
               progress: Progress | None = None) -> dict[str, str]:
     """push_tags_or_fail, with every refusal a PushFailed."""

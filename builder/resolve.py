@@ -18,10 +18,9 @@ from pathlib import Path
 from .checks import check_variant
 from .engine_api import Base, EngineAPI
 from .errors import CheckFailed
-from .lock import load_variant_lock, require_fresh
+from .lock import LockStatus, read_fresh_lock
 from .lockfile import Lockfile
 from .render import RenderResult, render
-from .rules import load_rules
 from .spec import Variant
 
 IDENTITY_CHARS = 12
@@ -58,11 +57,10 @@ class Resolved:
         return self.rendered.context
 
 
-def refuse_up_front(variant: Variant, lock: Lockfile, ignore_rules: bool) -> list[str]:
-    """Exit 1 before any build: a stale lockfile, or (unless ignored) a rule the locked versions violate.
-    Returns the warnings the rules raise."""
-    status = require_fresh(variant, lock)
-    verdict = check_variant(variant, load_rules(), lock, status)
+def refuse_up_front(variant: Variant, lock: Lockfile, status: LockStatus, ignore_rules: bool) -> list[str]:
+    """Exit 1 before any build (unless ignored): a rule the locked versions violate. Returns the warnings the
+    rules raise."""
+    verdict = check_variant(variant, None, lock, status)
     if verdict.errors and not ignore_rules:
         explained = "\n".join(v.explain(indent="    ") for v in verdict.errors)
         raise CheckFailed(f"{variant.image.name}/{variant.name} violates known-bad rules; not building "
@@ -93,8 +91,8 @@ def identity(lock: Lockfile, base: Base, context: Path) -> str:
 def resolve(variant: Variant, engine: EngineAPI, workdir: Path, base_override: str | None = None,
             repository: str | None = None, ignore_rules: bool = False, progress=None) -> Resolved:
     """Everything a build of ``variant`` needs, decided once. ``engine`` finds (or makes) the base."""
-    lock = load_variant_lock(variant)
-    warnings = refuse_up_front(variant, lock, ignore_rules)
+    lock, status = read_fresh_lock(variant)
+    warnings = refuse_up_front(variant, lock, status, ignore_rules)
     tag = variant.tag(lock.pins)
     base = engine.resolve_base(base_override or variant.base_image, progress)
     rendered = render(variant, Path(workdir) / "context", base_image=base.ref, lock=lock, tag=tag)

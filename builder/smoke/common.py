@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-class CheckFailed(Exception):
+class CheckProblem(Exception):
     """A check ran to the end and found the environment wrong (as opposed to crashing)."""
 
 

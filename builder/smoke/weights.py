@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .common import CheckFailed
+from .common import CheckProblem
 from .model_dir import safetensors_header, torch_dtype_name
 
 
@@ -46,7 +46,7 @@ def safetensors_digests(path: Path) -> dict[str, dict[str, Any]]:
 def checkpoint_digests(model_dir: Path) -> dict[str, dict[str, Any]]:
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
-        raise CheckFailed(f"no .safetensors files in {model_dir}")
+        raise CheckProblem(f"no .safetensors files in {model_dir}")
     digests: dict[str, dict[str, Any]] = {}
     for f in files:
         digests.update(safetensors_digests(f))

@@ -25,7 +25,7 @@ from typing import Any
 
 from .. import contract
 from . import tiny_model
-from .common import CheckFailed, all_ranks_ok, mean_over_ranks, set_comm_device
+from .common import CheckProblem, all_ranks_ok, mean_over_ranks, set_comm_device
 from .model_dir import checkpoint_dtype
 from .weights import checkpoint_digests, diff_params, gathered_param_digests
 
@@ -148,7 +148,7 @@ class Smoke:
         ok = True
         try:
             entry["details"] = fn() or {}
-        except CheckFailed as exc:
+        except CheckProblem as exc:
             ok = False
             entry["error"] = str(exc)
         except Exception as exc:  # noqa: BLE001 - any crash of the checked stack is a finding, reported verbatim
@@ -235,7 +235,7 @@ class Smoke:
                        and (self.world == 1 or p.ds_tensor.numel() < p.ds_numel)]
         not_partitioned = [n for n in names if n not in set(partitioned)]
         if not_partitioned:
-            raise CheckFailed(
+            raise CheckProblem(
                 f"{len(not_partitioned)} of {len(names)} parameters are not ZeRO-3 partitioned "
                 f"(no ds_id, full data on this rank, or the whole tensor in one shard), first: "
                 f"{', '.join(not_partitioned[:5])}"
@@ -243,7 +243,7 @@ class Smoke:
         loaded = gathered_param_digests(self.model)
         problems = diff_params(reference, loaded, "the checkpoint")
         if problems:
-            raise CheckFailed(
+            raise CheckProblem(
                 f"{len(problems)} parameter(s) differ from the saved checkpoint; first ones:\n  "
                 + "\n  ".join(problems[:8])
             )
@@ -290,9 +290,9 @@ class Smoke:
         self.engine = self.initialize_engine(self.model)
         losses = self.train_steps(self.engine, TRAIN_STEPS)
         if not all(math.isfinite(x) for x in losses):
-            raise CheckFailed(f"loss not finite: {losses}")
+            raise CheckProblem(f"loss not finite: {losses}")
         if not losses[-1] < losses[0]:
-            raise CheckFailed(f"loss did not fall over {TRAIN_STEPS} steps: {losses}")
+            raise CheckProblem(f"loss did not fall over {TRAIN_STEPS} steps: {losses}")
         return {"steps": TRAIN_STEPS, "losses": losses}
 
     # -- check 4: checkpoint_resume
@@ -309,18 +309,18 @@ class Smoke:
         engine = self.initialize_engine(fresh)
         load_path, _ = engine.load_checkpoint(str(ckpt), tag=CHECKPOINT_TAG)
         if load_path is None:
-            raise CheckFailed(f"load_checkpoint found no checkpoint under {ckpt} (tag {CHECKPOINT_TAG})")
+            raise CheckProblem(f"load_checkpoint found no checkpoint under {ckpt} (tag {CHECKPOINT_TAG})")
 
         problems = diff_params(saved_params, gathered_param_digests(engine.module), "the saved engine")
         problems += compare_snapshots(saved_optimizer, optimizer_snapshot(engine))
         if problems:
-            raise CheckFailed(
+            raise CheckProblem(
                 f"{len(problems)} difference(s) between the saved and the resumed state; first ones:\n  "
                 + "\n  ".join(problems[:8])
             )
         losses = self.train_steps(engine, 1)
         if not math.isfinite(losses[0]):
-            raise CheckFailed(f"loss after resume not finite: {losses[0]}")
+            raise CheckProblem(f"loss after resume not finite: {losses[0]}")
         return {
             "optimizer_tensors_compared": sum(1 for v in saved_optimizer.values() if hasattr(v, "shape")),
             "parameters_compared": len(saved_params),
@@ -342,7 +342,7 @@ class Smoke:
             facts = grpo.grpo_facts(trainer, initial, grpo.GRPO_STEPS, self.world)
             facts["consolidated_save"] = grpo.verify_consolidated_save(trainer, output / "final")
         except grpo.GrpoProblem as exc:
-            raise CheckFailed(str(exc)) from None
+            raise CheckProblem(str(exc)) from None
         return facts
 
     def check_optimizer_offload(self) -> dict[str, Any]:
@@ -355,10 +355,10 @@ class Smoke:
             state = grpo.offload_state(trainer)
             problems = grpo.offload_problems(state, grpo.OFFLOAD_STEPS, self.gpu)
             if problems:
-                raise CheckFailed("; ".join(problems) + f" (observed: {json.dumps(state)})")
+                raise CheckProblem("; ".join(problems) + f" (observed: {json.dumps(state)})")
             facts = grpo.grpo_facts(trainer, initial, grpo.OFFLOAD_STEPS, self.world)
         except grpo.GrpoProblem as exc:
-            raise CheckFailed(str(exc)) from None
+            raise CheckProblem(str(exc)) from None
         facts["offload"] = state
         facts["placement"] = ("judged: fp32 partitions, Adam moments and parameter shards on the CPU" if self.gpu else
                               "not judged on the CPU, where every tensor is on the CPU offloaded or not; this pass "
@@ -374,7 +374,7 @@ class Smoke:
         try:
             return attention.compare_attention(self.model_dir, self.device, self.dtype, "flash_attention_2", "sdpa")
         except attention.AttentionProblem as exc:
-            raise CheckFailed(str(exc)) from None
+            raise CheckProblem(str(exc)) from None
 
     def run(self) -> None:
         """The rank checks of the registry (vlmbuild.contract), in its order, each with what it needs."""
@@ -438,6 +438,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # The registry names rank checks as vlmbuild.smoke.worker:Smoke.check_*; run as `python -m`, this module is
-    # __main__, and importing it by name again would make a second copy (with a second CheckFailed class).
+    # __main__, and importing it by name again would make a second copy (with a second CheckProblem class).
     sys.modules.setdefault("vlmbuild.smoke.worker", sys.modules[__name__])
     sys.exit(main())
