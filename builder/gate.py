@@ -100,9 +100,9 @@ def smoke_passes(engine: EngineAPI, image: str, device: str, timeout: int, repea
             run = engine.run_smoke(image, on, timeout, progress, repeat=repeat, model_dir=model_dir, **extra)
             message, failing = describe_failure(run) if not run.passed else ("", [])
             progress.say(report_mod.summary(run.report) if run.report is not None else message)
-        checks = {c["name"]: c for c in (run.report or {}).get("checks", [])}
+        by_name = {c["name"]: c for c in (run.report or {}).get("checks", [])}
         for name in failing:
-            error = (checks.get(name) or {}).get("error") or message
+            error = (by_name.get(name) or {}).get("error") or message
             progress.annotate("\n".join(str(error).splitlines()[:20]), title=f"smoke check {name} failed on {on.upper()}")
         return run
 

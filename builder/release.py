@@ -187,8 +187,6 @@ def push_tags(engine: EngineAPI, resolved: Resolved, tags: list[str], allow_cpu:
     progress = progress or Progress(f"push {resolved.variant.image.name}/{resolved.variant.name}")
     try:
         return push_tags_or_fail(engine, resolved, tags, allow_cpu, progress)
-    except PushFailed:
-        raise
     except VlmbuildError as exc:
         raise PushFailed(exc) from None
     finally:
