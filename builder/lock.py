@@ -80,6 +80,18 @@ def _preferences(current: Path) -> str:
     return "".join(r.render() + "\n" for r in lock.requirements if r.url is None)
 
 
+def resolver_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The caller's environment without DeepSpeed's install-time switches (DS_ACCELERATOR, DS_BUILD_*, ...).
+
+    DeepSpeed ships only an sdist, so uv runs its setup.py to learn its requirements, in an isolated env that
+    has no torch. With DS_ACCELERATOR=cpu in the caller's shell (a CPU smoke sets it) setup.py imports torch and
+    the lock dies with "No module named 'torch'" (deepspeedai/DeepSpeed#4984, #2166); only a warm uv cache, which
+    kept metadata built without the switch, hid it. Unset, setup.py takes its torch-less path on every machine,
+    and a lock no longer depends on what the shell that ran it had exported."""
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items() if not k.startswith("DS_")}
+
+
 def _compile(requirements: list[str], python: str, platform: str, current: Path | None = None,
              upgrade: bool = False, upgrade_packages: tuple[str, ...] = ()) -> str:
     with tempfile.TemporaryDirectory(prefix="vlmbuild-lock-") as tmp:
@@ -97,7 +109,7 @@ def _compile(requirements: list[str], python: str, platform: str, current: Path 
         ]
         for name in upgrade_packages:
             cmd += ["--upgrade-package", name]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env=resolver_environment())
         if proc.returncode != 0:
             raise LockError(f"uv could not resolve {', '.join(requirements)} for Python {python} on {platform}:\n"
                             + proc.stderr.strip())

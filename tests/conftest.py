@@ -37,6 +37,17 @@ def run_cli(*args: str, root: Path | None = None, env: dict | None = None, timeo
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
+@pytest.fixture(autouse=True)
+def no_environment_leaks():
+    """What one test puts in os.environ (the in-process smoke sets DS_ACCELERATOR=cpu) must not reach the next:
+    a leaked DS_ACCELERATOR made a later uv build of DeepSpeed 0.15.4 import torch, and only a warm cache hid it."""
+    before = dict(os.environ)
+    yield
+    if dict(os.environ) != before:
+        os.environ.clear()
+        os.environ.update(before)
+
+
 @pytest.fixture
 def cli():
     return run_cli

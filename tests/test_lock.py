@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 from packaging.version import Version
-from vlmbuild.lock import LockError, lock_variant, variant_status
+from vlmbuild.lock import LockError, lock_variant, resolver_environment, variant_status
 from vlmbuild.lockfile import LockfileError, parse_lockfile, read_lockfile
 from vlmbuild.spec import load_spec
 
@@ -81,6 +81,36 @@ def test_lock_writes_header_and_hashes_for_a_small_stack(tmp_path: Path):
     assert lock.header["inputs-sha256"] and lock.pins["packaging"] == "24.2"
     assert all(r.hashes for r in lock.requirements)
     assert variant_status(spec.variant("good")).state == "fresh"
+
+
+def _tiny_spec(tmp_path: Path, pins: str, tag: str):
+    """A spec of one variant that pins a few packages (torch/deepspeed/transformers named, unpinned unless given)."""
+    root = tmp_path / "repo"
+    (root / "images" / "templates").mkdir(parents=True)
+    (root / "images" / "templates" / "Dockerfile.j2").write_text("FROM {{ base_image }}\n")
+    (root / "images" / "tiny.yaml").write_text((REPO / "tests/specs/valid/mini.yaml").read_text()
+        .replace("name: mini", "name: tiny")
+        .replace('    torch: "==2.6.0"\n    deepspeed: "==0.19.8"\n    transformers: "==4.49.0"\n', pins)
+        .replace("tag: \"py{python}-torch{torch}-ds{deepspeed}\"", f"tag: \"{tag}\""))
+    return load_spec(root / "images" / "tiny.yaml")
+
+
+def test_lock_of_a_deepspeed_sdist_ignores_the_shells_deepspeed_switches(tmp_path: Path, monkeypatch):
+    """DeepSpeed 0.15.4's setup.py imports torch when DS_ACCELERATOR=cpu; uv's isolated build has none. The lock
+    must work from a shell that exported it (a CPU smoke does), with uv's cache empty as on a fresh machine."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("DS_BUILD_CPU_ADAM", "1")
+    monkeypatch.setenv("UV_CACHE_DIR", str(tmp_path / "uv-cache"))
+    spec = _tiny_spec(tmp_path, '    torch: ""\n    deepspeed: "==0.15.4"\n    transformers: ""\n',
+                      "py{python}-ds{deepspeed}")
+    lock = read_lockfile(lock_variant(spec.variant("good")))
+    assert lock.pins["deepspeed"] == "0.15.4" and "torch" in lock.pins
+    assert (tmp_path / "uv-cache").is_dir()  # the resolution really ran against the empty cache
+
+
+def test_the_resolver_environment_drops_only_deepspeeds_switches():
+    env = resolver_environment({"DS_ACCELERATOR": "cpu", "DS_BUILD_OPS": "1", "PATH": "/bin", "SSL_CERT_FILE": "x"})
+    assert env == {"PATH": "/bin", "SSL_CERT_FILE": "x"}
 
 
 def test_unpinned_or_unhashed_lines_are_refused():

@@ -147,12 +147,12 @@ def test_a_model_loaded_whole_on_every_rank_fails_zero3_load(cli, stack_python, 
 
 def overlay(requirement: str) -> Path:
     """One package at another version, laid over the good venv with PYTHONPATH (made once, kept in the cache)."""
-    from vlmbuild.lock import uv_binary
+    from vlmbuild.lock import resolver_environment, uv_binary
 
     path = CACHE / f"overlay-{requirement.replace('==', '-')}"
     if not (path / ".complete").is_file():
         subprocess.run([uv_binary(), "pip", "install", "-q", "--target", str(path), "--no-deps",
-                        "--python-version", "3.11", requirement], check=True)
+                        "--python-version", "3.11", requirement], check=True, env=resolver_environment())
         (path / ".complete").write_text("ok")
     return path
 
