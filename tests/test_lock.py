@@ -63,26 +63,6 @@ def test_failed_lock_leaves_the_old_lockfile_untouched(repo_copy: Path):
     assert not list(variant.lockfile_path.parent.glob(".*.tmp"))
 
 
-def test_lock_writes_header_and_hashes_for_a_small_stack(tmp_path: Path):
-    """A real resolution (uv against the index), small enough to be quick."""
-    root = tmp_path / "repo"
-    (root / "images" / "templates").mkdir(parents=True)
-    (root / "images" / "templates" / "Dockerfile.j2").write_text("FROM {{ base_image }}\n")
-    (root / "images" / "tiny.yaml").write_text((REPO / "tests/specs/valid/mini.yaml").read_text()
-        .replace("name: mini", "name: tiny")
-        .replace('    torch: "==2.6.0"\n    deepspeed: "==0.19.8"\n    transformers: "==4.49.0"\n',
-                 '    torch: ""\n    deepspeed: ""\n    transformers: ""\n    packaging: "==24.2"\n')
-        .replace("tag: \"py{python}-torch{torch}-ds{deepspeed}\"", "tag: \"py{python}-p{packaging}\""))
-    spec = load_spec(root / "images" / "tiny.yaml")
-    # torch/deepspeed/transformers stay named (the spec requires them) but unpinned: the resolver picks them;
-    # the test pins and checks one small package.
-    path = lock_variant(spec.variant("good"))
-    lock = read_lockfile(path)
-    assert lock.header["inputs-sha256"] and lock.pins["packaging"] == "24.2"
-    assert all(r.hashes for r in lock.requirements)
-    assert variant_status(spec.variant("good")).state == "fresh"
-
-
 def _tiny_spec(tmp_path: Path, pins: str, tag: str):
     """A spec of one variant that pins a few packages (torch/deepspeed/transformers named, unpinned unless given)."""
     root = tmp_path / "repo"
@@ -93,6 +73,19 @@ def _tiny_spec(tmp_path: Path, pins: str, tag: str):
         .replace('    torch: "==2.6.0"\n    deepspeed: "==0.19.8"\n    transformers: "==4.49.0"\n', pins)
         .replace("tag: \"py{python}-torch{torch}-ds{deepspeed}\"", f"tag: \"{tag}\""))
     return load_spec(root / "images" / "tiny.yaml")
+
+
+def test_lock_writes_header_and_hashes_for_a_small_stack(tmp_path: Path):
+    """A real resolution (uv against the index), small enough to be quick."""
+    spec = _tiny_spec(tmp_path, '    torch: ""\n    deepspeed: ""\n    transformers: ""\n    packaging: "==24.2"\n',
+                      "py{python}-p{packaging}")
+    # torch/deepspeed/transformers stay named (the spec requires them) but unpinned: the resolver picks them;
+    # the test pins and checks one small package.
+    path = lock_variant(spec.variant("good"))
+    lock = read_lockfile(path)
+    assert lock.header["inputs-sha256"] and lock.pins["packaging"] == "24.2"
+    assert all(r.hashes for r in lock.requirements)
+    assert variant_status(spec.variant("good")).state == "fresh"
 
 
 def test_lock_of_a_deepspeed_sdist_ignores_the_shells_deepspeed_switches(tmp_path: Path, monkeypatch):
