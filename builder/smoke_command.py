@@ -76,13 +76,33 @@ def run_local(python: str, device: str, report: Path | None, model_dir: Path | N
         if metadata:
             (staging / "variant.json").write_text(metadata)
             cmd += ["--variant-json", str(staging / "variant.json")]
-        try:
-            # A little slack over the smoke's own timeout, which kills its ranks first.
-            return subprocess.run(cmd, env=env, timeout=timeout + 120).returncode
-        except subprocess.TimeoutExpired:
-            raise VlmbuildError(f"the smoke did not finish within {timeout + 120} s") from None
+        return run_launcher(cmd, env, timeout + 120)  # slack over the smoke's own timeout, which stops its ranks
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def run_launcher(cmd: list[str], env: dict[str, str], limit: int) -> int:
+    """The smoke's launcher, given ``limit`` seconds; past that (or on Ctrl-C) it gets SIGTERM, which it answers by
+    stopping its ranks and removing their buffers, then SIGKILL if it has not gone in 30 s (its ranks then die
+    with it: vlmbuild.smoke.rank_processes)."""
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        return proc.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        raise VlmbuildError(f"the smoke did not finish within {limit} s") from None
+    except BaseException:
+        stop(proc)
+        raise
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def smoke_image(ref: str, device: str, report: Path | None, timeout: int, repeat: int = 1,

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
-from conftest import CACHE, FAULTS, REPO, Result
+from conftest import CACHE, FAULTS, REPO, Result, smoke_ranks_running
 
 pytestmark = pytest.mark.stack
 LOCK = REPO / "lockfiles" / "vlm-r1" / "local.txt"
@@ -31,9 +33,10 @@ def by_name(report) -> dict:
     return {c["name"]: c for c in report["checks"]}
 
 
-def image_smoke(python: Path, tmp_path: Path, *extra: str, env: dict | None = None):
+def image_smoke_command(python: Path, tmp_path: Path, *extra: str, env: dict | None = None):
     """The smoke as an image runs it: its own entry point with the lockfile and the variant's metadata, the ops its
-    DeepSpeed was built with included (the stack venv's DeepSpeed carries the CPU ops, as the local image's does)."""
+    DeepSpeed was built with included (the stack venv's DeepSpeed carries the CPU ops, as the local image's does).
+    Returns (command, environment, report path)."""
     from vlmbuild.lockfile import read_lockfile
     from vlmbuild.render import stage_smoke_sources, variant_metadata
     from vlmbuild.spec import load_spec
@@ -46,19 +49,30 @@ def image_smoke(python: Path, tmp_path: Path, *extra: str, env: dict | None = No
     report = tmp_path / "report.json"
     env = dict(env or {})
     path = os.pathsep.join([str(staged / "lib")] + ([env.pop("PYTHONPATH")] if "PYTHONPATH" in env else []))
-    proc = subprocess.run([str(python), "-m", "vlmbuild.smoke", "--device", "cpu", "--timeout", "600",
-                           "--lockfile", str(LOCK), "--variant-json", str(tmp_path / "variant.json"),
-                           "--report", str(report), *extra],
-                          capture_output=True, text=True, timeout=1200,
-                          env={**os.environ, **env, "PYTHONPATH": path}, cwd=tmp_path)
+    cmd = [str(python), "-m", "vlmbuild.smoke", "--device", "cpu", "--timeout", "600", "--lockfile", str(LOCK),
+           "--variant-json", str(tmp_path / "variant.json"), "--report", str(report), *extra]
+    return cmd, {**os.environ, **env, "PYTHONPATH": path}, report
+
+
+def image_smoke(python: Path, tmp_path: Path, *extra: str, env: dict | None = None):
+    cmd, environment, report = image_smoke_command(python, tmp_path, *extra, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=environment, cwd=tmp_path)
     return Result(proc.returncode, proc.stdout, proc.stderr), (json.loads(report.read_text()) if report.is_file()
                                                                else None)
 
 
+def deepspeed_shm_buffers() -> set[Path]:
+    return set(Path("/dev/shm").glob("deepspeed_*"))
+
+
 @pytest.fixture(scope="module")
 def good_run(stack_python, tmp_path_factory):
-    """One smoke of the good stack as its image runs it; several tests read its report."""
-    return image_smoke(stack_python, tmp_path_factory.mktemp("good"))
+    """One smoke of the good stack as its image runs it; several tests read its report (and what it left in
+    /dev/shm: ``result.shm_left``)."""
+    before = deepspeed_shm_buffers()
+    result, report = image_smoke(stack_python, tmp_path_factory.mktemp("good"))
+    result.shm_left = sorted(deepspeed_shm_buffers() - before)
+    return result, report
 
 
 def test_good_stack_passes_every_check(good_run):
@@ -110,6 +124,43 @@ def test_grpo_runs_the_recipe_path_under_zero3(good_run):
     assert state["adam_moments"]["written"] and state["adam_moments"]["count"] >= 2
     assert state["parameter_shards"]["count"] == grpo["parameters"]
     assert offload["placement"].startswith("not judged on the CPU")
+
+
+def test_a_finished_smoke_leaves_no_deepspeed_buffers_in_dev_shm(good_run):
+    """DeepSpeed's CPU comm leaves a 32-70 MB buffer per rank in /dev/shm after a run that passed; in Docker's
+    default 64 MB /dev/shm the next run segfaults. The launcher removes the ones its ranks made."""
+    result, report = good_run
+    assert report["passed"] is True
+    assert result.shm_left == []
+
+
+def running(pid: int) -> bool:
+    try:
+        return "(zombie)" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_launcher_that_is_killed_takes_its_ranks_with_it(stack_python, tmp_path, sig):
+    """An outer timeout kills the launcher: its ranks must not live on (an orphaned rank spins in DeepSpeed's shm
+    wait at 100 % of a core and starves every later smoke). SIGTERM is answered by stopping the ranks; a SIGKILL
+    cannot be, and the ranks' parent-death signal ends them."""
+    cmd, env, _ = image_smoke_command(stack_python, tmp_path, "--checks", "zero3_load,train_step")
+    launcher = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while len(smoke_ranks_running()) < 2:
+        assert launcher.poll() is None, launcher.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "the ranks never started"
+        time.sleep(0.05)
+    ranks = smoke_ranks_running()
+    launcher.send_signal(sig)
+    code = launcher.wait(timeout=60)
+    gone_by = time.monotonic() + 5  # the ranks are still importing torch: left alone they would run on for long
+    while [p for p in ranks if running(p)]:
+        assert time.monotonic() < gone_by, f"ranks {ranks} outlived their launcher ({sig.name})"
+        time.sleep(0.05)
+    assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 130)
 
 
 def test_transformers_main_regression_fails_zero3_load_and_is_explained(cli, stack_python, tmp_path):

@@ -30,6 +30,7 @@ from .. import __version__, contract
 from ..lockfile import LockfileError, read_lockfile
 from . import report as report_mod
 from .model_dir import ModelDirProblem, describe_checkpoint, validate_model_dir
+from .rank_processes import die_with_parent, remove_shm_buffers
 from .stack import StackProblem, check_stack, default_paths, verify_install
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -191,7 +192,8 @@ class Ranks:
         # Where torch JIT-compiles an op: this run's empty directory (checked afterwards, check prebuilt_ops) or
         # the environment's own one (environment_extensions_dir).
         env["TORCH_EXTENSIONS_DIR"] = str(extensions)
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world),
+        self.addr, self.port = "127.0.0.1", free_port()
+        env.update(MASTER_ADDR=self.addr, MASTER_PORT=str(self.port), WORLD_SIZE=str(world),
                    LOCAL_WORLD_SIZE=str(world))
         self.log_path = workdir / f"workers-{results}.log"
         self.facts: list[dict[str, Any]] = []  # each rank's device and loaded ops, once it has ended
@@ -200,7 +202,7 @@ class Ranks:
         with open(self.log_path, "w") as log:
             for rank in range(world):
                 self.procs.append(subprocess.Popen(
-                    cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                    cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent,
                     env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0"}))
 
     def stop(self) -> None:
@@ -212,6 +214,7 @@ class Ranks:
                     pass
         for proc in self.procs:
             proc.wait()
+        remove_shm_buffers(self.addr, self.port)
 
     def wait(self) -> list[dict[str, Any]]:
         deadline = self.started + self.args.timeout
@@ -523,8 +526,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (a container stop, an outer timeout) unwinds like Ctrl-C, so the ranks are stopped and their
+    buffers removed on the way out; a SIGKILL cannot be caught, and the ranks' parent-death signal covers it."""
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 if __name__ == "__main__":
     # The registry names launcher checks as vlmbuild.smoke.__main__:*; run as `python -m`, this module is
     # __main__, and importing it by name again would make a second copy (with a second UsageProblem class).
     sys.modules.setdefault("vlmbuild.smoke.__main__", sys.modules[__name__])
+    stop_on_sigterm()
     sys.exit(main())

@@ -1,0 +1,54 @@
+"""What the smoke's rank processes must never leave behind: themselves, and DeepSpeed's shared-memory buffers.
+
+DeepSpeed's CPU communication (csrc/cpu/comm/shm.cpp) waits for its peers in a busy loop
+(``wait_buffer_state_until``: ``while (*state_ptr != state);``). A rank whose launcher was killed before it could
+stop the ranks (a SIGKILL from an outer timeout) spins at 100 % of a core for ever, and on a two-core machine two
+such orphans starve every later smoke into its timeout. So a rank dies with its launcher (the kernel's
+parent-death signal), whatever way the launcher goes.
+
+The same code creates one buffer per rank in /dev/shm (``deepspeed_allreduce_buffer_*_<addr>_<port>_<rank>``,
+32-70 MB each) and unlinks them only on a clean ``shared_close``, which a finished run never reaches: they pile up,
+and in Docker's default 64 MB /dev/shm the next run segfaults in ``shm_comm_op.initialize``. The launcher removes
+the buffers of its own address and port once its ranks have ended.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+from pathlib import Path
+
+SHM = Path("/dev/shm")
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """preexec_fn of a rank: SIGKILL it when the process that started it ends. Linux only; elsewhere a no-op."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher died before the signal was armed
+        os._exit(1)
+
+
+def shm_buffers(addr: str, port: int) -> list[Path]:
+    """DeepSpeed's CPU-comm buffers of the ranks that met at ``addr:port``."""
+    if not SHM.is_dir():
+        return []
+    return sorted(SHM.glob(f"deepspeed_*_{addr}_{port}_*"))
+
+
+def remove_shm_buffers(addr: str, port: int) -> list[Path]:
+    """Unlink those buffers (the ranks have ended: nothing maps them any more); returns what was removed."""
+    removed = []
+    for path in shm_buffers(addr, port):
+        try:
+            path.unlink()
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+    return removed
