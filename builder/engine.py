@@ -21,12 +21,12 @@ import urllib3
 from docker.utils import parse_repository_tag
 
 from . import buildkit, contract
+from .bases import LOCAL_BASE_PREFIX, split_digest
 from .buildkit import BuildFailed  # noqa: F401 - re-exported: the gate catches it from here
 from .engine_api import Base, SmokeRun  # noqa: F401 - SmokeRun re-exported
 from .errors import CheckFailed, VlmbuildError
 from .localbase import ensure_local_base
 from .progress import Progress
-from .spec import LOCAL_BASE_PREFIX, split_digest
 
 CONTAINER_REPORT_DIR = "/tmp/vlmbuild-smoke"
 CONTAINER_MODEL_DIR = "/model"

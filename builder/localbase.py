@@ -14,9 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .bases import FAMILIES, LocalRoot
+from .bases import FAMILIES, LOCAL_BASE_PREFIX, LocalRoot
 from .errors import VlmbuildError
-from .spec import LOCAL_BASE_PREFIX
 
 RECIPE_LABEL = "io.vlmbuild.local-base"
 # debootstrap writes no /etc/hosts. BuildKit then creates one as a mount point in every RUN and takes it out again,

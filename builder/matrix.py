@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from .bases import LOCAL_BASE_PREFIX, split_digest
 from .checks import declared_versions
 from .lockfile import LockfileError, read_lockfile
 from .render import KEY_PACKAGES
-from .spec import LOCAL_BASE_PREFIX, Variant, split_digest
+from .spec import Variant
 
 
 def variant_versions(variant: Variant) -> tuple[dict[str, str], bool]:

@@ -36,14 +36,19 @@ def pass_summary(run: SmokeRun) -> str:
     return f"{report.get('mode', run.device)} x{report.get('world_size', '?')} ({name})"
 
 
-def evidence(resolved: Resolved, runs: list[SmokeRun], sbom: bytes | None) -> tuple[dict[str, bytes], dict[str, str]]:
-    """The report file (every smoke pass of this build) and the labels that vouch for it."""
-    primary = runs[0]
+def evidence_report(runs: list[SmokeRun]) -> bytes:
+    """The report file: every smoke pass of this build, refused unless together they pass."""
     payload = report_mod.combine([r.report for r in runs if r.report is not None])
     if not payload["passed"]:
         # The labels state what the report says; a report that did not pass gets no labels to vouch for it.
         raise CheckFailed("the smoke reports did not pass: no evidence is made for them, nothing is tagged")
-    report_bytes = report_mod.dumps(payload).encode()
+    return report_mod.dumps(payload).encode()
+
+
+def evidence(resolved: Resolved, runs: list[SmokeRun], report_bytes: bytes,
+             sbom: bytes | None) -> tuple[dict[str, bytes], dict[str, str]]:
+    """The report file and the labels that vouch for it."""
+    primary = runs[0]
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     reports = [r.report or {} for r in runs]
     device = primary.device
@@ -173,8 +178,9 @@ def release_candidate(engine: EngineAPI, resolved: Resolved, candidate: str,
                       runs: list[SmokeRun]) -> tuple[str, str, list[str], bool]:
     """The tested candidate with its evidence added (the report and its labels, one layer) and the tag set moved
     to it: (the image with the evidence, the image the tags name, the tags, whether they moved)."""
+    report_bytes = evidence_report(runs)  # before the engine is asked anything: a failing report stops here
     sbom = engine.read_image_file(candidate, contract.SBOM_PATH)
-    files, labels = evidence(resolved, runs, sbom)
+    files, labels = evidence(resolved, runs, report_bytes, sbom)
     final = engine.add_evidence(candidate, files, labels)
     image_id, tags, tagged = publish(engine, resolved, final)
     return final, image_id, tags, tagged

@@ -20,7 +20,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from . import contract
-from .bases import DEFAULT_FAMILY, FAMILIES, BaseFamily
+from .bases import DEFAULT_FAMILY, FAMILIES, LOCAL_BASE_PREFIX, BaseFamily, split_digest
 from .errors import SpecError
 from .rules import KNOWN_CONDITIONS
 
@@ -50,10 +50,6 @@ PLATFORM_RE = re.compile(r"^(x86_64|aarch64)-manylinux_2_\d+$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 REPOSITORY_RE = re.compile(r"^[a-z0-9]+([._-][a-z0-9]+)*(:\d+)?(/[a-z0-9]+([._-][a-z0-9]+)*)*$")
 TAG_FIELDS_BUILTIN = ("cuda", "python", "variant")
-# Bases made on the build machine (vlmbuild.localbase): no registry digest exists for them; their image id is
-# what a build records and checks.
-LOCAL_BASE_PREFIX = "vlmbuild-local/"
-DIGEST_RE = re.compile(r"^(?P<ref>[^@\s]+)@(?P<digest>sha256:[0-9a-f]{64})$")
 
 
 @dataclass(frozen=True)
@@ -75,12 +71,6 @@ DEFAULT_DEEPSPEED_REQUIRES = ("setuptools", "ninja", "packaging", "psutil", "py-
                               "typing-extensions", "filelock", "jinja2", "markupsafe", "fsspec")
 # A spec without deepspeed_build: a portable x86 level, no op compiled in.
 DEFAULT_DEEPSPEED_BUILD = DeepSpeedBuildSpec("x86-64-v3", "AVX256", {}, DEFAULT_DEEPSPEED_REQUIRES)
-
-
-def split_digest(ref: str) -> tuple[str, str | None]:
-    """('name:tag', 'sha256:...') of a pinned reference; (ref, None) of an unpinned one."""
-    match = DIGEST_RE.match(ref)
-    return (match.group("ref"), match.group("digest")) if match else (ref, None)
 
 
 @dataclass(frozen=True)

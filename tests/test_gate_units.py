@@ -25,7 +25,7 @@ from vlmbuild.gate import (
 )
 from vlmbuild.options import BuildOptions
 from vlmbuild.progress import Progress
-from vlmbuild.release import evidence, move_tags
+from vlmbuild.release import evidence, evidence_report, move_tags
 from vlmbuild.smoke import report as report_mod
 
 
@@ -80,7 +80,7 @@ def test_evidence_of_both_passes_says_what_was_proven_where():
     runs = smoke_passes(OneGpuEngine(), "img", "gpu", 600, 3, None, Silent())
     resolved = SimpleNamespace(identity="f" * 64, base=SimpleNamespace(image_id="sha256:" + "b" * 64,
                                                                        digest="sha256:" + "c" * 64))
-    files, labels = evidence(resolved, runs, b"{}")
+    files, labels = evidence(resolved, runs, evidence_report(runs), b"{}")
     assert labels[contract.LABEL_DEVICE] == "gpu" and labels[contract.LABEL_VALIDATED_ON] == "gpu: NVIDIA H100"
     assert labels[contract.LABEL_WORLD_SIZE] == "1,2"
     assert labels["io.vlmbuild.smoke.passes"] == "gpu x1 (NVIDIA H100); cpu x2 (cpu)"
@@ -95,7 +95,7 @@ def test_evidence_of_both_passes_says_what_was_proven_where():
 def test_evidence_is_never_made_for_reports_that_did_not_pass():
     failing = SmokeRun(0, smoke_report("cpu", 2, failed="grpo"), "", 30.0, False, "cpu")
     with pytest.raises(CheckFailed, match="the smoke reports did not pass"):
-        evidence(SimpleNamespace(identity="f" * 64, base=SimpleNamespace(image_id="x", digest=None)), [failing], None)
+        evidence_report([failing])
 
 
 class GateEngine(OneGpuEngine):

@@ -10,8 +10,20 @@ this package is imported below), and ``base_family: NAME`` in a spec (defaults o
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+# Bases made on the build machine (vlmbuild.localbase): no registry digest exists for them; their image id is
+# what a build records and checks.
+LOCAL_BASE_PREFIX = "vlmbuild-local/"
+DIGEST_RE = re.compile(r"^(?P<ref>[^@\s]+)@(?P<digest>sha256:[0-9a-f]{64})$")
+
+
+def split_digest(ref: str) -> tuple[str, str | None]:
+    """('name:tag', 'sha256:...') of a pinned reference; (ref, None) of an unpinned one."""
+    match = DIGEST_RE.match(ref)
+    return (match.group("ref"), match.group("digest")) if match else (ref, None)
 
 
 @dataclass(frozen=True)
