@@ -196,6 +196,15 @@ def variant_metadata(variant: Variant, lock: Lockfile, tag: str, plan: LayerPlan
     }, indent=2) + "\n"
 
 
+def pip_constraints(lock: Lockfile, tag: str) -> str:
+    """The image's pip constraints: the locked version of each package of the validated stack it holds."""
+    pins = [f"{name}=={lock.pins[name]}" for name in contract.CONSTRAINED_PACKAGES if name in lock.pins]
+    return (f"# vlmbuild: the stack validated in this image ({tag}); pip and uv read this file through\n"
+            "# PIP_CONSTRAINT / UV_CONSTRAINT. To replace one of these on purpose, unset it for that command:\n"
+            "#   PIP_CONSTRAINT= pip install ...   (the image's smoke evidence then no longer covers it)\n"
+            + "".join(p + "\n" for p in pins))
+
+
 def _bucket(variant: Variant, lock: Lockfile) -> dict[str, list[Requirement]]:
     buckets: dict[str, list[Requirement]] = {layer.name: [] for layer in variant.image.layers}
     for req in lock.requirements:
@@ -340,6 +349,8 @@ def render(variant: Variant, output: Path, base_image: str | None = None, lock: 
         for package, req in packages:
             (staging / (deepspeed.lock_file if package.built else package.file)).write_text(req.render() + "\n")
         (staging / deepspeed.requires_file).write_text("".join(r.render() + "\n" for r in deepspeed.requirements))
+        (staging / "pip").mkdir()
+        (staging / "pip" / "constraint.txt").write_text(pip_constraints(lock, tag))
         shutil.copytree(BUILD_FILES, staging / "build", ignore=shutil.ignore_patterns("__pycache__"))
 
         smoke_dir = staging / "vlmbuild"
@@ -379,6 +390,7 @@ def render(variant: Variant, output: Path, base_image: str | None = None, lock: 
                 deepspeed=deepspeed,
                 build_files=BUILD_FILES_MOUNT,
                 sbom=contract.SBOM_PATH,
+                pip_constraint=contract.PIP_CONSTRAINT_PATH,
                 built_wheels=contract.BUILT_WHEELS_PATH,
                 labels=labels,
                 lock_sha256=lock.sha256,

@@ -150,6 +150,45 @@ def test_deepspeed_ops_are_built_in_for_a_portable_cpu(client, built_local):
     assert re.match(r"^[0-9a-f]{64}  \./deepspeed-0\.19\.8-cp311-cp311-linux_x86_64\.whl$", out[2]), out
 
 
+def metadata_only_wheel(directory: Path, name: str, version: str) -> Path:
+    """A wheel of ``name`` ``version`` holding only its metadata. A stand-in, and only because the test's containers
+    reach no package index (no network): what is tested is pip's decision to install it or not, which reads no
+    more than the name and version."""
+    import base64
+    import hashlib
+    import zipfile
+
+    dist = f"{name}-{version}.dist-info"
+    files = {f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: vlmbuild-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = "".join(f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b'=').decode()},"
+                     f"{len(text.encode())}\n" for path, text in files.items()) + f"{dist}/RECORD,,\n"
+    wheel = directory / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for path, text in {**files, f"{dist}/RECORD": record}.items():
+            zf.writestr(path, text)
+    return wheel
+
+
+def test_the_images_pip_refuses_to_replace_the_validated_deepspeed(client, built_local, tmp_path):
+    """VLM-R1's setup.sh pins deepspeed==0.15.4 (no resume on torch 2.6): run in the image, pip refuses it and names
+    the constraint; with the constraint unset the same pip installs it, so the refusal is the constraint's."""
+    metadata_only_wheel(tmp_path, "deepspeed", "0.15.4")
+    image = f"{TEST_REPO}:{built_local['tag']}"
+    install = "pip install --no-index --find-links /wheels --disable-pip-version-check deepspeed==0.15.4 2>&1; "
+
+    def run(script: str) -> str:
+        return client.containers.run(image, ["bash", "-c", script], remove=True, network_mode="none",
+                                     volumes={str(tmp_path): {"bind": "/wheels", "mode": "ro"}},
+                                     labels={OWNER: "test"}).decode()
+
+    refused = run(install + "echo exit=$?; pip show deepspeed 2>/dev/null | grep ^Version")
+    assert "Cannot install deepspeed==0.15.4" in refused and "(constraint) deepspeed==0.19.8" in refused, refused
+    assert "exit=1" in refused and "Version: 0.19.8" in refused
+    replaced = run("PIP_CONSTRAINT= " + install + "echo exit=$?; pip show deepspeed 2>/dev/null | grep ^Version")
+    assert "Successfully installed deepspeed-0.15.4" in replaced and "Version: 0.15.4" in replaced, replaced
+
+
 # Paths only the build may use: its secrets, its helper files, the download caches it mounts. BuildKit 0.8 (what
 # dockerd 20.10 runs) leaves the empty directories it creates as mount points in the layer
 # (https://github.com/moby/buildkit/issues/3153, fixed later by moby/buildkit#3307): an empty directory is allowed,

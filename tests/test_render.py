@@ -254,3 +254,18 @@ def test_render_refuses_a_non_empty_output(tmp_path: Path):
     with pytest.raises(VlmbuildError, match="not empty"):
         render(load_spec(SPEC).variant("local"), out)
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_the_image_constrains_pip_to_the_validated_stack(rendered):
+    """pip and uv in the image read the locked versions of the stack's key packages: VLM-R1's setup.sh would
+    otherwise silently put back DeepSpeed 0.15.4, which cannot resume on torch 2.6."""
+    result = rendered["local"]
+    constraints = (result.context / "pip" / "constraint.txt").read_text()
+    pins = [line for line in constraints.splitlines() if line and not line.startswith("#")]
+    assert pins == [f"{name}=={result.lock.pins[name]}" for name in ("torch", "deepspeed", "transformers",
+                                                                      "accelerate", "trl", "triton")
+                    if name in result.lock.pins]
+    assert "deepspeed==" in constraints and "torch==2.6.0" in constraints
+    final = stages(result.dockerfile)["final"]
+    assert "PIP_CONSTRAINT=/etc/pip/constraint.txt" in final and "UV_CONSTRAINT=/etc/pip/constraint.txt" in final
+    assert "install -D -m 0644 /tmp/vlmbuild/pip/constraint.txt /etc/pip/constraint.txt" in final
