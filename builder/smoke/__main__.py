@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -202,7 +203,8 @@ class Ranks:
         with open(self.log_path, "w") as log:
             for rank in range(world):
                 self.procs.append(subprocess.Popen(
-                    cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent,
+                    cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                    preexec_fn=partial(die_with_parent, os.getpid()),
                     env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0"}))
 
     def stop(self) -> None:

@@ -23,15 +23,25 @@ SHM = Path("/dev/shm")
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def die_with_parent() -> None:
-    """preexec_fn of a rank: SIGKILL it when the process that started it ends. Linux only; elsewhere a no-op."""
-    parent = os.getppid()
+def _load_prctl():
+    # Looked up here, in the launcher, not in the forked child: a dlopen between fork and exec can deadlock when
+    # another thread of the parent (torch's) held the loader's lock at the fork.
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()
+
+
+def die_with_parent(launcher: int) -> None:
+    """preexec_fn of a rank (``functools.partial(die_with_parent, os.getpid())``): SIGKILL it when its launcher,
+    pid ``launcher``, ends. Linux only; elsewhere a no-op."""
+    if _PRCTL is None:
         return
-    if os.getppid() != parent:  # the launcher died before the signal was armed
+    _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != launcher:  # the launcher died before the signal was armed
         os._exit(1)
 
 
