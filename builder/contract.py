@@ -177,11 +177,11 @@ def status_of(details: Mapping[str, Any] | None) -> str:
 
 SBOM_PATH = f"{IMAGE_DIR}/sbom.cdx.json"
 BUILT_WHEELS_PATH = f"{IMAGE_DIR}/built-wheels.sha256"
-# pip's constraints in the image (where NGC images keep theirs since 25.03), named by PIP_CONSTRAINT and
-# UV_CONSTRAINT: a `pip install` adds packages but cannot replace a validated one of the stack without saying so.
-# VLM-R1's setup.sh pins deepspeed==0.15.4, which cannot resume on torch 2.6: run as is, it is refused.
+# pip's constraints in the image (where NGC images keep theirs since 25.03): the locked KEY_PACKAGES, named by
+# PIP_CONSTRAINT and UV_CONSTRAINT. A `pip install` adds packages but cannot replace a validated one of the stack
+# without saying so. VLM-R1's setup.sh pins deepspeed==0.15.4, which cannot resume on torch 2.6: run as is, it is
+# refused.
 PIP_CONSTRAINT_PATH = "/etc/pip/constraint.txt"
-CONSTRAINED_PACKAGES = KEY_PACKAGES
 
 
 def report_passed(report: Mapping[str, Any] | None) -> bool:

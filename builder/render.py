@@ -197,8 +197,8 @@ def variant_metadata(variant: Variant, lock: Lockfile, tag: str, plan: LayerPlan
 
 
 def pip_constraints(lock: Lockfile, tag: str) -> str:
-    """The image's pip constraints: the locked version of each package of the validated stack it holds."""
-    pins = [f"{name}=={lock.pins[name]}" for name in contract.CONSTRAINED_PACKAGES if name in lock.pins]
+    """The image's pip constraints: the locked version of each key package of the validated stack it holds."""
+    pins = [f"{name}=={version}" for name, version in key_versions(lock).items()]
     return (f"# vlmbuild: the stack validated in this image ({tag}); pip and uv read this file through\n"
             "# PIP_CONSTRAINT / UV_CONSTRAINT. To replace one of these on purpose, unset it for that command:\n"
             "#   PIP_CONSTRAINT= pip install ...   (the image's smoke evidence then no longer covers it)\n"

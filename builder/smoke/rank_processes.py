@@ -45,20 +45,9 @@ def die_with_parent(launcher: int) -> None:
         os._exit(1)
 
 
-def shm_buffers(addr: str, port: int) -> list[Path]:
-    """DeepSpeed's CPU-comm buffers of the ranks that met at ``addr:port``."""
-    if not SHM.is_dir():
-        return []
-    return sorted(SHM.glob(f"deepspeed_*_{addr}_{port}_*"))
-
-
-def remove_shm_buffers(addr: str, port: int) -> list[Path]:
-    """Unlink those buffers (the ranks have ended: nothing maps them any more); returns what was removed."""
-    removed = []
-    for path in shm_buffers(addr, port):
-        try:
-            path.unlink()
-            removed.append(path)
-        except FileNotFoundError:
-            pass
-    return removed
+def remove_shm_buffers(addr: str, port: int) -> None:
+    """Unlink DeepSpeed's CPU-comm buffers of the ranks that met at ``addr:port`` (they have ended: nothing maps
+    the buffers any more)."""
+    if SHM.is_dir():
+        for path in SHM.glob(f"deepspeed_*_{addr}_{port}_*"):
+            path.unlink(missing_ok=True)
