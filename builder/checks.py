@@ -40,7 +40,7 @@ def declared_versions(variant: Variant) -> dict[str, str]:
     out = {n: s[2:] for n, s in variant.packages.items() if s.startswith("==") and "," not in s and "*" not in s}
     from .lockfile import version_from_url
 
-    out.update({n: version_from_url(w.url) for n, w in variant.wheels.items()})
+    out.update({n: version_from_url(w.url) for n, w in variant.installed_wheels.items()})
     return out
 
 

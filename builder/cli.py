@@ -285,6 +285,8 @@ def smoke(ctx: Context, image_ref: str | None, local: bool, python: str | None, 
 @click.option("--repository", default=None, help="Tag (and push) into this repository instead of the spec's.")
 @click.option("--push", is_flag=True, help="Push the tags that passed.")
 @click.option("--allow-cpu-evidence", is_flag=True, help="With --push: allow pushing an image validated on CPU only.")
+@click.option("--allow-left-out", is_flag=True,
+              help="With --push: allow pushing an image that goes without something its spec names (see inspect).")
 @click.option("--keep-failed", is_flag=True, help="Keep a candidate that failed the smoke (untagged) for inspection.")
 @click.option("--smoke-timeout", type=int, default=None, help="Kill the smoke after SECONDS (default: the spec's).")
 @click.option("--repeat", type=click.IntRange(1, 20), default=None,
@@ -300,9 +302,9 @@ def smoke(ctx: Context, image_ref: str | None, local: bool, python: str | None, 
 @pass_ctx
 @guarded
 def build(ctx: Context, image: str, variants: tuple[str, ...], smoke_device: str | None, base_image: str | None,
-          repository: str | None, push: bool, allow_cpu_evidence: bool, keep_failed: bool, smoke_timeout: int | None,
-          repeat: int | None, model_dir: Path | None, rebuild: bool, report: Path | None, ignore_rules: bool,
-          nocache: bool) -> None:
+          repository: str | None, push: bool, allow_cpu_evidence: bool, allow_left_out: bool, keep_failed: bool,
+          smoke_timeout: int | None, repeat: int | None, model_dir: Path | None, rebuild: bool, report: Path | None,
+          ignore_rules: bool, nocache: bool) -> None:
     """Build, smoke and tag variants of IMAGE; an image that fails the smoke is never tagged."""
     from .gate import GateFailed
     from .options import build_options
@@ -315,7 +317,7 @@ def build(ctx: Context, image: str, variants: tuple[str, ...], smoke_device: str
     options = build_options(selected[0].image, smoke_device=smoke_device, smoke_timeout=smoke_timeout, repeat=repeat,
                             model_dir=model_dir, base_image=base_image, push=push, keep_failed=keep_failed,
                             ignore_rules=ignore_rules, repository=repository, allow_cpu_push=allow_cpu_evidence,
-                            nocache=nocache, rebuild=rebuild)
+                            allow_left_out_push=allow_left_out, nocache=nocache, rebuild=rebuild)
     outcomes, failures, push_errors = [], [], []
     for variant in selected:
         try:
@@ -348,19 +350,21 @@ def build(ctx: Context, image: str, variants: tuple[str, ...], smoke_device: str
 @click.option("--repository", default=None, help="The repository the image was tagged in (default: the spec's).")
 @click.option("--base-image", default=None, help="The base it was built on, if not the spec's.")
 @click.option("--allow-cpu-evidence", is_flag=True, help="Allow pushing an image whose smoke ran on CPU only.")
+@click.option("--allow-left-out", is_flag=True,
+              help="Allow pushing an image that goes without something its spec names (see inspect).")
 @pass_ctx
 @guarded
 def push(ctx: Context, image: str, variants: tuple[str, ...], repository: str | None, base_image: str | None,
-         allow_cpu_evidence: bool) -> None:
+         allow_cpu_evidence: bool, allow_left_out: bool) -> None:
     """Push the tags of IMAGE's variants that passed the smoke; print each pushed digest."""
     from .engine import Engine
-    from .release import push_tags
+    from .release import PushPolicy, push_tags
     from .resolve import resolve_for_tags
 
     engine = Engine()
     for variant in ctx.variants(image, variants, include_rejected=False):
         resolved = resolve_for_tags(variant, engine, base_image, repository)
-        push_tags(engine, resolved, resolved.tags, allow_cpu_evidence)
+        push_tags(engine, resolved, resolved.tags, PushPolicy(allow_cpu_evidence, allow_left_out))
 
 
 @main.command()

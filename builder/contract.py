@@ -19,6 +19,8 @@ VARIANT_PATH = f"{IMAGE_DIR}/variant.json"
 REPORT_PATH = f"{IMAGE_DIR}/smoke-report.json"
 SMOKE_ENTRYPOINT = "vlmbuild-smoke"
 VENV = "/opt/venv"
+# A CUDA image's second DeepSpeed, built for the CPU accelerator: the smoke's CPU pass puts it first on the path
+DEEPSPEED_CPU_PATH = "/opt/deepspeed-cpu"
 # Seconds before a smoke's ranks are killed, when neither the spec nor a flag says (the one default of it).
 DEFAULT_SMOKE_TIMEOUT = 1200
 
@@ -34,6 +36,8 @@ SMOKE_LABEL = f"{LABEL_PREFIX}.smoke"
 LABEL_LOCK_SHA256 = f"{LABEL_PREFIX}.lock-sha256"
 LABEL_VERSIONS = f"{LABEL_PREFIX}.versions"
 LABEL_SMOKE_ENTRYPOINT = f"{LABEL_PREFIX}.smoke-entrypoint"
+# What the spec names but the image goes without (JSON: package -> "url: why"); absent when nothing is left out
+LABEL_LEFT_OUT = f"{LABEL_PREFIX}.left-out"
 LABEL_RESULT = f"{SMOKE_LABEL}.result"
 LABEL_DEVICE = f"{SMOKE_LABEL}.device"
 LABEL_VALIDATED_ON = f"{SMOKE_LABEL}.validated-on"
@@ -62,12 +66,13 @@ class Check:
     detail: str = ""  # "module:attribute" of ``fn(record) -> str``, the summary line's detail of a passing check
     needs: tuple[str, ...] = ()  # checks that must have passed before it (a --checks selection must name them)
     # "any"; "gpu": GPU mode with flash-attn installed; "repeat": --repeat above one; "image": an image whose
-    # DeepSpeed was built with the ops this mode's accelerator loads
+    # DeepSpeed was built with the ops this mode's accelerator loads; "cuda_ops": an image with CUDA ops compiled
+    # in (any mode: the check needs no GPU)
     when: str = "any"
 
 
 REGISTRY: dict[str, Check] = {}
-_WHEN = ("any", "gpu", "repeat", "image")
+_WHEN = ("any", "gpu", "repeat", "image", "cuda_ops")
 
 
 def register(check: Check) -> Check:
@@ -95,9 +100,11 @@ def check_names() -> tuple[str, ...]:
     return tuple(REGISTRY)
 
 
-def checks_for(mode: str, flash_attention: bool, prebuilt_ops: bool = False, repeat: int = 1) -> tuple[str, ...]:
+def checks_for(mode: str, flash_attention: bool, prebuilt_ops: bool = False, repeat: int = 1,
+               cuda_ops: bool = False) -> tuple[str, ...]:
     """The checks a run in ``mode`` ("cpu" or "gpu") performs, in order (see ``Check.when``)."""
-    applies = {"any": True, "gpu": mode == "gpu" and flash_attention, "repeat": repeat > 1, "image": prebuilt_ops}
+    applies = {"any": True, "gpu": mode == "gpu" and flash_attention, "repeat": repeat > 1, "image": prebuilt_ops,
+               "cuda_ops": cuda_ops}
     return tuple(name for name, check in REGISTRY.items() if applies[check.when])
 
 
@@ -121,6 +128,10 @@ register(Check("stack", "installed versions and every installed file equal the l
                         "unlocked, duplicated or from another URL); CUDA build, GPU arch, NCCL, bf16; rules; every "
                         "module of the stack and the recipe imports",
                "launcher", f"{LAUNCHER}:run_stack", f"{DETAIL}:detail_stack"))
+register(Check("cuda_ops", "the CUDA ops compiled into the image, with no GPU: DeepSpeed (DS_ACCELERATOR=cuda) "
+                           "reports each installed and compatible and loads it from its package, nothing compiled; "
+                           "cuobjdump lists a cubin for every arch of cuda_archs and the PTX of the newest",
+               "launcher", "vlmbuild.smoke.cuda_ops:check_cuda_ops", f"{DETAIL}:detail_cuda_ops", when="cuda_ops"))
 register(Check("zero3_load", "from_pretrained under ZeRO-3: every parameter partitioned, every gathered tensor "
                              "bit-identical to the checkpoint file",
                "ranks", f"{RANKS}:Smoke.check_zero3_load", f"{DETAIL}:detail_zero3_load"))

@@ -42,6 +42,8 @@ class Inspection:
     layers: list[dict[str, Any]] = field(default_factory=list)
     size: int = 0
     labels: dict[str, str] = field(default_factory=dict)
+    left_out: dict[str, str] = field(default_factory=dict)  # package -> "url: why", from the image
+    release_differences: list[str] = field(default_factory=list)  # what the release runner builds otherwise
 
     @property
     def ok(self) -> bool:
@@ -54,7 +56,8 @@ class Inspection:
     def as_json(self) -> dict[str, Any]:
         return {"image": self.image, "image_id": self.image_id, "ok": self.ok, "size": self.size,
                 "findings": [asdict(f) for f in self.findings], "passes": self.passes, "layers": self.layers,
-                "identity": self.labels.get(LABEL_IDENTITY), "base_image_id": self.labels.get(LABEL_BASE_ID)}
+                "identity": self.labels.get(LABEL_IDENTITY), "base_image_id": self.labels.get(LABEL_BASE_ID),
+                "left_out": self.left_out, "release_differences": self.release_differences}
 
 
 def sha256(data: bytes | None) -> str | None:
@@ -163,6 +166,10 @@ def describe_layers(engine: EngineAPI, result: Inspection, variant: dict[str, An
             what = f"base image {result.labels.get('org.opencontainers.image.base.name', '')}".strip()
         elif "apt-get" in created and "venv" in created:
             what = f"Python {variant.get('python', '')}, g++ and the empty venv (python-base)"
+        elif "nvidia-cuda-toolkit" in created:
+            what = f"the CUDA {variant.get('cuda', '')} toolkit (nvcc, cuobjdump, headers; no driver library)"
+        elif created.startswith(f"COPY {contract.DEEPSPEED_CPU_PATH}/"):
+            what = f"DeepSpeed built for the CPU accelerator ({contract.DEEPSPEED_CPU_PATH}, the CPU pass's)"
         elif "uv pip install" in created and chain:
             what = f"lock layer {chain.pop(0)}, installed in place"
         elif created.startswith("COPY /opt/venv/") and packages:
@@ -178,6 +185,36 @@ def describe_layers(engine: EngineAPI, result: Inspection, variant: dict[str, An
         else:
             what = created[:80]
         result.layers.append({"size": size, "what": what})
+
+
+def check_left_out(result: Inspection, variant: dict[str, Any]) -> None:
+    """What the image goes without: the label says what variant.json (inside, hashed into the identity) says."""
+    declared = variant.get("left_out") or {}
+    try:
+        labelled = json.loads(result.labels.get(contract.LABEL_LEFT_OUT) or "{}")
+    except json.JSONDecodeError:
+        labelled = None
+    result.check(labelled == declared, "the left-out label says what the image's variant.json says",
+                 f"label {labelled} vs variant.json {declared}")
+    result.left_out = dict(declared)
+
+
+def release_differences(result: Inspection, variant: dict[str, Any]) -> list[str]:
+    """How this image differs from what the release runner builds of the same spec and lockfile: the base, what
+    is left out, where the smoke ran."""
+    out = []
+    base = result.labels.get("org.opencontainers.image.base.name", "")
+    release_base = variant.get("release_base")
+    if release_base and base != release_base:
+        out.append(f"base: {base} (image {result.labels.get(LABEL_BASE_ID, '?')[:19]}), the release builds on "
+                   f"{release_base}")
+    for name, why in (variant.get("left_out") or {}).items():
+        out.append(f"left out: {name} ({why}); the release leaves it out too until the spec pins its sha256")
+    device = result.labels.get(contract.LABEL_DEVICE)
+    if device != "gpu":
+        out.append(f"smoke device: {device or 'none'} x{result.labels.get(contract.LABEL_WORLD_SIZE, '?')}; the "
+                   "release runner smokes on its GPUs (--smoke-device gpu), where flash-attn, NCCL and bf16 run")
+    return out
 
 
 def inspect_image(ref: str, engine: EngineAPI | None = None) -> Inspection:
@@ -203,6 +240,8 @@ def inspect_image(ref: str, engine: EngineAPI | None = None) -> Inspection:
                  (files[contract.BUILT_WHEELS_PATH] or b"").decode(errors="replace").strip())
     check_installed(engine, result)
     variant = json.loads(files[contract.VARIANT_PATH] or b"{}")
+    check_left_out(result, variant)
+    result.release_differences = release_differences(result, variant)
     describe_layers(engine, result, variant)
     return result
 
@@ -217,6 +256,12 @@ def format_inspection(result: Inspection) -> str:
     lines.append("  verified:")
     for f in result.findings:
         lines.append(f"    {'ok  ' if f.ok else 'FAIL'} {f.what}" + (f" ({f.detail})" if f.detail and not f.ok else ""))
+    if result.left_out:
+        lines.append("  left out (named by the spec, not in the image):")
+        lines += [f"    {name}: {why}" for name, why in result.left_out.items()]
+    if result.release_differences:
+        lines.append("  differs from the release build:")
+        lines += [f"    {d}" for d in result.release_differences]
     lines.append("  layers, bottom to top:")
     for layer in result.layers:
         lines.append(f"    {layer['size'] / 1e6:10.1f} MB  {layer['what']}")

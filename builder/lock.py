@@ -58,7 +58,7 @@ def inputs_hash(python: str, platform: str, requirements: list[str], wheels: lis
 
 
 def variant_inputs_hash(variant: Variant) -> str:
-    wheels = [(w.name, w.url, w.sha256) for w in variant.wheels.values()]
+    wheels = [(w.name, w.url, w.sha256 or f"left out: {w.left_out}") for w in variant.wheels.values()]
     return inputs_hash(variant.python, variant.platform, variant.requirement_lines(), wheels)
 
 
@@ -140,7 +140,7 @@ def lock_variant(variant: Variant, upgrade: bool = False, upgrade_packages: tupl
     ``upgrade`` (everything to the newest allowed) or ``upgrade_packages`` (these to the newest allowed)."""
     body = _compile(variant.requirement_lines(), variant.python, variant.platform, variant.lockfile_path,
                     upgrade, upgrade_packages)
-    for wheel in sorted(variant.wheels.values(), key=lambda w: w.name):
+    for wheel in sorted(variant.installed_wheels.values(), key=lambda w: w.name):
         body += f"{wheel.name} @ {wheel.url} \\\n    --hash=sha256:{wheel.sha256}\n    # direct wheel from the spec\n"
     text = _header({
         "image": variant.image.name,

@@ -20,6 +20,7 @@ class BuildOptions:
     repository: str | None = None  # None: the spec's
     push: bool = False
     allow_cpu_push: bool = False
+    allow_left_out_push: bool = False
     keep_failed: bool = False
     nocache: bool = False
     rebuild: bool = False

@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from . import contract
 from .engine_api import EngineAPI, SmokeRun
@@ -186,13 +187,21 @@ def release_candidate(engine: EngineAPI, resolved: Resolved, candidate: str,
     return final, image_id, tags, tagged
 
 
-def push_tags(engine: EngineAPI, resolved: Resolved, tags: list[str], allow_cpu: bool,
+@dataclass(frozen=True)
+class PushPolicy:
+    """What a push accepts beyond passing evidence of the current lockfile."""
+
+    allow_cpu: bool = False  # evidence from a CPU-only smoke (no GPU proved the CUDA path)
+    allow_left_out: bool = False  # an image that goes without something its spec names (io.vlmbuild.left-out)
+
+
+def push_tags(engine: EngineAPI, resolved: Resolved, tags: list[str], policy: PushPolicy,
               progress: Progress | None = None) -> dict[str, str]:
     """push_tags_or_fail, with every refusal a PushFailed."""
     own = progress is None
     progress = progress or Progress(f"push {resolved.variant.image.name}/{resolved.variant.name}")
     try:
-        return push_tags_or_fail(engine, resolved, tags, allow_cpu, progress)
+        return push_tags_or_fail(engine, resolved, tags, policy, progress)
     except VlmbuildError as exc:
         raise PushFailed(exc) from None
     finally:
@@ -200,7 +209,7 @@ def push_tags(engine: EngineAPI, resolved: Resolved, tags: list[str], allow_cpu:
             progress.close()
 
 
-def push_tags_or_fail(engine: EngineAPI, resolved: Resolved, tags: list[str], allow_cpu: bool,
+def push_tags_or_fail(engine: EngineAPI, resolved: Resolved, tags: list[str], policy: PushPolicy,
                       progress: Progress) -> dict[str, str]:
     """Push tags whose image passed the smoke, each digest printed. Every tag is checked before any is pushed, so a
     refusal leaves the registry as it was. An immutable tag the registry already serves with other content is
@@ -218,8 +227,12 @@ def push_tags_or_fail(engine: EngineAPI, resolved: Resolved, tags: list[str], al
             raise CheckFailed(f"{ref}: carries no passing smoke evidence ({problem}); refusing to push")
         if labels.get(contract.LABEL_LOCK_SHA256) != resolved.lock.sha256:
             raise CheckFailed(f"{ref}: was built from another lockfile than the current one; rebuild before pushing")
-        if labels.get(contract.LABEL_DEVICE) != "gpu" and not allow_cpu:
+        if labels.get(contract.LABEL_DEVICE) != "gpu" and not policy.allow_cpu:
             raise CheckFailed(f"{ref}: its smoke ran on CPU only; pushing it needs --allow-cpu-evidence")
+        if labels.get(contract.LABEL_LEFT_OUT) and not policy.allow_left_out:
+            left_out = ", ".join(json.loads(labels[contract.LABEL_LEFT_OUT]))
+            raise CheckFailed(f"{ref}: goes without {left_out}, which its spec names (label {contract.LABEL_LEFT_OUT}); "
+                              "pushing it needs --allow-left-out")
         if tag == resolved.immutable_tag:
             remote = engine.remote_digest(repository, tag)
             local = engine.local_repo_digest(image_id, repository)

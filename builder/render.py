@@ -114,6 +114,10 @@ class DeepSpeedBuild:
     parent_file: str  # that layer's lock file, part of the wheel's cache key
     requires_file: str
     requirements: list[Requirement] = field(default_factory=list)  # its build requirements outside that layer
+    stage: str = "deepspeed-wheel"
+    # where the image holds it: "" for the venv (the variant's own accelerator); a directory of its own for the CPU
+    # build beside a CUDA one (the smoke's CPU pass puts it first on the path)
+    target: str = ""
 
     @property
     def requires(self) -> list[str]:
@@ -169,6 +173,8 @@ def variant_labels(variant: Variant, lock: Lockfile, tag: str, base_image: str) 
         contract.LABEL_VERSIONS: json.dumps(key_versions(lock), sort_keys=True, separators=(",", ":")),
         contract.LABEL_SMOKE_ENTRYPOINT: SMOKE_ENTRYPOINT,
     })
+    if variant.left_out:
+        labels[contract.LABEL_LEFT_OUT] = json.dumps(variant.left_out, sort_keys=True, separators=(",", ":"))
     return labels
 
 
@@ -185,9 +191,14 @@ def variant_metadata(variant: Variant, lock: Lockfile, tag: str, plan: LayerPlan
         "cuda": variant.cuda,
         "conditions": list(variant.image.conditions),
         "imports": list(variant.imports),
-        # the ops DeepSpeed is built with in the image (deepspeed-wheel stage), for the accelerator they serve
-        "deepspeed_ops": {"accelerator": variant.accelerator,
-                          "ops": sorted(variant.image.deepspeed_build.ops.get(variant.accelerator, {}))},
+        # each DeepSpeed build in the image (deepspeed-wheel stages): the accelerator it serves, its ops, where it is
+        "deepspeed_builds": deepspeed_ops(variant),
+        # the GPU architectures the CUDA ops are compiled for (the cuda_ops check compares the cubins with them)
+        "cuda_archs": cuda_arch_list(variant.cuda_archs) if variant.cuda and variant.cuda_archs else None,
+        # what the spec names but this image goes without, and why
+        "left_out": variant.left_out,
+        # the base the release builds on (the spec's, pinned); the image's label names the one it was built on
+        "release_base": variant.base_image,
         # the layer plan, bottom to top: `vlmbuild inspect` names what each layer holds with it
         "layers": [layer.name for layer, _ in chain],
         "packages": [f"{package.name}=={package.version}" for package, _ in packages],
@@ -221,16 +232,37 @@ def _split_order(layer: Layer, reqs: list[Requirement], variant: Variant) -> lis
     return sorted(reqs, key=rank)
 
 
-def deepspeed_build_env(variant: Variant, build_files: str) -> dict[str, str]:
-    """The environment build_files/build-deepspeed.sh builds the variant's DeepSpeed with (``build_files``: where
-    the helpers lie): the ops to compile, the portable compiler, the parallel build, the fixed time."""
+def cuda_arch_list(cuda_archs: str) -> str:
+    """TORCH_CUDA_ARCH_LIST for the spec's architectures: cubins for each, and PTX of the newest, so that a GPU newer
+    than all of them JIT-compiles the kernels from PTX instead of failing with "no kernel image"."""
+    archs = [a.removesuffix("+PTX") for a in cuda_archs.split(";") if a]
+    newest = max(archs, key=lambda a: tuple(int(x) for x in a.split(".")))
+    return ";".join(a + ("+PTX" if a == newest else "") for a in archs)
+
+
+# The CPU-accelerator DeepSpeed a CUDA image carries beside its own: DeepSpeed serves prebuilt ops only to the
+# accelerator its wheel was built for (op_builder/builder.py compares the wheel's accelerator_name with the running
+# one), so the CPU pass would JIT-compile its comm op and cpu_adam (326 s of a 724 s smoke on 2 cores).
+DEEPSPEED_CPU_TARGET = contract.DEEPSPEED_CPU_PATH
+
+
+def deepspeed_build_env(variant: Variant, build_files: str, accelerator: str | None = None) -> dict[str, str]:
+    """The environment build_files/build-deepspeed.sh builds the variant's DeepSpeed with for ``accelerator`` (the
+    variant's own unless given; ``build_files``: where the helpers lie): the ops to compile, the portable compiler,
+    the parallel build, the fixed time."""
     how = variant.image.deepspeed_build
-    ops = how.ops.get(variant.accelerator, {})
-    env = {"DS_ACCELERATOR": variant.accelerator, "DS_BUILD_OPS": "0", **{var: "1" for var in ops.values()}}
-    if variant.accelerator == "cuda":
+    accelerator = accelerator or variant.accelerator
+    ops = how.ops.get(accelerator, {})
+    env = {"DS_ACCELERATOR": accelerator, "DS_BUILD_OPS": "0", **{var: "1" for var in ops.values()}}
+    host_compiler = ""
+    if accelerator == "cuda":
         # nvcc needs no GPU to compile for these architectures; the base family says where the toolkit lies.
-        toolkit = variant.family.cuda_toolkit(variant.cuda or "")
-        env.update({"TORCH_CUDA_ARCH_LIST": variant.cuda_archs or "", "CUDA_HOME": toolkit.home})
+        toolkit = variant.family.cuda_toolkit(variant.cuda or "", SCRATCH)
+        env.update({"TORCH_CUDA_ARCH_LIST": cuda_arch_list(variant.cuda_archs or ""), "CUDA_HOME": toolkit.home})
+        host_compiler = toolkit.host_compiler
+    if host_compiler:
+        # torch hands $CC to nvcc as its host compiler (-ccbin): the wrapper must call one nvcc accepts
+        env["VLMBUILD_REAL_CXX"] = host_compiler
     env.update({
         # the portable compiler (build_files/portable-cxx) and the parallel build of the ops (build_ext.cfg)
         "CC": f"{build_files}/portable-cxx", "CXX": f"{build_files}/portable-cxx",
@@ -243,9 +275,10 @@ def deepspeed_build_env(variant: Variant, build_files: str) -> dict[str, str]:
     return env
 
 
-def deepspeed_build(variant: Variant, lock: Lockfile, plan: LayerPlan) -> DeepSpeedBuild:
-    """How the deepspeed-wheel stage builds DeepSpeed: on the lock layer that holds torch, with the spec's build
-    requirements (as locked) installed beside it, and nothing else of the lock."""
+def deepspeed_builds(variant: Variant, lock: Lockfile, plan: LayerPlan) -> list[DeepSpeedBuild]:
+    """How DeepSpeed is built: on the lock layer that holds torch, with the spec's build requirements (as locked)
+    installed beside it, and nothing else of the lock; once for the variant's accelerator and, in a CUDA image,
+    once more for the CPU accelerator (its ops served to the CPU pass without compiling)."""
     req = lock.get("deepspeed")
     if req is None or req.url is not None:
         raise VlmbuildError(f"{variant.lockfile_path}: deepspeed must be locked from the index (name==version with "
@@ -262,11 +295,29 @@ def deepspeed_build(variant: Variant, lock: Lockfile, plan: LayerPlan) -> DeepSp
         raise VlmbuildError(f"{variant.lockfile_path}: deepspeed_build.requires names {', '.join(missing)}, which the "
                             f"lockfile does not hold (add it to the spec's packages and run `vlmbuild lock`)")
     requirements = [lock.get(name) for name in how.requires if name not in in_torch_layer]
-    env = deepspeed_build_env(variant, BUILD_FILES_MOUNT)
-    return DeepSpeedBuild(req.version, "lock/sdist-deepspeed.txt", variant.accelerator,
-                          sorted(how.ops.get(variant.accelerator, {})),
-                          " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()),
-                          torch_layer.stage, torch_layer.file, "lock/deepspeed-build.txt", requirements)
+    accelerators = [variant.accelerator] + (["cpu"] if variant.accelerator != "cpu" and how.ops.get("cpu") else [])
+    builds = []
+    for accelerator in accelerators:
+        own = accelerator == variant.accelerator
+        env = deepspeed_build_env(variant, BUILD_FILES_MOUNT, accelerator)
+        builds.append(DeepSpeedBuild(req.version, "lock/sdist-deepspeed.txt", accelerator,
+                                     sorted(how.ops.get(accelerator, {})),
+                                     " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()),
+                                     torch_layer.stage, torch_layer.file, "lock/deepspeed-build.txt", requirements,
+                                     stage="deepspeed-wheel" if own else f"deepspeed-wheel-{accelerator}",
+                                     target="" if own else DEEPSPEED_CPU_TARGET))
+    return builds
+
+
+def deepspeed_ops(variant: Variant) -> list[dict[str, object]]:
+    """What variant.json says of the image's DeepSpeed builds: accelerator, ops, and where the image holds it
+    (None: the venv's own)."""
+    how = variant.image.deepspeed_build
+    out: list[dict[str, object]] = [{"accelerator": variant.accelerator, "path": None,
+                                     "ops": sorted(how.ops.get(variant.accelerator, {}))}]
+    if variant.accelerator != "cpu" and how.ops.get("cpu"):
+        out.append({"accelerator": "cpu", "path": DEEPSPEED_CPU_TARGET, "ops": sorted(how.ops["cpu"])})
+    return out
 
 
 def plan_layers(variant: Variant, lock: Lockfile) -> LayerPlan:
@@ -336,7 +387,9 @@ def render(variant: Variant, output: Path, base_image: str | None = None, lock: 
     labels = variant_labels(variant, lock, tag, base)
 
     chain, packages = plan_layers(variant, lock)
-    deepspeed = deepspeed_build(variant, lock, (chain, packages))
+    builds = deepspeed_builds(variant, lock, (chain, packages))
+    deepspeed = builds[0]
+    toolkit = variant.family.cuda_toolkit(variant.cuda, SCRATCH) if variant.cuda else None
 
     # Render into a temporary sibling, then move into place: no half-written context on failure.
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -388,6 +441,8 @@ def render(variant: Variant, output: Path, base_image: str | None = None, lock: 
                 chain_layers=[layer for layer, _ in chain],
                 package_layers=[package for package, _ in packages],
                 deepspeed=deepspeed,
+                deepspeed_extra=builds[1:],
+                cuda_toolkit=toolkit,
                 build_files=BUILD_FILES_MOUNT,
                 sbom=contract.SBOM_PATH,
                 pip_constraint=contract.PIP_CONSTRAINT_PATH,

@@ -36,7 +36,7 @@ def variant_for_lockfile(lockfile: Path, root: Path) -> str | None:
     variant = load_spec(find_spec_path(image, root)).variant(name)
     metadata = json.loads(variant_metadata(variant, lock, variant.tag(lock.pins)))
     # Not the image: this environment's DeepSpeed was not built with the image's ops.
-    metadata.pop("deepspeed_ops", None)
+    metadata.pop("deepspeed_builds", None)
     return json.dumps(metadata, indent=2) + "\n"
 
 

@@ -20,6 +20,10 @@ TESTS = REPO / "tests"
 SPECS = TESTS / "specs"
 FAULTS = TESTS / "faults"
 CACHE = Path(os.environ.get("VLMBUILD_TEST_CACHE", Path.home() / ".cache" / "vlmbuild-tests"))
+# The docker tests' registry (a real one on 127.0.0.1, started when absent) and the repositories they tag into.
+REGISTRY = os.environ.get("VLMBUILD_REGISTRY", "127.0.0.1:5000")
+TEST_REPO = f"{REGISTRY}/vlmbuild-test/vlm-r1"
+OWNER = "io.vlmbuild.owner"
 
 
 @dataclass
@@ -159,9 +163,42 @@ def stack_python() -> Path:
     return python
 
 
+BUILD_CACHE_KEPT = 16 * 2**30
+
+
+@pytest.fixture(scope="session")
+def client():
+    """A real engine; the tests start one (and the registry) themselves when none answers."""
+    from vlmbuild import engine_setup
+
+    if not engine_setup.daemon_answers() or not engine_setup.registry_answers():
+        engine_setup.main()
+    import docker
+
+    c = docker.from_env(timeout=900)
+    yield c
+    # Clean up what the tests made, also where a test failed before its own clean-up: every tag of our test
+    # repositories (TEST_REPO and its -bump, -changed, -race... siblings) and stopped containers of ours.
+    for image in c.images.list():
+        for tag in image.tags:
+            if tag.startswith(TEST_REPO):
+                c.images.remove(tag, force=True)
+    for container in c.containers.list(all=True, filters={"label": OWNER}):
+        container.remove(force=True)
+    c.images.prune(filters={"dangling": True})
+    # The tests build many variants of the image (changed smoke, bases, bumps): about 40 GB of BuildKit cache.
+    # Disk is shared; keep the most recently used part (the local variant's layers, uv's and pip's downloads,
+    # the DeepSpeed wheel), which the next run and `vlmbuild build` reuse.
+    c.api.prune_builds(keep_storage=BUILD_CACHE_KEPT)
+    from vlmbuild.engine_setup import purge_local_repository
+
+    purge_local_repository("vlmbuild-test/vlm-r1")
+    purge_local_repository("vlmbuild-test/vlm-r1-cu124")
+
+
 def pytest_collection_modifyitems(config, items):
     """Fast tests first, then the stack ones, then docker: a core failure shows before minutes of building."""
-    order = {"stack": 1, "docker": 2}
+    order = {"stack": 1, "docker": 2, "cu124": 3}
 
     def rank(item):
         return max([order.get(m.name, 0) for m in item.iter_markers()] or [0])

@@ -28,7 +28,9 @@ def toy_family():
         python_command=lambda python: f"py{python}",
         python_packages=lambda python: (f"py{python}-full", "cc"),
         local_root=lambda suite: LocalRoot(suite, "http://mirror.example/toy", ("core", "extra")),
-        cuda_toolkit=lambda cuda: CudaToolkit("/opt/toy-cuda", ("toy-cuda-toolkit",), "the toy archive"),
+        cuda_toolkit=lambda cuda, scratch: CudaToolkit("/opt/toy-cuda", ("toy-cuda-toolkit",), "the toy archive",
+                                                       install=f"toy-get cuda-{cuda} --tmp {scratch}",
+                                                       host_compiler="toy-cc-13", version_check="toy-nvcc --is 12.4"),
     ))
     yield family
     del bases.FAMILIES["toy"]
@@ -45,10 +47,28 @@ def test_the_template_asks_the_family(toy_family, tmp_path):
     assert "python3.11" not in dockerfile
 
 
-def test_the_family_says_where_cuda_comes_from(toy_family):
+def test_the_family_says_where_cuda_comes_from(toy_family, tmp_path):
     variant = dataclasses.replace(load_spec(SPEC).variant("cu124"), base_family="toy")
-    assert deepspeed_build_env(variant, "/files")["CUDA_HOME"] == "/opt/toy-cuda"
-    assert deepspeed_build_env(load_spec(SPEC).variant("cu124"), "/files")["CUDA_HOME"] == "/usr/local/cuda"
+    env = deepspeed_build_env(variant, "/files")
+    assert env["CUDA_HOME"] == "/opt/toy-cuda" and env["VLMBUILD_REAL_CXX"] == "toy-cc-13"
+    python_base = render(variant, tmp_path / "ctx").dockerfile.split("FROM python-base AS tools")[0]
+    assert "toy-get cuda-12.4 --tmp /tmp/vlmbuild" in python_base and "toy-nvcc --is 12.4" in python_base
+    assert "ENV CUDA_HOME=/opt/toy-cuda" in python_base
+    debian = deepspeed_build_env(load_spec(SPEC).variant("cu124"), "/files")
+    assert debian["CUDA_HOME"] == "/usr" and debian["VLMBUILD_REAL_CXX"] == "g++-13"
+
+
+def test_debian_cuda_comes_without_the_driver(tmp_path):
+    """Debian's toolkit, from non-free, with the placeholder that keeps NVIDIA's driver libraries out, checked to
+    be the spec's CUDA; a CUDA version Debian does not carry is refused naming the ones it does."""
+    dockerfile = render(load_spec(SPEC).variant("cu124"), tmp_path / "ctx").dockerfile
+    python_base = dockerfile.split("FROM python-base AS tools")[0]
+    assert "Components: non-free" in python_base and "VERSION_CODENAME" in python_base
+    assert "Provides: libcuda.so.1 (= 550), libcuda-12.4-1, libnvidia-ml.so.1 (= 550)" in python_base
+    assert "/tmp/vlmbuild/no-driver.deb nvidia-cuda-toolkit" in python_base
+    assert "grep -q 'V12.4.131'" in python_base and "-name 'libcuda.so*'" in python_base
+    with pytest.raises(VlmbuildError, match="12.4 only"):
+        bases.family("debian").cuda_toolkit("12.6", "/tmp/x")
 
 
 def test_a_local_base_name_says_family_and_suite(toy_family):

@@ -28,7 +28,7 @@ def test_matrix_is_json_for_ci(cli):
     rows = json.loads(result.out)
     assert {r["variant"] for r in rows} == {"cu124", "local"}  # the expected-bad seed is not built
     cu = next(r for r in rows if r["variant"] == "cu124")
-    assert cu["tag"] == "cu12.4-py3.10-torch2.6.0-ds0.19.8-tf4.49.0" and cu["default"] and cu["locked"]
+    assert cu["tag"] == "cu12.4-py3.13-torch2.6.0-ds0.19.8-tf4.49.0" and cu["default"] and cu["locked"]
     assert {r["variant"] for r in json.loads(cli("matrix", "--all").out)} == {"seed", "cu124", "local"}
     assert {r["variant"] for r in json.loads(cli("matrix", "--release").out)} == {"cu124"}
 

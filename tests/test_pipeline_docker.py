@@ -19,44 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import OWNER, REPO, TEST_REPO, run_cli  # the session's engine fixture, `client`, is there too
 
 pytestmark = pytest.mark.docker
 docker = pytest.importorskip("docker")
-
-REGISTRY = os.environ.get("VLMBUILD_REGISTRY", "127.0.0.1:5000")
-TEST_REPO = f"{REGISTRY}/vlmbuild-test/vlm-r1"
-OWNER = "io.vlmbuild.owner"
-
-
-BUILD_CACHE_KEPT = 16 * 2**30
-
-
-@pytest.fixture(scope="session")
-def client():
-    """A real engine; the tests start one (and the registry) themselves when none answers."""
-    from vlmbuild import engine_setup
-
-    if not engine_setup.daemon_answers() or not engine_setup.registry_answers():
-        engine_setup.main()
-    c = docker.from_env(timeout=900)
-    yield c
-    # Clean up what the tests made, also where a test failed before its own clean-up: every tag of our test
-    # repositories (TEST_REPO and its -bump, -changed, -race... siblings) and stopped containers of ours.
-    for image in c.images.list():
-        for tag in image.tags:
-            if tag.startswith(TEST_REPO):
-                c.images.remove(tag, force=True)
-    for container in c.containers.list(all=True, filters={"label": OWNER}):
-        container.remove(force=True)
-    c.images.prune(filters={"dangling": True})
-    # The tests build many variants of the image (changed smoke, bases, bumps): about 40 GB of BuildKit cache.
-    # Disk is shared; keep the most recently used part (the local variant's layers, uv's and pip's downloads,
-    # the DeepSpeed wheel), which the next run and `vlmbuild build` reuse.
-    c.api.prune_builds(keep_storage=BUILD_CACHE_KEPT)
-    from vlmbuild.engine_setup import purge_local_repository
-
-    purge_local_repository("vlmbuild-test/vlm-r1")
 
 
 def tag_id(client, ref: str) -> str | None:

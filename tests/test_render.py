@@ -120,7 +120,9 @@ def test_no_secret_in_the_context_and_none_in_the_released_stage(rendered, varia
     assert "type=secret" not in final and "type=cache" not in final  # nothing that reaches the network
     assert not re.search(r"(?i)proxy|SSL_CERT_FILE|PIP_CERT", final)
     # the released stage takes only /opt/venv from the package stages, and nothing at all from the build stages
-    assert set(re.findall(r"COPY --from=(\S+) (\S+)", final)) == {(p.stage, "/opt/venv/") for p in result.packages}
+    # (and a CUDA image's CPU-accelerator DeepSpeed, from the stage that installed its wheel)
+    extra = {("pkg-deepspeed-wheel-cpu", "/opt/deepspeed-cpu/")} if "DS_ACCELERATOR=cuda" in result.dockerfile else set()
+    assert set(re.findall(r"COPY --from=(\S+) (\S+)", final)) == {(p.stage, "/opt/venv/") for p in result.packages} | extra
     # every RUN that reaches the network mounts the secrets; every install is hash-checked (or installs the wheel
     # built from the hash-checked sdist) and keeps its downloads in the cache mount, never in a layer
     for name, body in parts.items():
@@ -137,8 +139,15 @@ def test_no_secret_in_the_context_and_none_in_the_released_stage(rendered, varia
 def test_deepspeed_is_built_with_the_variants_ops_for_a_portable_cpu(rendered):
     local, cuda = stages(rendered["local"].dockerfile)["deepspeed-wheel"], stages(rendered["cu124"].dockerfile)["deepspeed-wheel"]
     assert "DS_ACCELERATOR=cpu" in local and "DS_BUILD_CPU_ADAM=1" in local and "DS_BUILD_SHM_COMM=1" in local
-    assert "DS_ACCELERATOR=cuda" in cuda and "DS_BUILD_FUSED_ADAM=1" in cuda and "TORCH_CUDA_ARCH_LIST=" in cuda
+    assert "DS_ACCELERATOR=cuda" in cuda and "DS_BUILD_FUSED_ADAM=1" in cuda
+    # cubins for every arch of the spec and PTX of the newest; nvcc's host compiler is one it accepts
+    assert "TORCH_CUDA_ARCH_LIST='8.0;8.6;9.0+PTX'" in cuda and "VLMBUILD_REAL_CXX=g++-13" in cuda
     assert "DS_BUILD_OPS=0" in local  # nothing but what the spec names
+    # a CUDA image carries a second DeepSpeed, built for the CPU accelerator (the CPU pass compiles nothing)
+    cpu = stages(rendered["cu124"].dockerfile)["deepspeed-wheel-cpu"]
+    assert "DS_ACCELERATOR=cpu" in cpu and "DS_BUILD_SHM_COMM=1" in cpu and "DS_BUILD_CPU_ADAM=1" in cpu
+    assert "TORCH_CUDA_ARCH_LIST" not in cpu and "VLMBUILD_REAL_CXX" not in cpu
+    assert "deepspeed-wheel-cpu" not in rendered["local"].dockerfile
     for body in (local, cuda):
         assert "CXX=/tmp/vlmbuild/files/portable-cxx" in body and "VLMBUILD_MARCH=x86-64-v3" in body
     assert "--no-build-isolation" in (rendered["local"].context / "build/build-deepspeed.sh").read_text()
@@ -226,15 +235,15 @@ def test_the_portable_compiler_rewrites_the_build_machines_cpu_flags(tmp_path):
 def test_base_image_is_a_parameter_not_a_fork(rendered):
     local, cu = rendered["local"].dockerfile, rendered["cu124"].dockerfile
     assert "ARG BASE_IMAGE=vlmbuild-local/debian:bookworm" in local
-    assert "ARG BASE_IMAGE=nvidia/cuda:12.4.1-cudnn-devel-ubuntu22.04" in cu
-    assert "python3.10-venv" in cu and "python3.11-venv" in local
+    assert "ARG BASE_IMAGE=debian:trixie-slim@sha256:" in cu
+    assert "python3.13-venv" in cu and "python3.11-venv" in local
 
 
 def test_labels_carry_lock_hash_and_versions(rendered):
     result = rendered["cu124"]
     assert result.labels["io.vlmbuild.lock-sha256"] == result.lock.sha256
     assert '"deepspeed":"0.19.8"' in result.labels["io.vlmbuild.versions"]
-    assert result.labels["org.opencontainers.image.version"] == result.tag == "cu12.4-py3.10-torch2.6.0-ds0.19.8-tf4.49.0"
+    assert result.labels["org.opencontainers.image.version"] == result.tag == "cu12.4-py3.13-torch2.6.0-ds0.19.8-tf4.49.0"
     assert f'LABEL io.vlmbuild.lock-sha256="{result.lock.sha256}"' in result.dockerfile
 
 

@@ -303,3 +303,53 @@ def test_prebuilt_ops_is_skipped_when_a_check_that_loads_the_ops_did_not_pass(tm
                     records=[check("train_step"), check("optimizer_offload", status="failed")])
     entry = run_launcher_check(launch, "prebuilt_ops")
     assert entry["status"] == "skipped" and entry["error"] == "not run: optimizer_offload did not pass"
+
+
+def test_each_pass_takes_the_deepspeed_built_for_its_accelerator(tmp_path, monkeypatch):
+    """A CUDA image declares two DeepSpeed builds: the venv's for cuda, /opt/deepspeed-cpu for the CPU pass. The CPU
+    pass puts the CPU build first on the path (this process and the ranks'), the GPU pass leaves the path alone,
+    and an image whose declared build is missing is a usage problem, not a silent JIT compile."""
+    import sys
+
+    from vlmbuild.smoke.__main__ import prebuilt_ops_for, use_deepspeed_build
+
+    cpu_dir = tmp_path / "deepspeed-cpu"
+    cpu_dir.mkdir()
+    variant = {"deepspeed_builds": [
+        {"accelerator": "cuda", "path": None, "ops": ["cpu_adam", "fused_adam"]},
+        {"accelerator": "cpu", "path": str(cpu_dir), "ops": ["cpu_adam", "deepspeed_shm_comm"]}]}
+    assert prebuilt_ops_for(variant, "gpu") == ["cpu_adam", "fused_adam"]
+    assert prebuilt_ops_for(variant, "cpu") == ["cpu_adam", "deepspeed_shm_comm"]
+    assert prebuilt_ops_for({"deepspeed_builds": variant["deepspeed_builds"][:1]}, "cpu") == []
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    assert use_deepspeed_build(variant, "gpu") is None and sys.path[0] != str(cpu_dir)
+    assert use_deepspeed_build(variant, "cpu") == str(cpu_dir)
+    assert sys.path[0] == str(cpu_dir)
+    import os
+
+    assert os.environ["PYTHONPATH"] == f"{cpu_dir}:/elsewhere"
+    cpu_dir.rmdir()
+    try:
+        use_deepspeed_build(variant, "cpu")
+    except UsageProblem as exc:
+        assert "which this image lacks" in str(exc)
+    else:
+        raise AssertionError("a missing declared build must be refused")
+
+
+def test_the_declared_second_deepspeed_is_no_duplicate(tmp_path):
+    """Two copies of deepspeed are a problem (the first shadows the second), unless the first is the image's
+    declared build for this accelerator at the same version."""
+    from vlmbuild.smoke.stack import declared_alternate
+
+    def dist(version: str, where: Path):
+        return SimpleNamespace(version=version, _path=where / "deepspeed-0.19.8.dist-info")
+
+    cpu, venv = tmp_path / "deepspeed-cpu", tmp_path / "venv"
+    pair = [dist("0.19.8", cpu), dist("0.19.8", venv)]
+    assert declared_alternate("deepspeed", pair, {"deepspeed": str(cpu)})
+    assert not declared_alternate("deepspeed", pair, {})
+    assert not declared_alternate("deepspeed", [dist("0.15.4", cpu), dist("0.19.8", venv)], {"deepspeed": str(cpu)})
+    assert not declared_alternate("deepspeed", [dist("0.19.8", venv), dist("0.19.8", cpu)], {"deepspeed": str(cpu)})
+    assert not declared_alternate("deepspeed", pair + [dist("0.19.8", tmp_path)], {"deepspeed": str(cpu)})

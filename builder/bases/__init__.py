@@ -50,9 +50,12 @@ class LocalRoot:
 class CudaToolkit:
     """Where nvcc and the CUDA headers come from when DeepSpeed's CUDA ops are compiled."""
 
-    home: str  # CUDA_HOME for the op build
-    packages: tuple[str, ...] = ()  # what the build stage installs for it; () when the base image carries it
+    home: str  # CUDA_HOME for the op build and in the image
+    packages: tuple[str, ...] = ()  # what the python-base stage installs for it; () when the base image carries it
     source: str = ""  # in words, for the Dockerfile's comments and the README
+    install: str = ""  # shell of the RUN that installs it (with the build's secrets mounted); "" when packages is ()
+    host_compiler: str = ""  # the C++ compiler nvcc accepts, when it is not the distribution's default g++
+    version_check: str = ""  # shell that fails the build when the installed toolkit is not the spec's CUDA
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ class BaseFamily:
     python_command: Callable[[str], str]  # "3.11" -> the interpreter's command name
     python_packages: Callable[[str], tuple[str, ...]]  # what gives that Python, its venv, headers and a compiler
     local_root: Callable[[str], LocalRoot]  # suite -> how a stand-in root of it is made
-    cuda_toolkit: Callable[[str], CudaToolkit]  # CUDA version -> where its toolkit comes from
+    cuda_toolkit: Callable[[str, str], CudaToolkit]  # (CUDA version, scratch dir) -> where its toolkit comes from
     # files the package manager writes that record when the build ran: emptied (reproducible layers)
     build_records: tuple[str, ...] = field(default=())
 

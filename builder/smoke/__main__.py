@@ -32,7 +32,7 @@ from ..lockfile import LockfileError, read_lockfile
 from . import report as report_mod
 from .model_dir import ModelDirProblem, describe_checkpoint, validate_model_dir
 from .rank_processes import die_with_parent, remove_shm_buffers
-from .stack import StackProblem, check_stack, default_paths, verify_install
+from .stack import StackProblem, check_stack, deepspeed_build_for, default_paths, verify_install
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -315,10 +315,21 @@ def run_stack(launch: Launch) -> dict[str, Any]:
 
 
 def prebuilt_ops_for(variant: dict[str, Any] | None, mode: str) -> list[str]:
-    """The DeepSpeed ops the image was built with, when they are the ones this mode's accelerator loads."""
-    declared = (variant or {}).get("deepspeed_ops") or {}
-    accelerator = "cuda" if mode == "gpu" else "cpu"
-    return list(declared.get("ops") or []) if declared.get("accelerator") == accelerator else []
+    """The DeepSpeed ops the image was built with for the accelerator this mode loads."""
+    return list((deepspeed_build_for(variant, mode) or {}).get("ops") or [])
+
+
+def use_deepspeed_build(variant: dict[str, Any] | None, mode: str) -> str | None:
+    """Put the image's DeepSpeed build for this mode's accelerator first on the path (this process and the ranks)
+    when it lies apart from the venv's (a CUDA image's CPU build); its directory, or None."""
+    path = (deepspeed_build_for(variant, mode) or {}).get("path")
+    if not path:
+        return None
+    if not os.path.isdir(path):
+        raise UsageProblem(f"variant.json declares a {mode} DeepSpeed build at {path}, which this image lacks")
+    sys.path.insert(0, path)
+    os.environ["PYTHONPATH"] = path + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
+    return path
 
 
 def check_prebuilt_ops(launch: Launch) -> dict[str, Any]:
@@ -423,9 +434,12 @@ def run(args: argparse.Namespace) -> int:
         os.environ["DS_ACCELERATOR"] = "cpu"  # before the stack check imports deepspeed
         os.environ.setdefault("LOCAL_SIZE", str(world))
 
+    deepspeed_path = use_deepspeed_build(variant, mode)  # before anything imports deepspeed
     prebuilt = prebuilt_ops_for(variant, mode)
+    cuda_build = any(b.get("accelerator") == "cuda" and b.get("ops") for b in (variant or {}).get("deepspeed_builds") or [])
     planned = select_checks(contract.checks_for(mode, flash_attention=flash_attention_installed(),
-                                                prebuilt_ops=bool(prebuilt), repeat=args.repeat), args.checks, mode)
+                                                prebuilt_ops=bool(prebuilt), repeat=args.repeat,
+                                                cuda_ops=cuda_build), args.checks, mode)
     workdir = Path(tempfile.mkdtemp(prefix="vlmbuild-smoke-", dir=args.workdir))
     # In an image whose DeepSpeed carries its ops, nothing may be compiled: torch's extensions directory is an
     # empty one, checked afterwards. Elsewhere ops are JIT-compiled into this environment's own directory.
@@ -456,7 +470,8 @@ def run(args: argparse.Namespace) -> int:
         "seconds": 0.0,
         "environment": {"python": platform.python_version(), "platform": platform.platform(),
                         "variant": variant, "lockfile": str(lock_path) if lock_path else None,
-                        "torch_extensions_dir": None if prebuilt else str(extensions)},
+                        "torch_extensions_dir": None if prebuilt else str(extensions),
+                        "deepspeed_build": deepspeed_path or "the venv's own"},
         "checks": checks,
     })
     report["seconds"] = round(time.monotonic() - started, 3)

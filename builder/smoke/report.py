@@ -64,6 +64,11 @@ def summary(report: dict[str, Any]) -> str:
             lines.append(f"       * passed only with the recipe's workaround ({workaround.get('rule')}): "
                          f"{workaround.get('applied')}")
             lines.append(f"         the stock code failed: {str(workaround.get('stock_error', '')).splitlines()[0]}")
+    environment = report.get("environment") or {}
+    for name, why in ((environment.get("variant") or {}).get("left_out") or {}).items():
+        lines.append(f"  left out: {name} (not in this image, nothing checked it): {why}")
+    if environment.get("deepspeed_build") not in (None, "the venv's own"):
+        lines.append(f"  deepspeed: the {mode.upper()} accelerator's build at {environment['deepspeed_build']}")
     verdict = "PASS" if report["passed"] else "FAIL"
     qualifier = " (CPU only: not a GPU validation)" if mode == "cpu" else ""
     lines.append(f"RESULT: {verdict} on {mode.upper()}{qualifier} in {report['seconds']:.1f}s")
@@ -128,9 +133,20 @@ def detail_zero3_repeat(check: dict[str, Any]) -> str:
     return f"{d.get('runs')} loads in fresh processes, every one bit-identical to the checkpoint"
 
 
+def detail_cuda_ops(check: dict[str, Any]) -> str:
+    d = check.get("details") or {}
+    cubins = d.get("cubins") or {}
+    with_code = "; ".join(f"{op} {'/'.join(a.removeprefix('sm_') for a in archs)} +PTX "
+                          f"{'/'.join(p.removeprefix('sm_') for p in (d.get('ptx') or {}).get(op, []))}"
+                          for op, archs in cubins.items())
+    host = ", ".join(d.get("host_code_only") or [])
+    return f"{with_code or 'no device code'}{f'; host code only: {host}' if host else ''}; loaded with no GPU"
+
+
 def detail_prebuilt_ops(check: dict[str, Any]) -> str:
     loaded = (check.get("details") or {}).get("loaded") or {}
-    return (f"{', '.join(loaded)} loaded from DeepSpeed's package on {min((len(r) for r in loaded.values()), default=0)} "
+    package = (check.get("details") or {}).get("package") or "DeepSpeed's package"
+    return (f"{', '.join(loaded)} loaded from {package} on {min((len(r) for r in loaded.values()), default=0)} "
             "rank(s); nothing compiled at run time")
 
 

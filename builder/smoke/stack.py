@@ -154,13 +154,23 @@ def direct_url_problems(lock: Lockfile, found: dict[str, list[metadata.Distribut
     return problems
 
 
-def environment_problems(lock: Lockfile | None) -> tuple[dict[str, Any], list[str]]:
-    """(facts, problems) of the environment as a whole: duplicates, RECORD hashes and, given a lock, versions,
-    unlocked distributions and direct URLs."""
+def declared_alternate(name: str, dists: list[metadata.Distribution], alternates: dict[str, str]) -> bool:
+    """Two copies of ``name`` that the image declares: the first under the path of another build of it (a CUDA
+    image's CPU-accelerator DeepSpeed, put first on the path by the CPU pass), at the version of the second."""
+    where = alternates.get(name)
+    if where is None or len(dists) != 2 or dists[0].version != dists[1].version:
+        return False
+    return os.path.realpath(dist_location(dists[0])).startswith(os.path.realpath(where) + os.sep)
+
+
+def environment_problems(lock: Lockfile | None,
+                         alternates: dict[str, str] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """(facts, problems) of the environment as a whole: duplicates (but ``alternates``, name -> the directory of
+    a declared second build), RECORD hashes and, given a lock, versions, unlocked distributions and direct URLs."""
     found = distributions_on_path()
     problems = []
     for name, dists in sorted(found.items()):
-        if len(dists) > 1:
+        if len(dists) > 1 and not declared_alternate(name, dists, alternates or {}):
             where = ", ".join(f"{d.version} at {dist_location(d)}" for d in dists)
             problems.append(f"{name}: {len(dists)} installed copies, the first shadows the rest: {where}")
     checked, record = record_problems([d for dists in found.values() for d in dists])
@@ -210,7 +220,9 @@ def check_stack(mode: str, lock: Lockfile | None, variant: dict[str, Any] | None
     details: dict[str, Any] = {"python": sys.version.split()[0]}
     installed = installed_versions()
     details["versions"] = {k: installed.get(k) for k in (*contract.KEY_PACKAGES, "safetensors", "tokenizers")}
-    environment, env_problems = environment_problems(lock)
+    build = deepspeed_build_for(variant, mode)
+    alternates = {"deepspeed": build["path"]} if build and build.get("path") else {}
+    environment, env_problems = environment_problems(lock, alternates)
     details["files"] = environment["files"]
     details["lock"] = None if lock is None else {
         "path": str(lock.path), "sha256": lock.sha256, "packages": len(lock.pins),
@@ -230,6 +242,16 @@ def check_stack(mode: str, lock: Lockfile | None, variant: dict[str, Any] | None
     import torch
 
     details["torch_cuda"] = torch.version.cuda
+    if "deepspeed" in sys.modules:
+        # which of the image's DeepSpeed builds this pass runs: the one built for its accelerator
+        from deepspeed.git_version_info import accelerator_name
+
+        details["deepspeed"] = {"path": os.path.dirname(sys.modules["deepspeed"].__file__),
+                                "built_for": accelerator_name}
+        if build and accelerator_name != build["accelerator"]:
+            problems.append(f"deepspeed at {details['deepspeed']['path']} was built for the {accelerator_name} "
+                            f"accelerator; this {mode} pass runs {build['accelerator']} ops (its prebuilt ops would "
+                            "be compiled again at first use)")
     declared_cuda = (variant or {}).get("cuda")
     if declared_cuda and torch.version.cuda != declared_cuda:
         problems.append(f"torch.version.cuda is {torch.version.cuda}, the variant declares CUDA {declared_cuda}")
@@ -250,6 +272,14 @@ def check_stack(mode: str, lock: Lockfile | None, variant: dict[str, Any] | None
     if problems:
         raise StackProblem(problems, details)
     return details
+
+
+def deepspeed_build_for(variant: dict[str, Any] | None, mode: str) -> dict[str, Any] | None:
+    """The image's DeepSpeed build that serves ``mode``'s accelerator (variant.json's deepspeed_builds:
+    accelerator, ops, path or None for the venv's own); None outside an image built with one."""
+    accelerator = "cuda" if mode == "gpu" else "cpu"
+    return next((b for b in (variant or {}).get("deepspeed_builds") or [] if b.get("accelerator") == accelerator),
+                None)
 
 
 class StackProblem(Exception):

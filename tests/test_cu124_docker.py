@@ -1,0 +1,157 @@
+"""The released variant, built here as the README's main command builds it: cu124 on a locally made Debian 13
+(trixie) root standing in for the pinned debian:trixie-slim, Debian's CUDA 12.4.1 toolkit, DeepSpeed's CUDA ops
+compiled with no GPU, the CPU smoke inside the image.
+
+What is proven: the image holds no NVIDIA driver library in any layer; its CUDA ops load without a GPU and carry
+a cubin for every architecture of the spec and the PTX of the newest (the cuda_ops check, which fails naming an
+architecture a build left out); the CPU pass compiled nothing (its CPU-accelerator DeepSpeed build); what the
+image goes without (flash-attn's cp313 wheel, no pinned hash) is named by its labels, its report and `inspect`,
+and a push refuses it unless told.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import time
+
+import pytest
+from conftest import FAULTS, OWNER, REGISTRY, run_cli
+
+pytestmark = [pytest.mark.docker, pytest.mark.cu124]
+
+CU_REPO = f"{REGISTRY}/vlmbuild-test/vlm-r1-cu124"
+LOCAL_TRIXIE = "vlmbuild-local/debian:trixie"
+# A driver library from the distribution would shadow the one the NVIDIA container toolkit mounts from the host.
+DRIVER_LIBRARIES = ("libcuda.so", "libnvidia-")
+
+
+@pytest.fixture(scope="module")
+def built_cu124(client, tmp_path_factory):
+    report = tmp_path_factory.mktemp("cu124") / "build.json"
+    started = time.monotonic()
+    result = run_cli("build", "vlm-r1", "--variant", "cu124", "--base-image", LOCAL_TRIXIE, "--smoke-device", "cpu",
+                     "--repository", CU_REPO, "--report", str(report), timeout=5400)
+    assert result.code == 0, result.out[-8000:] + result.err[-3000:]
+    build = json.loads(report.read_text())["builds"][0]
+    yield {"build": build, "out": result.out, "seconds": time.monotonic() - started,
+           "ref": f"{CU_REPO}:{build['immutable_tag']}"}
+    for image in client.images.list():
+        for tag in image.tags:
+            if tag.startswith(CU_REPO):
+                client.images.remove(tag, force=True)
+
+
+def evidence(client, ref: str) -> dict:
+    from vlmbuild.engine import Engine
+
+    return json.loads(Engine().read_image_files(ref, ["/opt/vlmbuild/smoke-report.json"])
+                      ["/opt/vlmbuild/smoke-report.json"])
+
+
+def test_the_release_variant_is_built_and_smoked_here(client, built_cu124):
+    build = built_cu124["build"]
+    assert build["passed"] and build["smoke_device"] == "cpu"
+    assert "latest" in build["tags"]  # the default variant
+    labels = client.images.get(built_cu124["ref"]).labels
+    assert labels["io.vlmbuild.cuda"] == "12.4" and labels["io.vlmbuild.python"] == "3.13"
+    assert labels["org.opencontainers.image.base.name"] == LOCAL_TRIXIE
+    checks = json.loads(labels["io.vlmbuild.smoke.checks"])
+    assert checks["cuda_ops"] == "passed" and checks["prebuilt_ops"] == "passed", checks
+    assert "attention" not in checks  # GPU only, and flash-attn is left out
+    report = evidence(client, built_cu124["ref"])["passes"][0]
+    by_name = {c["name"]: c for c in report["checks"]}
+    cuda = by_name["cuda_ops"]["details"]
+    # every arch of the spec's cuda_archs as a cubin, PTX of the newest; cpu_adam is host code
+    assert cuda["cubins"] == {"fused_adam": ["sm_80", "sm_86", "sm_90"]} and cuda["ptx"] == {"fused_adam": ["sm_90"]}
+    assert cuda["host_code_only"] == ["cpu_adam"] and cuda["accelerator_name"] == "cuda"
+    assert cuda["package"].startswith("/opt/venv/")
+    # the CPU pass ran the CPU-accelerator build and compiled nothing
+    assert report["environment"]["deepspeed_build"] == "/opt/deepspeed-cpu"
+    assert by_name["stack"]["details"]["deepspeed"]["built_for"] == "cpu"
+    prebuilt = by_name["prebuilt_ops"]["details"]
+    assert prebuilt["package"].startswith("/opt/deepspeed-cpu/") and prebuilt["compiled_at_run_time"] == []
+    assert set(prebuilt["loaded"]) == {"cpu_adam", "deepspeed_shm_comm"}
+
+
+def test_no_driver_library_from_the_distribution_in_any_layer(client, built_cu124):
+    """Every layer of the saved image, file by file (a file a later layer deletes is still shipped)."""
+    found, layers = [], 0
+    stream = _Reader(client.api.get_image(built_cu124["ref"], chunk_size=1 << 20))
+    with tarfile.open(fileobj=stream, mode="r|") as outer:
+        for member in outer:
+            if not member.name.endswith("layer.tar"):
+                continue
+            layers += 1
+            with tarfile.open(fileobj=outer.extractfile(member), mode="r|") as layer:
+                found += [f"{member.name}: {m.name}" for m in layer
+                          if any(lib in m.name.rsplit("/", 1)[-1] for lib in DRIVER_LIBRARIES)
+                          and "/stubs/" not in m.name]
+    assert layers > 10 and not found, found
+    code, out = _run(client, built_cu124["ref"], "dpkg-query -W -f '${Package}\\n' | sort")
+    packages = set(out.split())
+    assert "vlmbuild-no-cuda-driver" in packages and "nvidia-cuda-toolkit" in packages
+    assert not {"libcuda1", "libnvidia-ml1"} & packages
+
+
+def test_cuda_ops_fails_naming_an_arch_the_build_left_out(client, built_cu124):
+    """fused_adam compiled again in the image (its nvcc, no GPU) for a TORCH_CUDA_ARCH_LIST without 8.6 fails the
+    gate's cuda_ops check naming sm_86; cut short, it fails naming the op that does not load."""
+    code, out = _run(client, built_cu124["ref"], "bash /fault.sh",
+                     volumes={str(FAULTS / "cuda-arch-left-out.sh"): {"bind": "/fault.sh", "mode": "ro"}})
+    built = next(line for line in out.splitlines() if line.startswith("BUILT="))
+    pruned, truncated = out.split(built, 1)[1].split("EXIT=")[:2]
+    assert built.startswith("BUILT=0 ") and "sm_80.cubin" in built and "sm_86" not in built, out[-3000:]
+    assert "FAIL cuda_ops" in pruned and "fused_adam: no cubin for sm_86 (TORCH_CUDA_ARCH_LIST 8.0;8.6;9.0+PTX); " \
+        "it has sm_80, sm_90" in pruned, out[-3000:]
+    assert "fused_adam: does not load without a GPU" in truncated, out[-3000:]
+    assert out.count("EXIT=1") == 2 and code == 0, out[-3000:]
+
+
+def test_inspect_names_what_is_left_out_and_what_the_release_builds_otherwise(built_cu124):
+    result = run_cli("inspect", built_cu124["ref"])
+    assert result.code == 0, result.out[-4000:]
+    assert "left out (named by the spec, not in the image):" in result.out
+    assert "flash-attn: https://github.com/Dao-AILab/flash-attention/releases/download/v2.7.4.post1/" in result.out
+    assert f"base: {LOCAL_TRIXIE}" in result.out and "the release builds on debian:trixie-slim@sha256:3a39a059" in result.out
+    assert "smoke device: cpu x2" in result.out
+    assert "the CUDA 12.4 toolkit" in result.out and "DeepSpeed built for the CPU accelerator" in result.out
+
+
+def test_a_push_refuses_what_the_image_goes_without(client, built_cu124):
+    result = run_cli("push", "vlm-r1", "--variant", "cu124", "--repository", CU_REPO, "--base-image", LOCAL_TRIXIE,
+                     "--allow-cpu-evidence")
+    assert result.code == 1 and "goes without flash-attn" in result.err and "--allow-left-out" in result.err
+    assert "pushed" not in result.out + result.err
+    assert not client.containers.list(all=True, filters={"label": OWNER})
+
+
+class _Reader:
+    """A file object over the engine's byte stream (tarfile's stream mode reads small blocks from it)."""
+
+    def __init__(self, chunks) -> None:
+        self.chunks, self.buffer, self.pos = iter(chunks), b"", 0
+
+    def read(self, size: int = -1) -> bytes:
+        parts = []
+        while size < 0 or size > 0:
+            if self.pos >= len(self.buffer):
+                self.buffer, self.pos = next(self.chunks, b""), 0
+                if not self.buffer:
+                    break
+            take = len(self.buffer) - self.pos if size < 0 else min(size, len(self.buffer) - self.pos)
+            parts.append(self.buffer[self.pos:self.pos + take])
+            self.pos += take
+            size = size - take if size > 0 else size
+        return b"".join(parts)
+
+
+def _run(client, ref: str, script: str, **kwargs) -> tuple[int, str]:
+    container = client.containers.run(ref, ["bash", "-c", script], detach=True, shm_size="1g",
+                                      labels={OWNER: "tests"}, **kwargs)
+    try:
+        code = container.wait(timeout=900)["StatusCode"]
+        return code, container.logs().decode(errors="replace")
+    finally:
+        container.remove(force=True)
+
