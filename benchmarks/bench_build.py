@@ -68,8 +68,8 @@ def docker_cli() -> tuple[list[str], dict[str, str]]:
     return builder_command()
 
 
-def build_naive(lock: Path, base: str, tag: str, nocache: bool) -> float:
-    """The naive Dockerfile with the same lockfile on ``base``; wall seconds."""
+def build_naive(lock: Path, base: str, tag: str, nocache: bool, python: str = "3.11") -> float:
+    """The naive Dockerfile with the same lockfile on ``base`` (whose Python is ``python``); wall seconds."""
     ctx = Path(tempfile.mkdtemp(prefix="vlmbuild-naive-"))
     try:
         shutil.copy2(NAIVE / "Dockerfile", ctx / "Dockerfile")
@@ -77,7 +77,8 @@ def build_naive(lock: Path, base: str, tag: str, nocache: bool) -> float:
         ca = os.environ.get("SSL_CERT_FILE", "")
         (ctx / "build-ca.pem").write_bytes(Path(ca).read_bytes() if ca and Path(ca).is_file() else b"")
         prefix, env = docker_cli()
-        cmd = prefix + ["--progress=plain", "-t", tag, "--build-arg", f"BASE_IMAGE={base}", str(ctx)]
+        cmd = prefix + ["--progress=plain", "-t", tag, "--build-arg", f"BASE_IMAGE={base}",
+                        "--build-arg", f"PYTHON={python}", str(ctx)]
         if nocache:
             cmd.insert(len(prefix), "--no-cache")
         started = time.monotonic()

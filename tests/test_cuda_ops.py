@@ -45,6 +45,9 @@ def test_the_real_shape_passes():
 @pytest.mark.parametrize("change, expected", [
     (dict(probe=dict(installed=False)), "fused_adam: not built into DeepSpeed"),
     (dict(probe=dict(compatible=False)), "fused_adam: DeepSpeed reports it incompatible"),
+    (dict(probe=dict(compatible=False, compatible_error="MissingCUDAException: nvcc not found")),
+     "incompatible with this environment (MissingCUDAException: nvcc not found)"),
+    (dict(probe=dict(error="the interpreter died loading it (signal 7)")), "the interpreter died loading it"),
     (dict(probe=dict(error="ImportError: libcudart.so.12: cannot open shared object file", file=None)),
      "fused_adam: does not load without a GPU: ImportError: libcudart.so.12"),
     (dict(probe=dict(file="/root/.cache/torch_extensions/fused_adam/fused_adam.so")),
@@ -61,6 +64,12 @@ def test_each_failure_names_what_is_wrong(change, expected):
     problems = judge(OPS, found, change.get("listings", {"fused_adam": LISTING}), change.get("archs", ARCHS),
                      change.get("compiled", []))
     assert any(expected in p for p in problems), problems
+
+
+def test_an_op_whose_probe_reported_nothing_is_named():
+    found = probe()
+    del found["ops"]["fused_adam"]
+    assert any("fused_adam: its probe reported nothing" in p for p in judge(OPS, found, {}, ARCHS, []))
 
 
 def test_a_deepspeed_built_for_the_cpu_is_refused():

@@ -20,37 +20,39 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from .. import contract
 
-# Run in a fresh interpreter: the launcher may run a CPU pass with the CPU build of DeepSpeed imported.
+# Run in a fresh interpreter per op: the launcher may run a CPU pass with the CPU build of DeepSpeed imported, and a
+# shared object that crashes the interpreter as it loads (a truncated one does) must name its op, not hide the rest.
+# What is known before the load is printed first, so that a crash still leaves it.
 PROBE = r"""
 import importlib.util, json, os, sys
-ops = sys.argv[1].split(",")
+name = sys.argv[1]
 from deepspeed.git_version_info import accelerator_name, installed_ops
 from deepspeed.ops.op_builder.all_ops import ALL_OPS
 import deepspeed
-out = {"accelerator_name": accelerator_name, "package": os.path.dirname(deepspeed.__file__), "ops": {}}
-for name in ops:
-    builder = ALL_OPS.get(name)
-    record = {"installed": bool(installed_ops.get(name)), "known": builder is not None}
-    if builder is not None:
-        try:  # what ds_report shows as "compatible", judged here and now (nvcc, torch's CUDA, the toolkit)
-            record["compatible"] = bool(builder.is_compatible(verbose=False))
-        except BaseException as exc:
-            record["compatible"], record["compatible_error"] = False, f"{type(exc).__name__}: {exc}"
-        record["device_code"] = any(str(s).endswith(".cu") for s in builder.sources())
-        spec = importlib.util.find_spec(builder.absolute_name())  # where the op's shared object lies, loaded or not
-        record["shared_object"] = spec.origin if spec else None
-        try:
-            module = builder.load(verbose=False)
-            record["file"] = getattr(module, "__file__", None)
-        except BaseException as exc:
-            record["error"] = f"{type(exc).__name__}: {exc}"
-    out["ops"][name] = record
-print("VLMBUILD-CUDA-OPS " + json.dumps(out))
+builder = ALL_OPS.get(name)
+record = {"accelerator_name": accelerator_name, "package": os.path.dirname(deepspeed.__file__),
+          "installed": bool(installed_ops.get(name)), "known": builder is not None}
+if builder is not None:
+    record["device_code"] = any(str(s).endswith(".cu") for s in builder.sources())
+    spec = importlib.util.find_spec(builder.absolute_name())  # where the op's shared object lies, loaded or not
+    record["shared_object"] = spec.origin if spec else None
+    try:  # what ds_report shows as "compatible", judged here and now (nvcc, torch's CUDA, the toolkit)
+        record["compatible"] = bool(builder.is_compatible(verbose=False))
+    except BaseException as exc:
+        record["compatible"], record["compatible_error"] = False, f"{type(exc).__name__}: {exc}"
+print("VLMBUILD-CUDA-OP-BEFORE-LOAD " + json.dumps(record), flush=True)
+if builder is not None:
+    try:
+        record["file"] = getattr(builder.load(verbose=False), "__file__", None)
+    except BaseException as exc:
+        record["error"] = f"{type(exc).__name__}: {exc}"
+print("VLMBUILD-CUDA-OP " + json.dumps(record), flush=True)
 """
 
 ARCH_RE = re.compile(r"\.sm_(\d+)a?\.(cubin|ptx)\b")
@@ -86,7 +88,10 @@ def judge(ops: list[str], probe: dict[str, Any], listings: dict[str, str], arch_
     want_cubins, want_ptx = expected_archs(arch_list)
     package = os.path.realpath(probe.get("package") or "?")
     for op in ops:
-        record = probe.get("ops", {}).get(op) or {}
+        record = probe.get("ops", {}).get(op)
+        if record is None:
+            problems.append(f"{op}: its probe reported nothing (DeepSpeed did not import there)")
+            continue
         if not record.get("known"):
             problems.append(f"{op}: DeepSpeed's cuda accelerator has no such op")
             continue
@@ -133,12 +138,31 @@ def probe_env(extensions: Path) -> dict[str, str]:
     return env
 
 
-def run_probe(ops: list[str], extensions: Path, timeout: float = 300) -> tuple[dict[str, Any] | None, str]:
-    proc = subprocess.run([sys.executable, "-c", PROBE, ",".join(ops)], capture_output=True, text=True,
+def run_probe(op: str, extensions: Path, timeout: float = 300) -> tuple[dict[str, Any] | None, str]:
+    """What a fresh interpreter reports of ``op`` (None when DeepSpeed did not even import), and its output's tail."""
+    proc = subprocess.run([sys.executable, "-c", PROBE, op], capture_output=True, text=True,
                           env=probe_env(extensions), timeout=timeout)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("VLMBUILD-CUDA-OPS ")), None)
     tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-20:])
-    return (json.loads(line.split(" ", 1)[1]) if line else None), tail
+    lines = {ln.split(" ", 1)[0]: json.loads(ln.split(" ", 1)[1]) for ln in proc.stdout.splitlines()
+             if ln.startswith("VLMBUILD-CUDA-OP")}
+    if "VLMBUILD-CUDA-OP" in lines:
+        return lines["VLMBUILD-CUDA-OP"], tail
+    if "VLMBUILD-CUDA-OP-BEFORE-LOAD" in lines:  # the interpreter died loading the shared object
+        died = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit status {proc.returncode}"
+        return {**lines["VLMBUILD-CUDA-OP-BEFORE-LOAD"], "error": f"the interpreter died loading it ({died})"}, tail
+    return None, tail
+
+
+def probe_ops(ops: list[str], extensions: Path) -> tuple[dict[str, Any] | None, str]:
+    """Every op probed at once, each in its own interpreter: the probe ``judge`` reads (None when DeepSpeed did not
+    import at all), and the output of the first that failed to report."""
+    with ThreadPoolExecutor(max_workers=max(1, len(ops))) as pool:
+        results = dict(zip(ops, pool.map(lambda op: run_probe(op, extensions), ops), strict=True))
+    reported = {op: record for op, (record, _) in results.items() if record is not None}
+    if not reported:
+        return None, next(iter(results.values()))[1] if results else ""
+    first = next(iter(reported.values()))
+    return {"accelerator_name": first["accelerator_name"], "package": first["package"], "ops": reported}, ""
 
 
 def check_cuda_ops(launch: Any) -> dict[str, Any]:
@@ -159,7 +183,7 @@ def check_cuda_ops(launch: Any) -> dict[str, Any]:
         extensions = Path(tmp) / "torch_extensions"
         extensions.mkdir(mode=0o555)
         try:
-            probe, tail = run_probe(ops, extensions)
+            probe, tail = probe_ops(ops, extensions)
         except subprocess.TimeoutExpired:
             return record(["the CUDA ops probe did not finish in 300 s"])
         compiled = sorted(str(p.relative_to(extensions)) for p in extensions.rglob("*"))

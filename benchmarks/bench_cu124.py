@@ -1,0 +1,168 @@
+"""The released variant (cu124: Debian 13, Debian's CUDA 12.4.1 toolkit, DeepSpeed's CUDA and CPU ops) on a real
+engine, side by side with naive Dockerfiles on the same trixie base, in one run.
+
+    python benchmarks/bench_cu124.py [--runs N] [--skip-cold] [--out FILE]
+
+Run .ci/setup first. Figures:
+
+1. cold build: BuildKit's whole cache pruned (cache mounts included: no download, no DeepSpeed wheel kept), then
+   `vlmbuild build --rebuild` (build + CPU smoke), with the stages that ran and when each ended;
+2. rebuild after a change of the smoke's code (a comment in a scratch copy of the builder): what runs again,
+   asserted to compile no op and download no toolkit (only the final stage may run);
+3. the CPU smoke inside the image, every check, N runs, each asserted to have compiled nothing (prebuilt_ops);
+4. image size against benchmarks/naive/Dockerfile on the same base with the same lockfile (one `pip install`),
+   without and with Debian's toolkit installed the naive way (`apt-get install nvidia-cuda-toolkit` from
+   non-free, which also drags in NVIDIA's driver libraries), and the toolkit layer's own size.
+
+Images it tags go to throwaway repositories and are removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import docker
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_build import build_naive, lines, prune_build_cache, say, stage_lines  # noqa: E402
+
+BENCH_REPO = "vlmbuild-bench/vlm-r1-cu124"
+NAIVE_REPO = "vlmbuild-bench/naive-cu124"
+LOCAL_BASE = "vlmbuild-local/debian:trixie"
+LOCK = REPO / "lockfiles" / "vlm-r1" / "cu124.txt"
+STAGE_RE = re.compile(r"stage (\S+): done in")
+
+
+def vlmbuild(*args: str, pythonpath: Path | None = None) -> tuple[float, dict]:
+    report = Path(tempfile.mkdtemp()) / "build.json"
+    env = {**os.environ, **({"PYTHONPATH": str(pythonpath)} if pythonpath else {})}
+    cmd = [sys.executable, "-m", "vlmbuild", *args, "--report", str(report)]
+    started = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.monotonic() - started
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-3000:]}")
+    build = json.loads(report.read_text())["builds"][0]
+    build["stages"] = [line.strip() for line in proc.stdout.splitlines()
+                       if re.search(r"stage \S+: done in|exporting the image|built candidate|making the local", line)]
+    build["ran"] = sorted({m.group(1) for line in build["stages"] for m in [STAGE_RE.search(line)] if m})
+    return wall, build
+
+
+def smoke_code_changed_copy(scratch: Path) -> Path:
+    """A copy of the builder whose smoke differs by one comment, importable as vlmbuild (PYTHONPATH=result)."""
+    shutil.copytree(REPO / "builder", scratch / "vlmbuild", ignore=shutil.ignore_patterns("__pycache__"))
+    report = scratch / "vlmbuild" / "smoke" / "report.py"
+    report.write_text(report.read_text() + f"\n# bench_cu124: a smoke-code change ({time.time()})\n")
+    return scratch
+
+
+def naive_with_toolkit(base: str, tag: str) -> float:
+    """The naive image plus Debian's toolkit installed by hand: non-free added, `apt-get install
+    nvidia-cuda-toolkit` (no placeholder: the driver libraries come along), then the same pip install."""
+    with tempfile.TemporaryDirectory(prefix="vlmbuild-naive-base-") as ctx:
+        Path(ctx, "Dockerfile").write_text(
+            f"FROM {base}\n"
+            "RUN echo 'deb http://deb.debian.org/debian trixie non-free' > /etc/apt/sources.list.d/non-free.list \\\n"
+            " && apt-get update && apt-get install -y --no-install-recommends nvidia-cuda-toolkit \\\n"
+            " && rm -rf /var/lib/apt/lists/*\n")
+        started = time.monotonic()
+        docker.from_env(timeout=3600).images.build(path=ctx, tag=f"{tag}-base", rm=True)
+        seconds = time.monotonic() - started
+    return seconds + build_naive(LOCK, f"{tag}-base", tag, nocache=False, python="3.13")
+
+
+def measure(client, args) -> None:
+    from vlmbuild.localbase import ensure_local_base
+
+    say(f"# benchmarks/bench_cu124.py on {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}")
+    started = time.monotonic()
+    ensure_local_base(client, LOCAL_BASE)
+    say(f"local base {LOCAL_BASE}: {time.monotonic() - started:.0f}s (made when missing)")
+    base = ["build", "vlm-r1", "--variant", "cu124", "--base-image", LOCAL_BASE, "--smoke-device", "cpu",
+            "--repository", BENCH_REPO]
+    if not args.skip_cold:
+        prune_build_cache()
+        wall, cold = vlmbuild(*base, "--rebuild")
+        say(f"cold build:        {cold['build_seconds']:6.1f}s build + {cold['smoke_seconds']:.1f}s smoke "
+            f"({wall:.0f}s wall)")
+        stage_lines(cold)
+    else:
+        wall, cold = vlmbuild(*base)
+    image = cold["image_id"]
+
+    with tempfile.TemporaryDirectory(prefix="vlmbuild-bench-") as tmp:
+        wall, changed = vlmbuild(*base, "--rebuild", pythonpath=smoke_code_changed_copy(Path(tmp)))
+    heavy = [s for s in changed["ran"] if s.startswith(("python-base", "deepspeed-wheel", "layer-", "pkg-"))]
+    say(f"smoke code changed: {changed['build_seconds']:6.1f}s build + {changed['smoke_seconds']:.1f}s smoke; "
+        f"stages run again: {', '.join(changed['ran']) or 'the final one only'}")
+    if heavy:
+        sys.exit(f"a smoke-code change rebuilt {heavy}: the toolkit or an op would be installed/compiled again")
+    client.images.remove(changed["image_id"], force=True)
+
+    say("CPU smoke in the image, every check:")
+    runs = []
+    for _ in range(args.runs):
+        t = time.monotonic()
+        container = client.containers.run(image, ["vlmbuild-smoke", "--device", "cpu", "--json"], detach=True,
+                                          network_mode="none", shm_size="2g")
+        code = container.wait()["StatusCode"]
+        seconds = time.monotonic() - t
+        report = json.loads(container.logs(stderr=False).decode())
+        container.remove(force=True)
+        prebuilt = next(c for c in report["checks"] if c["name"] == "prebuilt_ops")
+        if code != 0 or prebuilt["details"]["compiled_at_run_time"]:
+            sys.exit(f"the smoke failed or compiled: {prebuilt}")
+        say(f"  run: {seconds:5.1f}s wall (" + ", ".join(f"{c['name']} {c['seconds']:.1f}s" for c in report["checks"])
+            + "), nothing compiled")
+        runs.append(seconds)
+    say(f"  min {min(runs):.1f}s, max {max(runs):.1f}s over {len(runs)} runs")
+
+    naive_plain = build_naive(LOCK, LOCAL_BASE, f"{NAIVE_REPO}:plain", nocache=False, python="3.13")
+    naive_toolkit = naive_with_toolkit(LOCAL_BASE, f"{NAIVE_REPO}:toolkit")
+    ours = client.images.get(image).attrs["Size"]
+    plain = client.images.get(f"{NAIVE_REPO}:plain").attrs["Size"]
+    toolkit = client.images.get(f"{NAIVE_REPO}:toolkit").attrs["Size"]
+    toolkit_layer = max(int(e.get("Size") or 0) for e in client.api.history(image)
+                        if "nvidia-cuda-toolkit" in (e.get("CreatedBy") or ""))
+    say(f"image size:        ours {ours / 1e9:.2f} GB (toolkit layer {toolkit_layer / 1e9:.2f} GB) | naive with the "
+        f"toolkit {toolkit / 1e9:.2f} GB ({naive_toolkit:.0f}s to build) | {ours / toolkit:.3f}x")
+    say(f"                   ours without the toolkit layer {(ours - toolkit_layer) / 1e9:.2f} GB | naive pip-only "
+        f"{plain / 1e9:.2f} GB ({naive_plain:.0f}s) | {(ours - toolkit_layer) / plain:.3f}x (ours also holds the CPU "
+        "DeepSpeed build, the compiled ops, the smoke and its evidence)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print(f"written to {args.out}")
+
+
+def remove_bench_images(client) -> None:
+    for repo in (BENCH_REPO, NAIVE_REPO):
+        for image in client.images.list(name=repo):
+            client.images.remove(image.id, force=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3, help="CPU smoke runs")
+    parser.add_argument("--skip-cold", action="store_true", help="skip the cold build (it prunes the whole cache)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "cu124-2cpu.txt")
+    args = parser.parse_args()
+    client = docker.from_env(timeout=3600)
+    try:
+        measure(client, args)
+    finally:
+        remove_bench_images(client)
+
+
+if __name__ == "__main__":
+    main()
