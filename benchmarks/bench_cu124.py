@@ -73,7 +73,10 @@ def naive_with_toolkit(base: str, tag: str) -> float:
     with tempfile.TemporaryDirectory(prefix="vlmbuild-naive-base-") as ctx:
         Path(ctx, "Dockerfile").write_text(
             f"FROM {base}\n"
-            "RUN echo 'deb http://deb.debian.org/debian trixie non-free' > /etc/apt/sources.list.d/non-free.list \\\n"
+            # the driver packages the toolkit pulls in without a placeholder need contrib (glx-alternative-nvidia) and
+            # non-free-firmware (firmware-nvidia-gsp) too
+            "RUN echo 'deb http://deb.debian.org/debian trixie contrib non-free non-free-firmware' \\\n"
+            "      > /etc/apt/sources.list.d/non-free.list \\\n"
             " && apt-get update && apt-get install -y --no-install-recommends nvidia-cuda-toolkit \\\n"
             " && rm -rf /var/lib/apt/lists/*\n")
         started = time.monotonic()
@@ -91,6 +94,10 @@ def measure(client, args) -> None:
     say(f"local base {LOCAL_BASE}: {time.monotonic() - started:.0f}s (made when missing)")
     base = ["build", "vlm-r1", "--variant", "cu124", "--base-image", LOCAL_BASE, "--smoke-device", "cpu",
             "--repository", BENCH_REPO]
+    if args.size_only:
+        wall, cold = vlmbuild(*base)
+        size(client, args, cold["image_id"])
+        return
     if not args.skip_cold:
         prune_build_cache()
         wall, cold = vlmbuild(*base, "--rebuild")
@@ -127,7 +134,10 @@ def measure(client, args) -> None:
             + "), nothing compiled")
         runs.append(seconds)
     say(f"  min {min(runs):.1f}s, max {max(runs):.1f}s over {len(runs)} runs")
+    size(client, args, image)
 
+
+def size(client, args, image: str) -> None:
     naive_plain = build_naive(LOCK, LOCAL_BASE, f"{NAIVE_REPO}:plain", nocache=False, python="3.13")
     naive_toolkit = naive_with_toolkit(LOCAL_BASE, f"{NAIVE_REPO}:toolkit")
     ours = client.images.get(image).attrs["Size"]
@@ -155,6 +165,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3, help="CPU smoke runs")
     parser.add_argument("--skip-cold", action="store_true", help="skip the cold build (it prunes the whole cache)")
+    parser.add_argument("--size-only", action="store_true", help="only the size against the naive images")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "cu124-2cpu.txt")
     args = parser.parse_args()
     client = docker.from_env(timeout=3600)

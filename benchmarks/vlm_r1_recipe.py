@@ -137,6 +137,9 @@ def main() -> None:
             (work / "workarounds").mkdir()
             (work / "workarounds" / "sitecustomize.py").write_text(WORKAROUNDS)
             pythonpath = f"/work/workarounds:{pythonpath}"
+        # A CUDA image's DeepSpeed serves its prebuilt ops to the CUDA accelerator only: on the CPU, as a CPU user of
+        # the image would, put its CPU-accelerator build first (a path the image lacks is ignored).
+        pythonpath = f"/opt/deepspeed-cpu:{pythonpath}"
         command = [
             "torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", "29511",
             "/work/launch_cpu.py", "src/open_r1/grpo_jsonl.py", "--deepspeed", f"local_scripts/{args.config}.json",

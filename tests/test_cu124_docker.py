@@ -17,7 +17,7 @@ import tarfile
 import time
 
 import pytest
-from conftest import FAULTS, OWNER, REGISTRY, run_cli
+from conftest import BUILD_CACHE_KEPT, FAULTS, OWNER, REGISTRY, run_cli
 
 pytestmark = [pytest.mark.docker, pytest.mark.cu124]
 
@@ -30,6 +30,9 @@ DRIVER_LIBRARY = re.compile(r"^(libcuda|libnvidia-[\w-]+)\.so(\.|$)")
 
 @pytest.fixture(scope="module")
 def built_cu124(client, tmp_path_factory):
+    # This module runs last (conftest orders it): the local variant's build stages are no longer needed, and the
+    # CUDA image's build adds about 25 GB. Disk is shared: keep only the most recently used part of the cache.
+    client.api.prune_builds(keep_storage=BUILD_CACHE_KEPT)
     report = tmp_path_factory.mktemp("cu124") / "build.json"
     started = time.monotonic()
     result = run_cli("build", "vlm-r1", "--variant", "cu124", "--base-image", LOCAL_TRIXIE, "--smoke-device", "cpu",
