@@ -90,12 +90,14 @@ def build_naive(lock: Path, base: str, tag: str, nocache: bool, python: str = "3
         shutil.rmtree(ctx, ignore_errors=True)
 
 
-def vlmbuild(*args: str, root: Path | None = None) -> tuple[float, dict]:
+def vlmbuild(*args: str, root: Path | None = None, env: dict[str, str] | None = None) -> tuple[float, dict]:
+    """`vlmbuild ARGS --report`: (wall seconds, the build's report entry with the stages that ran); ``env`` is
+    added to this process's environment."""
     report = Path(tempfile.mkdtemp()) / "build.json"
     cmd = [sys.executable, "-m", "vlmbuild"] + (["--root", str(root)] if root else []) + list(args) + [
         "--report", str(report)]
     started = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     wall = time.monotonic() - started
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ import docker
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_build import build_naive, lines, prune_build_cache, say, stage_lines  # noqa: E402
+from bench_build import build_naive, lines, prune_build_cache, say, stage_lines, vlmbuild  # noqa: E402
 
 BENCH_REPO = "vlmbuild-bench/vlm-r1-cu124"
 NAIVE_REPO = "vlmbuild-bench/naive-cu124"
@@ -43,20 +42,9 @@ LOCK = REPO / "lockfiles" / "vlm-r1" / "cu124.txt"
 STAGE_RE = re.compile(r"stage (\S+): done in")
 
 
-def vlmbuild(*args: str, pythonpath: Path | None = None) -> tuple[float, dict]:
-    report = Path(tempfile.mkdtemp()) / "build.json"
-    env = {**os.environ, **({"PYTHONPATH": str(pythonpath)} if pythonpath else {})}
-    cmd = [sys.executable, "-m", "vlmbuild", *args, "--report", str(report)]
-    started = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.monotonic() - started
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-3000:]}")
-    build = json.loads(report.read_text())["builds"][0]
-    build["stages"] = [line.strip() for line in proc.stdout.splitlines()
-                       if re.search(r"stage \S+: done in|exporting the image|built candidate|making the local", line)]
-    build["ran"] = sorted({m.group(1) for line in build["stages"] for m in [STAGE_RE.search(line)] if m})
-    return wall, build
+def stages_run(build: dict) -> list[str]:
+    """The BuildKit stages a build ran (not taken from the cache)."""
+    return sorted({m.group(1) for line in build["stages"] for m in [STAGE_RE.search(line)] if m})
 
 
 def smoke_code_changed_copy(scratch: Path) -> Path:
@@ -109,10 +97,11 @@ def measure(client, args) -> None:
     image = cold["image_id"]
 
     with tempfile.TemporaryDirectory(prefix="vlmbuild-bench-") as tmp:
-        wall, changed = vlmbuild(*base, "--rebuild", pythonpath=smoke_code_changed_copy(Path(tmp)))
-    heavy = [s for s in changed["ran"] if s.startswith(("python-base", "deepspeed-wheel", "layer-", "pkg-"))]
+        wall, changed = vlmbuild(*base, "--rebuild", env={"PYTHONPATH": str(smoke_code_changed_copy(Path(tmp)))})
+    ran = stages_run(changed)
+    heavy = [s for s in ran if s.startswith(("python-base", "deepspeed-wheel", "layer-", "pkg-"))]
     say(f"smoke code changed: {changed['build_seconds']:6.1f}s build + {changed['smoke_seconds']:.1f}s smoke; "
-        f"stages run again: {', '.join(changed['ran']) or 'the final one only'}")
+        f"stages run again: {', '.join(ran) or 'the final one only'}")
     if heavy:
         sys.exit(f"a smoke-code change rebuilt {heavy}: the toolkit or an op would be installed/compiled again")
     client.images.remove(changed["image_id"], force=True)

@@ -240,10 +240,16 @@ def cuda_arch_list(cuda_archs: str) -> str:
     return ";".join(a + ("+PTX" if a == newest else "") for a in archs)
 
 
-# The CPU-accelerator DeepSpeed a CUDA image carries beside its own: DeepSpeed serves prebuilt ops only to the
-# accelerator its wheel was built for (op_builder/builder.py compares the wheel's accelerator_name with the running
-# one), so the CPU pass would JIT-compile its comm op and cpu_adam (326 s of a 724 s smoke on 2 cores).
-DEEPSPEED_CPU_TARGET = contract.DEEPSPEED_CPU_PATH
+def deepspeed_targets(variant: Variant) -> list[tuple[str, str | None]]:
+    """(accelerator, where the image holds that DeepSpeed build: None for the venv) of every build, the variant's own
+    first. A CUDA image carries a CPU-accelerator build beside its own (contract.DEEPSPEED_CPU_PATH): DeepSpeed
+    serves prebuilt ops only to the accelerator its wheel was built for (op_builder/builder.py compares the wheel's
+    accelerator_name with the running one), so the CPU pass would JIT-compile its comm op and cpu_adam (326 s of a
+    724 s smoke on 2 cores)."""
+    own = [(variant.accelerator, None)]
+    if variant.accelerator != "cpu" and variant.image.deepspeed_build.ops.get("cpu"):
+        own.append(("cpu", contract.DEEPSPEED_CPU_PATH))
+    return own
 
 
 def deepspeed_build_env(variant: Variant, build_files: str, accelerator: str | None = None) -> dict[str, str]:
@@ -295,29 +301,24 @@ def deepspeed_builds(variant: Variant, lock: Lockfile, plan: LayerPlan) -> list[
         raise VlmbuildError(f"{variant.lockfile_path}: deepspeed_build.requires names {', '.join(missing)}, which the "
                             f"lockfile does not hold (add it to the spec's packages and run `vlmbuild lock`)")
     requirements = [lock.get(name) for name in how.requires if name not in in_torch_layer]
-    accelerators = [variant.accelerator] + (["cpu"] if variant.accelerator != "cpu" and how.ops.get("cpu") else [])
     builds = []
-    for accelerator in accelerators:
-        own = accelerator == variant.accelerator
+    for accelerator, target in deepspeed_targets(variant):
         env = deepspeed_build_env(variant, BUILD_FILES_MOUNT, accelerator)
         builds.append(DeepSpeedBuild(req.version, "lock/sdist-deepspeed.txt", accelerator,
                                      sorted(how.ops.get(accelerator, {})),
                                      " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()),
                                      torch_layer.stage, torch_layer.file, "lock/deepspeed-build.txt", requirements,
-                                     stage="deepspeed-wheel" if own else f"deepspeed-wheel-{accelerator}",
-                                     target="" if own else DEEPSPEED_CPU_TARGET))
+                                     stage=f"deepspeed-wheel-{accelerator}" if target else "deepspeed-wheel",
+                                     target=target or ""))
     return builds
 
 
 def deepspeed_ops(variant: Variant) -> list[dict[str, object]]:
     """What variant.json says of the image's DeepSpeed builds: accelerator, ops, and where the image holds it
     (None: the venv's own)."""
-    how = variant.image.deepspeed_build
-    out: list[dict[str, object]] = [{"accelerator": variant.accelerator, "path": None,
-                                     "ops": sorted(how.ops.get(variant.accelerator, {}))}]
-    if variant.accelerator != "cpu" and how.ops.get("cpu"):
-        out.append({"accelerator": "cpu", "path": DEEPSPEED_CPU_TARGET, "ops": sorted(how.ops["cpu"])})
-    return out
+    ops = variant.image.deepspeed_build.ops
+    return [{"accelerator": accelerator, "path": target, "ops": sorted(ops.get(accelerator, {}))}
+            for accelerator, target in deepspeed_targets(variant)]
 
 
 def plan_layers(variant: Variant, lock: Lockfile) -> LayerPlan:

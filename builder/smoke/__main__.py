@@ -436,7 +436,7 @@ def run(args: argparse.Namespace) -> int:
 
     deepspeed_path = use_deepspeed_build(variant, mode)  # before anything imports deepspeed
     prebuilt = prebuilt_ops_for(variant, mode)
-    cuda_build = any(b.get("accelerator") == "cuda" and b.get("ops") for b in (variant or {}).get("deepspeed_builds") or [])
+    cuda_build = bool((deepspeed_build_for(variant, "gpu") or {}).get("ops"))
     planned = select_checks(contract.checks_for(mode, flash_attention=flash_attention_installed(),
                                                 prebuilt_ops=bool(prebuilt), repeat=args.repeat,
                                                 cuda_ops=cuda_build), args.checks, mode)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import contract
+from .stack import deepspeed_build_for
 
 # Run in a fresh interpreter per op: the launcher may run a CPU pass with the CPU build of DeepSpeed imported, and a
 # shared object that crashes the interpreter as it loads (a truncated one does) must name its op, not hide the rest.
@@ -167,7 +168,7 @@ def probe_ops(ops: list[str], extensions: Path) -> tuple[dict[str, Any] | None, 
 
 def check_cuda_ops(launch: Any) -> dict[str, Any]:
     started = time.monotonic()
-    build = next(b for b in launch.variant["deepspeed_builds"] if b["accelerator"] == "cuda")
+    build = deepspeed_build_for(launch.variant, "gpu")
     ops, arch_list = list(build["ops"]), launch.variant.get("cuda_archs") or ""
     details: dict[str, Any] = {"ops": ops, "cuda_archs": arch_list}
 
