@@ -68,7 +68,7 @@ def naive_with_toolkit(base: str, tag: str) -> float:
             " && apt-get update && apt-get install -y --no-install-recommends nvidia-cuda-toolkit \\\n"
             " && rm -rf /var/lib/apt/lists/*\n")
         started = time.monotonic()
-        docker.from_env(timeout=3600).images.build(path=ctx, tag=f"{tag}-base", rm=True)
+        docker.from_env(timeout=3600).images.build(path=ctx, tag=f"{tag}-base", rm=True, forcerm=True)
         seconds = time.monotonic() - started
     return seconds + build_naive(LOCK, f"{tag}-base", tag, nocache=False, python="3.13")
 
