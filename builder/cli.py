@@ -287,6 +287,11 @@ def smoke(ctx: Context, image_ref: str | None, local: bool, python: str | None, 
 @click.option("--allow-cpu-evidence", is_flag=True, help="With --push: allow pushing an image validated on CPU only.")
 @click.option("--allow-left-out", is_flag=True,
               help="With --push: allow pushing an image that goes without something its spec names (see inspect).")
+@click.option("--sign-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Sign the pushed digest and attest its report and SBOM with this cosign key (password in "
+                   "COSIGN_PASSWORD; no transparency-log upload).")
+@click.option("--sign-keyless", is_flag=True, help="Sign keyless (CI: the job's OIDC identity, Fulcio and Rekor).")
+@click.option("--unsigned", is_flag=True, help="Push without a signature: evidence nothing binds to the digest.")
 @click.option("--keep-failed", is_flag=True, help="Keep a candidate that failed the smoke (untagged) for inspection.")
 @click.option("--smoke-timeout", type=int, default=None, help="Kill the smoke after SECONDS (default: the spec's).")
 @click.option("--repeat", type=click.IntRange(1, 20), default=None,
@@ -304,20 +309,23 @@ def smoke(ctx: Context, image_ref: str | None, local: bool, python: str | None, 
 def build(ctx: Context, image: str, variants: tuple[str, ...], smoke_device: str | None, base_image: str | None,
           repository: str | None, push: bool, allow_cpu_evidence: bool, allow_left_out: bool, keep_failed: bool,
           smoke_timeout: int | None, repeat: int | None, model_dir: Path | None, rebuild: bool, report: Path | None,
-          ignore_rules: bool, nocache: bool) -> None:
+          ignore_rules: bool, nocache: bool, sign_key: Path | None, sign_keyless: bool, unsigned: bool) -> None:
     """Build, smoke and tag variants of IMAGE; an image that fails the smoke is never tagged."""
     from .gate import GateFailed
     from .options import build_options
     from .pipeline import build_variant, write_build_report
-    from .release import PushFailed
+    from .release import PushFailed, PushPolicy
+    from .signing import signer_from_flags
 
+    policy = PushPolicy(allow_cpu_evidence, allow_left_out,
+                        signer_from_flags(sign_key, sign_keyless, unsigned) if push else None)
     selected = ctx.variants(image, variants, include_rejected=False)
     if not selected:
         raise VlmbuildError(f"{image}: no variant to build (all are marked 'expect: rejected'; name one with --variant)")
     options = build_options(selected[0].image, smoke_device=smoke_device, smoke_timeout=smoke_timeout, repeat=repeat,
                             model_dir=model_dir, base_image=base_image, push=push, keep_failed=keep_failed,
-                            ignore_rules=ignore_rules, repository=repository, allow_cpu_push=allow_cpu_evidence,
-                            allow_left_out_push=allow_left_out, nocache=nocache, rebuild=rebuild)
+                            ignore_rules=ignore_rules, repository=repository, push_policy=policy,
+                            nocache=nocache, rebuild=rebuild)
     outcomes, failures, push_errors = [], [], []
     for variant in selected:
         try:
@@ -352,19 +360,28 @@ def build(ctx: Context, image: str, variants: tuple[str, ...], smoke_device: str
 @click.option("--allow-cpu-evidence", is_flag=True, help="Allow pushing an image whose smoke ran on CPU only.")
 @click.option("--allow-left-out", is_flag=True,
               help="Allow pushing an image that goes without something its spec names (see inspect).")
+@click.option("--sign-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Sign the pushed digest and attest its report and SBOM with this cosign key (password in "
+                   "COSIGN_PASSWORD; no transparency-log upload).")
+@click.option("--sign-keyless", is_flag=True, help="Sign keyless (CI: the job's OIDC identity, Fulcio and Rekor).")
+@click.option("--unsigned", is_flag=True, help="Push without a signature: evidence nothing binds to the digest.")
 @pass_ctx
 @guarded
 def push(ctx: Context, image: str, variants: tuple[str, ...], repository: str | None, base_image: str | None,
-         allow_cpu_evidence: bool, allow_left_out: bool) -> None:
-    """Push the tags of IMAGE's variants that passed the smoke; print each pushed digest."""
+         allow_cpu_evidence: bool, allow_left_out: bool, sign_key: Path | None, sign_keyless: bool,
+         unsigned: bool) -> None:
+    """Push the tags of IMAGE's variants that passed the smoke, signing the digest and attesting its report and SBOM
+    before any moving tag is pushed; print each pushed digest."""
     from .engine import Engine
     from .release import PushPolicy, push_tags
     from .resolve import resolve_for_tags
+    from .signing import signer_from_flags
 
+    policy = PushPolicy(allow_cpu_evidence, allow_left_out, signer_from_flags(sign_key, sign_keyless, unsigned))
     engine = Engine()
     for variant in ctx.variants(image, variants, include_rejected=False):
         resolved = resolve_for_tags(variant, engine, base_image, repository)
-        push_tags(engine, resolved, resolved.tags, PushPolicy(allow_cpu_evidence, allow_left_out))
+        push_tags(engine, resolved, resolved.tags, policy)
 
 
 @main.command()
@@ -395,13 +412,30 @@ def plan(ctx: Context, image: str, variants: tuple[str, ...], repository: str | 
 @main.command()
 @click.argument("image_ref")
 @click.option("--json", "as_json", is_flag=True, help="The findings as JSON.")
+@click.option("--verify", is_flag=True, help="Also verify from the registry: the digest's signature, and the attested "
+              "report and SBOM equal to the ones inside.")
+@click.option("--key", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="With --verify: the cosign public key the signature must verify with.")
+@click.option("--certificate-identity", default=None, help="With --verify, keyless: the signer's identity (the "
+              "release workflow's URL at its ref).")
+@click.option("--certificate-oidc-issuer", default=None,
+              help="With --verify, keyless: the identity's issuer (https://token.actions.githubusercontent.com).")
 @guarded
-def inspect(image_ref: str, as_json: bool) -> None:
+def inspect(image_ref: str, as_json: bool, verify: bool, key: Path | None, certificate_identity: str | None,
+            certificate_oidc_issuer: str | None) -> None:
     """Re-verify an image's evidence from the image itself (report, lockfile, SBOM, installed packages) and show
-    what each layer holds. Exit 1 when anything disagrees."""
+    what each layer holds; with --verify, that a trusted signer signed its digest and attested that evidence.
+    Exit 1 when anything disagrees."""
+    from .engine import Engine
     from .inspect_image import format_inspection, inspect_image
+    from .signing import Verifier
+    from .verify_registry import verify_from_registry
 
-    result = inspect_image(image_ref)
+    verifier = Verifier(key, certificate_identity, certificate_oidc_issuer) if verify else None
+    engine = Engine()
+    result = inspect_image(image_ref, engine)
+    if verifier is not None:
+        verify_from_registry(engine, result, image_ref, verifier)
     click.echo(json.dumps(result.as_json(), indent=2) if as_json else format_inspection(result))
     if not result.ok:
         sys.exit(1)

@@ -194,6 +194,12 @@ BUILT_WHEELS_PATH = f"{IMAGE_DIR}/built-wheels.sha256"
 # refused.
 PIP_CONSTRAINT_PATH = "/etc/pip/constraint.txt"
 
+# The in-toto predicate types of the attestations a signed push attaches to the digest (vlmbuild.signing). The
+# smoke report's is ours: its predicate is the report exactly as REPORT_PATH holds it; v1 is that shape (README,
+# "Verifying what you pull"). A change to the report's shape that a reader must know of bumps the version.
+PREDICATE_SMOKE_REPORT = "https://vlmbuild.dev/attestations/smoke-report/v1"
+PREDICATE_SBOM = "https://cyclonedx.org/bom"
+
 
 def report_passed(report: Mapping[str, Any] | None) -> bool:
     """The one pass test, used by the smoke for its verdict and by the builder before it tags or pushes:

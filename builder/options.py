@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import VlmbuildError
+from .release import PushPolicy
 from .smoke.model_dir import ModelDirProblem, validate_model_dir
 from .spec import ImageSpec
 
@@ -19,8 +20,7 @@ class BuildOptions:
     base_image: str | None = None  # None: the variant's
     repository: str | None = None  # None: the spec's
     push: bool = False
-    allow_cpu_push: bool = False
-    allow_left_out_push: bool = False
+    push_policy: PushPolicy = PushPolicy()  # what a push accepts, and who signs it
     keep_failed: bool = False
     nocache: bool = False
     rebuild: bool = False

@@ -12,7 +12,7 @@ from .engine import Engine
 from .gate import BuildOutcome, gate
 from .options import BuildOptions
 from .progress import Progress
-from .release import PushFailed, PushPolicy, push_tags
+from .release import PushFailed, push_tags
 from .resolve import resolve
 from .spec import Variant
 
@@ -29,8 +29,7 @@ def build_variant(variant: Variant, options: BuildOptions, engine: Engine | None
             outcome = gate(engine, resolved, options, progress)
         if options.push:
             try:
-                policy = PushPolicy(options.allow_cpu_push, options.allow_left_out_push)
-                outcome.digests = push_tags(engine, resolved, outcome.tags, policy, progress)
+                outcome.digests = push_tags(engine, resolved, outcome.tags, options.push_policy, progress)
             except PushFailed as exc:
                 outcome.push_error = str(exc)
                 exc.outcome = outcome

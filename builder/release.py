@@ -21,6 +21,7 @@ from .engine_setup import STATE
 from .errors import CheckFailed, VlmbuildError
 from .progress import Progress
 from .resolve import Resolved
+from .signing import Signer, sign_and_attest
 from .smoke import report as report_mod
 
 # Labels a passing build adds to the tested candidate, beside the report file (the contract names them).
@@ -193,6 +194,8 @@ class PushPolicy:
 
     allow_cpu: bool = False  # evidence from a CPU-only smoke (no GPU proved the CUDA path)
     allow_left_out: bool = False  # an image that goes without something its spec names (io.vlmbuild.left-out)
+    # who signs the pushed digest and attests its report and SBOM; None: unsigned (--unsigned, said out loud)
+    signer: Signer | None = None
 
 
 def push_tags(engine: EngineAPI, resolved: Resolved, tags: list[str], policy: PushPolicy,
@@ -241,14 +244,24 @@ def push_tags_or_fail(engine: EngineAPI, resolved: Resolved, tags: list[str], po
                                   "content than this image; an immutable tag is never overwritten")
             if remote is not None:
                 already[tag] = remote
+    # The immutable tag first: it names these bytes forever and never moves. Its digest is signed and attested
+    # before any other tag is pushed, so a moving tag (latest, the variant's) never names an unsigned image; a
+    # signing failure stops here (exit 1) with only the immutable tag in the registry, and a retry signs it.
+    ordered = sorted(tags, key=lambda t: t != resolved.immutable_tag)
     digests: dict[str, str] = {}
-    for tag in tags:
+    for tag in ordered:
         ref = f"{repository}:{tag}"
         if tag in already:
             digests[tag] = already[tag]
             progress.say(f"already in the registry: {ref} {already[tag]}")
-            continue
-        digest = engine.push(repository, tag, progress)
-        digests[tag] = digest
-        progress.say(f"pushed {ref} {digest}")
+        else:
+            digests[tag] = engine.push(repository, tag, progress)
+            progress.say(f"pushed {ref} {digests[tag]}")
+        if tag == ordered[0] and policy.signer is not None:  # the immutable tag, whenever it is pushed
+            image_id = engine.image_id(ref)
+            files = engine.read_image_files(image_id, [contract.REPORT_PATH, contract.SBOM_PATH])
+            if not files[contract.SBOM_PATH]:
+                raise CheckFailed(f"{ref}: has no SBOM at {contract.SBOM_PATH} to attest; refusing to move its tags")
+            sign_and_attest(f"{repository}@{digests[tag]}", files[contract.REPORT_PATH], files[contract.SBOM_PATH],
+                            policy.signer, progress)
     return digests

@@ -53,9 +53,10 @@ BASE_MOUNTS = ("--mount=type=tmpfs,target=/run/secrets "
                f"--mount=type=bind,source=build,target={BUILD_FILES_MOUNT}")
 UV_MOUNTS = (f"{BASE_MOUNTS} --mount=type=cache,id=vlmbuild-uv,target={UV_CACHE},sharing=shared "
              f"--mount=type=bind,from=tools,source=/opt/build-tools,target=/opt/build-tools")
-# SOURCE_DATE_EPOCH: the bytecode uv compiles is hash-based (PEP 552), with no install time in it.
-UV_INSTALL = (f"SOURCE_DATE_EPOCH={BUILD_EPOCH} /opt/build-tools/bin/uv pip install --python {VENV}/bin/python "
-              "--no-deps --compile-bytecode")
+# uv installs, compile-bytecode compiles what it added (hash-based .pyc, the same bytes on every build: uv's own
+# --compile-bytecode gives bytes that depend on the order its workers finish, astral-sh/uv#10619).
+UV_INSTALL = (f"/opt/build-tools/bin/uv pip install --python {VENV}/bin/python --no-deps")
+COMPILE_BYTECODE = f"{VENV}/bin/python {BUILD_FILES_MOUNT}/compile-bytecode {VENV}"
 
 
 def mount_points_and_parents() -> list[str]:
@@ -430,7 +431,7 @@ def render(variant: Variant, output: Path, base_image: str | None = None, lock: 
                 venv=VENV,
                 uv_mounts=UV_MOUNTS,
                 base_mounts=BASE_MOUNTS,
-                uv_install=UV_INSTALL,
+                uv_install=UV_INSTALL, compile_bytecode=COMPILE_BYTECODE,
                 scratch=SCRATCH,
                 epoch=BUILD_EPOCH,
                 mount_points=MOUNT_POINTS,

@@ -120,3 +120,16 @@ def test_summary_of_a_build_report(cli, tmp_path: Path):
     bad = tmp_path / "bad.json"
     bad.write_text("{nope")
     assert_clean_error(cli("summary", str(bad)), "not a JSON build report")
+
+
+def test_a_push_names_who_signs_it_before_anything_runs(cli):
+    """No signing flag, or two: exit 2 naming the choices, before any engine is asked (no daemon needed)."""
+    env = {"DOCKER_HOST": "unix:///nonexistent/docker.sock"}
+    none = cli("push", "vlm-r1", "--variant", "local", env=env)
+    assert none.code == 2 and "--sign-key" in none.err and "--unsigned" in none.err and "Traceback" not in none.err
+    both = cli("push", "vlm-r1", "--variant", "local", "--unsigned", "--sign-keyless", env=env)
+    assert both.code == 2 and "exclude each other" in both.err
+    missing = cli("push", "vlm-r1", "--variant", "local", "--sign-key", "/nonexistent/cosign.key", env=env)
+    assert missing.code == 2 and "/nonexistent/cosign.key: no such file" in missing.err
+    verify = cli("inspect", "vlmbuild-test/x:y", "--verify", env=env)
+    assert verify.code == 2 and "--certificate-identity" in verify.err

@@ -126,7 +126,7 @@ def test_inspect_names_what_is_left_out_and_what_the_release_builds_otherwise(bu
 
 def test_a_push_refuses_what_the_image_goes_without(client, built_cu124):
     result = run_cli("push", "vlm-r1", "--variant", "cu124", "--repository", CU_REPO, "--base-image", LOCAL_TRIXIE,
-                     "--allow-cpu-evidence")
+                     "--allow-cpu-evidence", "--unsigned")
     assert result.code == 1 and "goes without flash-attn" in result.err and "--allow-left-out" in result.err
     assert "pushed" not in result.out + result.err
     assert not client.containers.list(all=True, filters={"label": OWNER})

@@ -7,6 +7,8 @@ Failures are real: DeepSpeed 0.15.4 (the seed's) fails the smoke, a tampered has
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import json
 import os
@@ -231,25 +233,157 @@ def test_final_image_holds_no_ca_no_proxy_no_cache(client, built_local):
 
 
 def test_push_needs_an_explicit_flag_for_cpu_evidence(built_local):
-    result = run_cli("push", "vlm-r1", "--variant", "local", "--repository", TEST_REPO)
+    result = run_cli("push", "vlm-r1", "--variant", "local", "--repository", TEST_REPO, "--unsigned")
     assert result.code == 1 and "--allow-cpu-evidence" in result.err
 
 
-def test_push_then_pull_back_by_digest(client, built_local):
-    tag, immutable = built_local["tag"], built_local["immutable"]
+@pytest.fixture(scope="session")
+def cosign_keys(tmp_path_factory) -> dict:
+    """Two cosign key pairs: ours (the validator's) and a forger's, each with its password."""
+    from vlmbuild.signing import cosign_binary
+
+    keys = {}
+    for who in ("ours", "forger"):
+        directory = tmp_path_factory.mktemp(f"cosign-{who}")
+        password = f"test-password-{who}"
+        subprocess.run([cosign_binary(), "generate-key-pair"], cwd=directory, check=True, capture_output=True,
+                       env={**os.environ, "COSIGN_PASSWORD": password})
+        keys[who] = {"key": directory / "cosign.key", "pub": directory / "cosign.pub", "password": password}
+    return keys
+
+
+@pytest.fixture(scope="session")
+def signed_push(client, built_local, cosign_keys) -> dict:
+    """`vlmbuild push --sign-key`: the immutable tag pushed, its digest signed and attested, then the moving tag."""
+    ours = cosign_keys["ours"]
     result = run_cli("push", "vlm-r1", "--variant", "local", "--repository", TEST_REPO, "--allow-cpu-evidence",
-                     timeout=1800)
+                     "--sign-key", str(ours["key"]), env={"COSIGN_PASSWORD": ours["password"]}, timeout=1800)
     assert result.code == 0, result.out[-3000:] + result.err[-3000:]
-    line = next(l for l in result.out.splitlines() if l.startswith(f"pushed {TEST_REPO}:{tag} "))
-    digest = line.split()[-1]
-    assert digest.startswith("sha256:")
+    lines = [line for line in result.out.splitlines() if line.startswith(("pushed ", "signed ", "attested "))]
+    digest = lines[0].split()[-1]
+    return {"result": result, "lines": lines, "digest": digest}
+
+
+def test_push_signs_then_moves_the_tags_and_pulls_back_by_digest(client, built_local, signed_push, cosign_keys):
+    tag, immutable, digest = built_local["tag"], built_local["immutable"], signed_push["digest"]
+    lines = [" ".join(line.split()[:2]) for line in signed_push["lines"]]
+    # the immutable tag first, signed and attested, and only then the moving tag
+    assert lines == [f"pushed {TEST_REPO}:{immutable}", f"signed {TEST_REPO}@{digest}",
+                     "attested the", f"pushed {TEST_REPO}:{tag}"], signed_push["lines"]
+    assert digest.startswith("sha256:") and signed_push["lines"][-1].split()[-1] == digest
     pulled = client.images.pull(f"{TEST_REPO}@{digest}")
     assert pulled.id == tag_id(client, f"{TEST_REPO}:{tag}")
     assert pulled.labels["io.vlmbuild.smoke.result"] == "passed"
+    # no key in any layer's history nor in the report: signing happens outside the build, on the pushed digest
+    key_text = cosign_keys["ours"]["key"].read_text().splitlines()[1]
+    assert key_text not in json.dumps(pulled.history()) and key_text not in json.dumps(built_local["report"])
     # pushing again: the registry serves the immutable tag with this very content already, nothing to overwrite
     again = run_cli("push", "vlm-r1", "--variant", "local", "--repository", TEST_REPO, "--allow-cpu-evidence",
-                    timeout=1800)
+                    "--unsigned", timeout=1800)
     assert again.code == 0 and f"already in the registry: {TEST_REPO}:{immutable} {digest}" in again.out
+
+
+def test_inspect_verify_checks_the_signature_and_the_attested_evidence(built_local, signed_push, cosign_keys):
+    from vlmbuild import contract
+    from vlmbuild.signing import cosign_binary
+
+    ref = f"{TEST_REPO}:{built_local['tag']}"
+    result = run_cli("inspect", ref, "--verify", "--key", str(cosign_keys["ours"]["pub"]), "--json")
+    assert result.code == 0, result.out[-3000:] + result.err
+    whats = [f["what"] for f in json.loads(result.out)["findings"] if f["ok"]]
+    for needed in ("the image inspected here is the one the registry serves", "the attested smoke report is the one "
+                   "inside the image", "the attested report passes the contract's test",
+                   "the attested SBOM is the one inside the image"):
+        assert needed in whats, whats
+    # what the README's pull-user section shows: cosign alone, the report with its device and world size
+    plain = subprocess.run([cosign_binary(), "verify-attestation", "--key", str(cosign_keys["ours"]["pub"]),
+                            "--insecure-ignore-tlog=true", "--allow-http-registry", "--type",
+                            contract.PREDICATE_SMOKE_REPORT, f"{TEST_REPO}@{signed_push['digest']}"],
+                           capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 0, plain.stderr
+    statement = json.loads(base64.b64decode(json.loads(plain.stdout.splitlines()[0])["payload"]))
+    assert statement["subject"][0]["digest"]["sha256"] == signed_push["digest"].split(":", 1)[1]
+    assert [(p["mode"], p["world_size"]) for p in statement["predicate"]["passes"]] == [("cpu", 2)]
+    # another key: the same registry content does not verify
+    other = run_cli("inspect", ref, "--verify", "--key", str(cosign_keys["forger"]["pub"]))
+    assert other.code == 1 and "FAIL the digest" in other.out and "signed by the expected signer" in other.out
+
+
+def test_a_consistent_forgery_under_the_same_tag_fails_verify(client, built_local, signed_push, cosign_keys):
+    """Report and labels rewritten together (inspect alone finds nothing), signed and attested with the forger's own
+    key, pushed under the same tag: --verify with our key fails, naming the signature."""
+    from vlmbuild import contract
+    from vlmbuild.signing import Signer, sign_and_attest
+
+    tag = built_local["tag"]
+    container = client.containers.create(built_local["image_id"], command=["true"], labels={OWNER: "test"})
+    try:
+        stream, _ = container.get_archive(contract.REPORT_PATH)
+        with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+            report = tar.extractfile(tar.next()).read()
+        forged = report.replace(b'"seconds": ', b'"seconds": 1', 1)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            info = tarfile.TarInfo(contract.REPORT_PATH.lstrip("/"))
+            info.size = len(forged)
+            tar.addfile(info, io.BytesIO(forged))
+        container.put_archive("/", buf.getvalue())
+        sha = hashlib.sha256(forged).hexdigest()
+        image = container.commit(repository=TEST_REPO, tag=tag,
+                                 changes=[f'LABEL "{contract.LABEL_REPORT_SHA256}"="{sha}"'])
+    finally:
+        container.remove(force=True)
+    try:
+        assert run_cli("inspect", f"{TEST_REPO}:{tag}").code == 0  # consistent: the image alone cannot tell
+        digest = None
+        for event in client.api.push(TEST_REPO, tag=tag, stream=True, decode=True):
+            digest = event.get("aux", {}).get("Digest", digest)
+        assert digest and digest != signed_push["digest"]
+
+        class Quiet:
+            def say(self, _text):
+                pass
+
+        forger = cosign_keys["forger"]
+        os.environ["COSIGN_PASSWORD"] = forger["password"]
+        sign_and_attest(f"{TEST_REPO}@{digest}", forged, read_file(client, image.id, contract.SBOM_PATH),
+                        Signer(forger["key"]), Quiet())
+        del os.environ["COSIGN_PASSWORD"]
+        result = run_cli("inspect", f"{TEST_REPO}:{tag}", "--verify", "--key", str(cosign_keys["ours"]["pub"]))
+        assert result.code == 1, result.out
+        assert f"FAIL the digest {digest[:19]} is signed by the expected signer" in result.out
+    finally:
+        client.images.get(built_local["image_id"]).tag(TEST_REPO, tag)
+        client.images.push(TEST_REPO, tag=tag)  # the genuine image under its tag again
+        client.images.remove(image.id, force=True)
+
+
+def read_file(client, image_id: str, path: str) -> bytes:
+    container = client.containers.create(image_id, command=["true"], labels={OWNER: "test"})
+    try:
+        stream, _ = container.get_archive(path)
+        with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+            return tar.extractfile(tar.next()).read()
+    finally:
+        container.remove(force=True)
+
+
+def test_a_signing_failure_moves_no_tag(client, built_local, cosign_keys):
+    """cosign refuses (a wrong key password): exit 1 with cosign's reason; the immutable tag is in the registry,
+    unsigned (verify fails on it, a retry signs it), and the moving tag was never pushed."""
+    from vlmbuild.engine import Engine
+
+    repository = f"{TEST_REPO}-signfail"
+    for tag in (built_local["tag"], built_local["immutable"]):
+        client.images.get(built_local["image_id"]).tag(repository, tag)
+    ours = cosign_keys["ours"]
+    result = run_cli("push", "vlm-r1", "--variant", "local", "--repository", repository, "--allow-cpu-evidence",
+                     "--sign-key", str(ours["key"]), env={"COSIGN_PASSWORD": "not the password"}, timeout=1800)
+    assert result.code == 1, result.out[-2000:] + result.err[-2000:]
+    assert "signing" in result.err and "cosign exited" in result.err and "Traceback" not in result.err
+    engine = Engine()
+    assert engine.remote_digest(repository, built_local["immutable"]) is not None
+    assert engine.remote_digest(repository, built_local["tag"]) is None  # the moving tag did not move
 
 
 def test_smoke_reruns_on_a_built_image(client, built_local, tmp_path):
@@ -569,7 +703,8 @@ def test_an_image_whose_report_was_edited_after_tagging_is_not_reused_or_pushed(
         plan = run_cli("plan", "vlm-r1", "--variant", "local", "--repository", TEST_REPO)
         assert plan.code == 0, plan.err
         assert json.loads(plan.out)["built"] is None
-        push = run_cli("push", "vlm-r1", "--variant", "local", "--repository", TEST_REPO, "--allow-cpu-evidence")
+        push = run_cli("push", "vlm-r1", "--variant", "local", "--repository", TEST_REPO, "--allow-cpu-evidence",
+                       "--unsigned")
         assert push.code == 1, push.out + push.err
         assert (f"{TEST_REPO}:{immutable}: carries no passing smoke evidence (its smoke report "
                 "/opt/vlmbuild/smoke-report.json does not hash to the label that vouches for it") in push.err
@@ -639,7 +774,7 @@ def test_a_failed_push_is_recorded_in_the_build_report(client, built_local, tmp_
     repository = "127.0.0.1:5999/vlmbuild-test/unreachable"
     report = tmp_path / "build.json"
     result = run_cli("build", "vlm-r1", "--variant", "local", "--smoke-device", "cpu", "--repository", repository,
-                     "--push", "--allow-cpu-evidence", "--report", str(report), timeout=1800)
+                     "--push", "--allow-cpu-evidence", "--unsigned", "--report", str(report), timeout=1800)
     assert result.code == 2, result.out[-2000:] + result.err[-2000:]
     build = json.loads(report.read_text())["builds"][0]
     assert build["passed"] is True and build["tags"] and build["push_error"]

@@ -213,11 +213,44 @@ def test_every_layer_is_made_reproducible(rendered):
             assert "--mount=type=tmpfs,target=/run/secrets" in run or "type=secret" not in run, name
             for target in re.findall(r"--mount=type=(?:bind|cache)[^\s]*target=([^,\s]+)", run):
                 assert target.startswith(SCRATCH + "/") or target in MOUNT_POINTS, (name, target)
-            if "uv pip install" in run:
-                assert f"SOURCE_DATE_EPOCH={BUILD_EPOCH}" in run, name
+            if "uv pip install" in run:  # bytecode by compile-bytecode (fixed shares), never uv's (core count, timing)
+                assert "build_files/compile-bytecode" not in run and "/compile-bytecode /opt/venv" in run, name
+                assert "--compile-bytecode" not in run, name
     assert "/var/log/dpkg.log" in parts["python-base"] and "/var/cache/ldconfig/aux-cache" in parts["python-base"]
     assert "COPY vlmbuild" not in result.dockerfile  # the smoke is copied inside a RUN, and clamped there
     assert {p.stat().st_mtime for p in result.context.rglob("*")} == {BUILD_EPOCH}
+
+
+def test_compile_bytecode_compiles_only_what_is_new_hash_based_and_the_same_bytes_twice(tmp_path):
+    """The bytecode of a layer: every .py without a .pyc gets a checked-hash one (PEP 552 flags 0b11), a .pyc a lower
+    layer left is not touched, and compiling again from scratch gives the same bytes."""
+    import subprocess
+    import sys
+    import sysconfig
+
+    script = REPO / "builder" / "build_files" / "compile-bytecode"
+    venv = tmp_path / "venv"
+    site = Path(sysconfig.get_paths(vars={"base": str(venv), "platbase": str(venv)})["purelib"])
+    for i in range(30):
+        module = site / f"pkg{i % 3}" / f"m{i}.py"
+        module.parent.mkdir(parents=True, exist_ok=True)
+        module.write_text(f"NAMES = {{'a{i}', 'b', 'c'}}\nX = ('shared', {i}, 1.5)\ndef f(x):\n    return x in NAMES\n")
+    (site / "py2.py").write_text("print 'vendored python 2'\n")
+    lower = site / "pkg0" / "__pycache__" / f"m0.cpython-{sys.version_info[0]}{sys.version_info[1]}.pyc"
+    lower.parent.mkdir()
+    lower.write_bytes(b"left by a lower layer")
+
+    def run() -> dict[str, bytes]:
+        out = subprocess.run([sys.executable, str(script), str(venv)], capture_output=True, text=True, check=True)
+        assert "30 files in 4 shares, 1 not compilable" in out.stdout, out.stdout
+        return {str(p): p.read_bytes() for p in sorted(site.rglob("*.pyc")) if p != lower}
+
+    first = run()
+    assert len(first) == 29 and lower.read_bytes() == b"left by a lower layer"
+    assert all(int.from_bytes(data[4:8], "little") == 0b11 for data in first.values())  # checked hash, no mtime
+    for path in first:
+        Path(path).unlink()
+    assert run() == first
 
 
 def test_the_portable_compiler_rewrites_the_build_machines_cpu_flags(tmp_path):

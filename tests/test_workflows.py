@@ -46,6 +46,9 @@ def test_release_builds_the_matrix_on_gpu_and_pushes_only_through_the_smoke():
     assert "gpu" in build["runs-on"] and "self-hosted" in build["runs-on"]
     run = next(s["run"] for s in build["steps"] if "vlmbuild build" in str(s.get("run", "")))
     assert "--smoke-device gpu" in run and "--push" in run and "--allow-cpu-evidence" not in run
+    assert "--sign-keyless" in run and "--unsigned" not in run and build["permissions"]["id-token"] == "write"
+    verify = next(s["run"] for s in build["steps"] if "vlmbuild inspect" in str(s.get("run", "")))
+    assert "--verify" in verify and "--certificate-identity" in verify and "token.actions.githubusercontent.com" in verify
     assert wf["concurrency"]["cancel-in-progress"] is False and "github.ref" in wf["concurrency"]["group"]
     assert any("upload-artifact" in str(s.get("uses", "")) for s in build["steps"])
     assert any("GITHUB_STEP_SUMMARY" in str(s.get("run", "")) for s in build["steps"])
