@@ -224,9 +224,13 @@ class PlainLog:
 # ---------------------------------------------------------------- the build
 
 
-def build(context: Path, progress: Progress, nocache: bool = False) -> str:
-    """Build ``context`` with BuildKit, untagged; the image id. Raises BuildFailed (a step failed),
-    BuilderUnavailable, or VlmbuildError (the CLI failed otherwise). Ctrl-C and SIGTERM cancel the build."""
+def build(context: Path, progress: Progress, nocache: bool = False, cache_from: tuple[str, ...] = (),
+          inline_cache: bool = False, target: str | None = None) -> str:
+    """Build ``context`` (its ``target`` stage; None: the image) with BuildKit, untagged; the image id. ``cache_from``:
+    images whose inline cache BuildKit may reuse layers from (a ref not there is skipped with a warning);
+    ``inline_cache``: write this build's cache into the image's config, so the image pushed is a cache for the next
+    machine (vlmbuild.build_cache). Raises BuildFailed (a step failed), BuilderUnavailable, or VlmbuildError (the CLI
+    failed otherwise). Ctrl-C and SIGTERM cancel the build."""
     prefix, extra_env = builder_command()
     log = PlainLog(progress)
     with tempfile.TemporaryDirectory(prefix="vlmbuild-secrets-") as tmp:
@@ -237,6 +241,14 @@ def build(context: Path, progress: Progress, nocache: bool = False) -> str:
             cmd += ["--secret", f"id={name},src={path}"]
         if nocache:
             cmd.append("--no-cache")
+        for ref in cache_from:
+            cmd += ["--cache-from", ref]
+        if inline_cache:
+            # BuildKit's inline cache (final stage, mode=min): the one cache export Debian's 20.10 CLI has, and the one
+            # buildx's default docker driver has (registry caches need a docker-container builder)
+            cmd += ["--build-arg", "BUILDKIT_INLINE_CACHE=1"]
+        if target:
+            cmd += ["--target", target]
         cmd.append(str(context))
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
                                 env={**os.environ, **extra_env}, start_new_session=True)

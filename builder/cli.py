@@ -304,13 +304,20 @@ def smoke(ctx: Context, image_ref: str | None, local: bool, python: str | None, 
               help="Write a JSON build report (tags, digests, smoke reports) here.")
 @click.option("--ignore-rules", is_flag=True, help="Build a variant the rules reject (the smoke still judges it).")
 @click.option("--no-cache", "nocache", is_flag=True, help="Build without BuildKit's layer cache.")
+@click.option("--cache-from", multiple=True, envvar="VLMBUILD_CACHE_FROM", metavar="REF",
+              help="Reuse layers, and the compiled wheels, from the build cache at REF (pushed by --cache-to on any "
+                   "machine; repeatable; env VLMBUILD_CACHE_FROM, space-separated).")
+@click.option("--cache-to", default=None, envvar="VLMBUILD_CACHE_TO", metavar="REF",
+              help="Push this build's cache to REF (and each wheel stage's beside it) after it is built.")
 @pass_ctx
 @guarded
 def build(ctx: Context, image: str, variants: tuple[str, ...], smoke_device: str | None, base_image: str | None,
           repository: str | None, push: bool, allow_cpu_evidence: bool, allow_left_out: bool, keep_failed: bool,
           smoke_timeout: int | None, repeat: int | None, model_dir: Path | None, rebuild: bool, report: Path | None,
-          ignore_rules: bool, nocache: bool, sign_key: Path | None, sign_keyless: bool, unsigned: bool) -> None:
+          ignore_rules: bool, nocache: bool, sign_key: Path | None, sign_keyless: bool, unsigned: bool,
+          cache_from: tuple[str, ...], cache_to: str | None) -> None:
     """Build, smoke and tag variants of IMAGE; an image that fails the smoke is never tagged."""
+    from .build_cache import BuildCache
     from .gate import GateFailed
     from .options import build_options
     from .pipeline import build_variant, write_build_report
@@ -325,7 +332,7 @@ def build(ctx: Context, image: str, variants: tuple[str, ...], smoke_device: str
     options = build_options(selected[0].image, smoke_device=smoke_device, smoke_timeout=smoke_timeout, repeat=repeat,
                             model_dir=model_dir, base_image=base_image, push=push, keep_failed=keep_failed,
                             ignore_rules=ignore_rules, repository=repository, push_policy=policy,
-                            nocache=nocache, rebuild=rebuild)
+                            cache=BuildCache(tuple(r for r in cache_from if r), cache_to or None), nocache=nocache, rebuild=rebuild)
     outcomes, failures, push_errors = [], [], []
     for variant in selected:
         try:

@@ -180,10 +180,12 @@ class Engine:
             digests = self.client.images.get(image_id).attrs.get("RepoDigests") or []
         return next((d.split("@", 1)[1] for d in digests if d.split("@", 1)[0] == repository), None)
 
-    def build(self, context: Path, progress: Progress, nocache: bool = False) -> str:
+    def build(self, context: Path, progress: Progress, nocache: bool = False, cache_from: tuple[str, ...] = (),
+              inline_cache: bool = False, target: str | None = None) -> str:
         """Build ``context`` untagged with BuildKit; the image id. A daemon lost on the way is an EngineError."""
         try:
-            return buildkit.build(context, progress, nocache=nocache)
+            return buildkit.build(context, progress, nocache=nocache, cache_from=cache_from,
+                                  inline_cache=inline_cache, target=target)
         except buildkit.BuildFailed:
             raise
         except VlmbuildError as exc:

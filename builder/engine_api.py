@@ -37,6 +37,14 @@ class SmokeRun:
         return self.exit_code == 0 and contract.report_passed(self.report)
 
 
+def split_ref(ref: str) -> tuple[str, str]:
+    """repository and tag of ``registry/repo:tag`` (no tag: latest)."""
+    name, _, tag = ref.rpartition(":")
+    if not name or "/" in tag:
+        return ref, "latest"
+    return name, tag
+
+
 class EngineAPI(Protocol):
     # images
     def image_id(self, ref: str) -> str | None: ...
@@ -50,7 +58,8 @@ class EngineAPI(Protocol):
 
     # building on a checked base
     def resolve_base(self, ref: str, progress: Progress | None = None) -> Base: ...
-    def build(self, context: Path, progress: Progress, nocache: bool = False) -> str: ...
+    def build(self, context: Path, progress: Progress, nocache: bool = False, cache_from: tuple[str, ...] = (),
+              inline_cache: bool = False, target: str | None = None) -> str: ...
     def check_built_on(self, image_id: str, base: Base) -> None: ...
 
     # the smoke and the evidence

@@ -110,7 +110,9 @@ def purge_local_repository(name: str, addr: str = REGISTRY_ADDR) -> None:
     """Delete one repository's images from our local registry and reclaim their disk (garbage-collect).
 
     For what tests and benchmarks push: a registry on a shared disk keeps every blob until collected."""
-    accept = "application/vnd.docker.distribution.manifest.v2+json"
+    # cosign's signatures and attestations (tags sha256-<digest>.sig/.att) are OCI manifests
+    accept = ("application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json, "
+              "application/vnd.oci.image.index.v1+json")
     try:
         with urllib.request.urlopen(f"http://{addr}/v2/{name}/tags/list", timeout=10) as resp:
             tags = json.load(resp).get("tags") or []
@@ -120,8 +122,11 @@ def purge_local_repository(name: str, addr: str = REGISTRY_ADDR) -> None:
     for tag in tags:  # tags of one image share its manifest: collect, then delete each digest once
         head = urllib.request.Request(f"http://{addr}/v2/{name}/manifests/{tag}", method="HEAD",
                                       headers={"Accept": accept})
-        with urllib.request.urlopen(head, timeout=10) as resp:
-            digests.add(resp.headers["Docker-Content-Digest"])
+        try:
+            with urllib.request.urlopen(head, timeout=10) as resp:
+                digests.add(resp.headers["Docker-Content-Digest"])
+        except OSError:
+            continue  # deleted with an earlier digest, or a kind of manifest this registry will not describe
     for digest in digests:
         urllib.request.urlopen(urllib.request.Request(f"http://{addr}/v2/{name}/manifests/{digest}",
                                                       method="DELETE"), timeout=10).close()

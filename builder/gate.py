@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import build_cache
+from .build_cache import BuildCache
 from .buildkit import BuildFailed
 from .engine_api import EngineAPI, SmokeRun
 from .errors import CheckFailed, VlmbuildError
@@ -50,6 +52,7 @@ class BuildOutcome:
     passes: list[str] = field(default_factory=list)  # "mode xWORLD" of every smoke pass
     push_error: str | None = None
     warnings: list[str] = field(default_factory=list)
+    cache_pushed: list[str] = field(default_factory=list)  # --cache-to: the cache refs pushed (vlmbuild.build_cache)
 
 
 class GateFailed(CheckFailed):
@@ -58,6 +61,20 @@ class GateFailed(CheckFailed):
     def __init__(self, message: str, outcome: BuildOutcome) -> None:
         super().__init__(message)
         self.outcome = outcome
+
+
+def export_cache(engine: EngineAPI, resolved: Resolved, cache: BuildCache, candidate: str, outcome: BuildOutcome,
+                 progress: Progress) -> None:
+    """Push the build's cache (--cache-to). A cache that cannot be pushed slows the next machine down and decides
+    nothing about this image: a warning, and the gate goes on."""
+    try:
+        outcome.cache_pushed = build_cache.export(engine, resolved.context, cache, resolved.rendered.wheel_stages,
+                                                  candidate, progress)
+    except VlmbuildError as exc:
+        warning = f"the build cache was not pushed to {cache.cache_to}: {exc}"
+        outcome.warnings.append(warning)
+        progress.say(f"warning: {warning}")
+        progress.annotate(warning, title="build cache not pushed", level="warning")
 
 
 def resolve_device(engine: EngineAPI, requested: str) -> str:
@@ -147,7 +164,9 @@ def run_gate(engine: EngineAPI, resolved: Resolved, options: BuildOptions, outco
         progress.info(f"building {spec.name}/{variant.name} on {resolved.base.ref} ({resolved.base.image_id[:19]}), "
                       f"identity {resolved.identity[:12]}, candidate untagged")
         try:
-            candidate = engine.build(resolved.context, progress, nocache=options.nocache)
+            candidate = engine.build(resolved.context, progress, nocache=options.nocache,
+                                     cache_from=options.cache.import_refs(resolved.rendered.wheel_stages),
+                                     inline_cache=options.cache.cache_to is not None)
         except BuildFailed as exc:
             outcome.failing_checks, outcome.build_seconds = ["build"], progress.elapsed()
             message = explain_build_failure(str(exc))
@@ -156,6 +175,8 @@ def run_gate(engine: EngineAPI, resolved: Resolved, options: BuildOptions, outco
         outcome.candidate_id = candidate
         outcome.build_seconds = progress.elapsed()
         engine.check_built_on(candidate, resolved.base)
+        if options.cache.cache_to:
+            export_cache(engine, resolved, options.cache, candidate, outcome, progress)
         progress.info(f"built candidate {candidate[:19]} in {outcome.build_seconds:.0f}s; smoke on {device.upper()}"
                       + (f" with {model_dir}" if model_dir else ""))
         runs = smoke_passes(engine, candidate, device, options.smoke_timeout, options.smoke_repeat, model_dir,

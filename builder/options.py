@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .build_cache import BuildCache
 from .errors import VlmbuildError
 from .release import PushPolicy
 from .smoke.model_dir import ModelDirProblem, validate_model_dir
@@ -21,6 +22,7 @@ class BuildOptions:
     repository: str | None = None  # None: the spec's
     push: bool = False
     push_policy: PushPolicy = PushPolicy()  # what a push accepts, and who signs it
+    cache: BuildCache = BuildCache()  # images to reuse layers from, where to push this build's cache
     keep_failed: bool = False
     nocache: bool = False
     rebuild: bool = False

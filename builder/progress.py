@@ -99,10 +99,11 @@ class Progress:
         self.annotate(message, title)
         self.errors.print(message, markup=False)
 
-    def annotate(self, message: str, title: str | None = None) -> None:
-        """On GitHub Actions only: an error annotation (for a failure already told in the output)."""
+    def annotate(self, message: str, title: str | None = None, level: str = "error") -> None:
+        """On GitHub Actions only: an ``error`` (or ``warning``) annotation (for what was already told in the
+        output)."""
         if self.github:
-            head = f"::error title={_escape_property(title)}::" if title else "::error::"
+            head = f"::{level} title={_escape_property(title)}::" if title else f"::{level}::"
             self._line(head + _escape_data(message))
 
     def push_event(self, event: dict, layers: dict[str, str]) -> None:

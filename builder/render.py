@@ -139,6 +139,9 @@ class RenderResult:
     key_versions: dict[str, str]
     layers: list[LayerFile] = field(default_factory=list)
     packages: list[PackageLayer] = field(default_factory=list)
+    # the stages that build a wheel from source (DeepSpeed's ops: minutes of compile), which a cache must carry
+    # although the image holds none of their layers (vlmbuild.build_cache)
+    wheel_stages: list[str] = field(default_factory=list)
 
 
 def git_revision(root: Path) -> str | None:
@@ -463,4 +466,4 @@ def render(variant: Variant, output: Path, base_image: str | None = None, lock: 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return RenderResult(output, dockerfile, tag, lock, labels, key_versions(lock), [layer for layer, _ in chain],
-                        [package for package, _ in packages])
+                        [package for package, _ in packages], [build.stage for build in builds])

@@ -13,17 +13,9 @@ from __future__ import annotations
 import json
 
 from . import contract
-from .engine_api import EngineAPI
+from .engine_api import EngineAPI, split_ref
 from .inspect_image import Inspection
 from .signing import NotVerified, Verifier, attested_predicates, verify_signature
-
-
-def split_ref(ref: str) -> tuple[str, str]:
-    """repository and tag of ``registry/repo:tag`` (no tag: latest)."""
-    name, _, tag = ref.rpartition(":")
-    if not name or "/" in tag:
-        return ref, "latest"
-    return name, tag
 
 
 def check_attestation(result: Inspection, ref_digest: str, verifier: Verifier, predicate_type: str, what: str,

@@ -892,6 +892,53 @@ def remove_images(client, repository: str) -> None:
             client.images.remove(tag, force=True)
 
 
+def test_a_second_machine_builds_from_the_registry_cache_and_compiles_nothing(client, built_local, tmp_path, capsys):
+    """`build --cache-to` pushes the image's inline cache and each wheel stage's beside it; with BuildKit's whole
+    cache and its cache mounts pruned (a new machine: no layer, no uv download, no DeepSpeed wheel), a build with
+    `--cache-from` runs no step: no op compiled, no package installed, the same layers, the same identity."""
+    from vlmbuild import buildkit
+    from vlmbuild.build_cache import BuildCache, stage_ref
+    from vlmbuild.progress import Progress
+    from vlmbuild.render import render
+    from vlmbuild.spec import load_spec
+
+    cache_ref = f"{TEST_REPO}:cache-local"
+    report = tmp_path / "cache.json"
+    first = run_cli("build", "vlm-r1", "--variant", "local", "--smoke-device", "cpu", "--repository", TEST_REPO,
+                    "--rebuild", "--cache-to", cache_ref, "--report", str(report), timeout=1800)
+    assert first.code == 0, first.out[-3000:] + first.err[-2000:]
+    build = json.loads(report.read_text())["builds"][0]
+    assert build["cache_pushed"] == [stage_ref(cache_ref, "deepspeed-wheel"), cache_ref], build["cache_pushed"]
+    assert build["identity"] == json.loads(run_cli("plan", "vlm-r1", "--variant", "local", "--repository",
+                                                   TEST_REPO).out)["identity"]
+    assert not [t for image in client.images.list() for t in image.tags if ":cache-local" in t]  # pushed, not kept
+
+    tagged = client.images.get(f"{TEST_REPO}:{built_local['tag']}")
+    base = tagged.labels["org.opencontainers.image.base.name"]
+    variant = load_spec(REPO / "images" / "vlm-r1.yaml").variant("local")
+    rendered = render(variant, tmp_path / "context", base_image=base)
+    cache = BuildCache((cache_ref,))
+    client.api.prune_builds(all=True)
+    capsys.readouterr()
+    image_id = buildkit.build(rendered.context, Progress("second machine"),
+                              cache_from=cache.import_refs(rendered.wheel_stages))
+    said = capsys.readouterr().out
+    try:
+        assert "running" not in said, said  # every stage came from the registry's cache: nothing ran, nothing compiled
+        assert client.images.get(image_id).attrs["RootFS"]["Layers"] == tagged.attrs["RootFS"]["Layers"][:-1]
+    finally:
+        client.images.remove(image_id, force=True)
+    # the wheel alone, by its stage's key: what a change of the smoke's code (which reruns the last step, and
+    # that step mounts the wheel) finds in the registry instead of compiling
+    client.api.prune_builds(all=True)
+    capsys.readouterr()
+    wheel = buildkit.build(rendered.context, Progress("wheel"), cache_from=(stage_ref(cache_ref, "deepspeed-wheel"),),
+                           target="deepspeed-wheel")
+    said = capsys.readouterr().out
+    client.images.remove(wheel, force=True)
+    assert "stage deepspeed-wheel: cached" in said and "running" not in said, said
+
+
 def test_the_same_inputs_give_the_same_layers_after_the_build_cache_is_pruned(client, built_local, tmp_path):
     """Reproducible layers: with BuildKit's whole cache pruned (layers, uv's and pip's downloads, the DeepSpeed wheel:
     a new machine), the same inputs build to the same bytes in every layer above the base, the compiled ops
