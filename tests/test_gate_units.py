@@ -109,7 +109,7 @@ class GateEngine(OneGpuEngine):
     def gpu_available(self) -> bool:
         return True
 
-    def build(self, context, progress, nocache=False) -> str:
+    def build(self, context, progress, nocache=False, cache_from=(), inline_cache=False, target=None) -> str:
         return "sha256:candidate"
 
     def check_built_on(self, image, base) -> None:
@@ -129,7 +129,8 @@ def test_a_failing_cpu_pass_fails_the_gate():
     engine = GateEngine()
     spec = SimpleNamespace(name="vlm-r1", smoke_device="gpu", smoke_timeout=600, smoke_repeat=1)
     resolved = SimpleNamespace(variant=SimpleNamespace(name="cu124", image=spec), identity="f" * 64, context=None,
-                               base=SimpleNamespace(ref="debian:trixie-slim", image_id="sha256:" + "b" * 64))
+                               base=SimpleNamespace(ref="debian:trixie-slim", image_id="sha256:" + "b" * 64),
+                               rendered=SimpleNamespace(wheel_stages=["deepspeed-wheel"]))
     outcome = BuildOutcome("vlm-r1", "cu124", False, "vlmbuild/vlm-r1")
     with pytest.raises(GateFailed, match=r"the smoke failed on CPU \(zero3_load\); nothing was tagged"):
         run_gate(engine, resolved, BuildOptions(spec.smoke_device, spec.smoke_timeout, spec.smoke_repeat), outcome,
