@@ -41,7 +41,11 @@ SCRATCH = "/tmp/vlmbuild"
 # Helper files of the build stages (build_files/), in the context under build/ and bind-mounted here.
 BUILD_FILES = PACKAGE_DIR / "build_files"
 BUILD_FILES_MOUNT = f"{SCRATCH}/files"
-NORMALIZE_TIMES = f"{BUILD_FILES_MOUNT}/normalize-times {BUILD_EPOCH}"
+# Both helpers run with -S -B: the venv's .pth files import modules at startup (setuptools' distutils-precedence.pth
+# imports _distutils_hack), and a plain start writes their bytecode, timestamp-based, with the source's install time
+# in it, before anything else runs (a rebuild got another _distutils_hack .pyc in the libraries layer).
+HELPER_PYTHON_FLAGS = "-S -B"
+NORMALIZE_TIMES = f"{HELPER_PYTHON_FLAGS} {BUILD_FILES_MOUNT}/normalize-times {BUILD_EPOCH}"
 # Every mount point a RUN of the build uses outside SCRATCH, made once in the first RUN with the fixed time.
 MOUNT_POINTS = ("/run/secrets", SCRATCH, UV_CACHE, "/root/.cache/pip", "/opt/build-tools", "/var/cache/vlmbuild-wheels")
 # Every RUN: the build's secrets (inside a tmpfs: no file of theirs in any layer), the scratch tmpfs with the build
@@ -56,7 +60,7 @@ UV_MOUNTS = (f"{BASE_MOUNTS} --mount=type=cache,id=vlmbuild-uv,target={UV_CACHE}
 # uv installs, compile-bytecode compiles what it added (hash-based .pyc, the same bytes on every build: uv's own
 # --compile-bytecode gives bytes that depend on the order its workers finish, astral-sh/uv#10619).
 UV_INSTALL = (f"/opt/build-tools/bin/uv pip install --python {VENV}/bin/python --no-deps")
-COMPILE_BYTECODE = f"{VENV}/bin/python {BUILD_FILES_MOUNT}/compile-bytecode {VENV}"
+COMPILE_BYTECODE = f"{VENV}/bin/python {HELPER_PYTHON_FLAGS} {BUILD_FILES_MOUNT}/compile-bytecode {VENV}"
 
 
 def mount_points_and_parents() -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -251,6 +252,32 @@ def test_compile_bytecode_compiles_only_what_is_new_hash_based_and_the_same_byte
     for path in first:
         Path(path).unlink()
     assert run() == first
+
+
+def test_the_helpers_start_without_writing_the_bytecode_of_what_a_pth_file_imports(tmp_path):
+    """setuptools' distutils-precedence.pth imports _distutils_hack at every start of the venv's Python: a helper
+    started plainly writes its .pyc (timestamp-based: the source's install time in it) before it does anything.
+    Run as the template runs them, neither helper writes one, and compile-bytecode writes a checked-hash one."""
+    import subprocess
+    import sys
+
+    from vlmbuild.render import BUILD_FILES_MOUNT, COMPILE_BYTECODE, HELPER_PYTHON_FLAGS, NORMALIZE_TIMES, VENV
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next(venv.glob("lib/python*/site-packages"))
+    (site / "hack.pth").write_text("import hackmod\n")
+    (site / "hackmod.py").write_text("HACKED = True\n")
+    files = REPO / "builder" / "build_files"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}  # as in a build's RUN
+    plain = subprocess.run([str(venv / "bin" / "python"), "-c", "import sys"], check=True, env=env)
+    assert plain.returncode == 0 and list(site.glob("__pycache__/hackmod.*.pyc"))  # what a plain start does
+    shutil.rmtree(site / "__pycache__")
+    assert NORMALIZE_TIMES.startswith(HELPER_PYTHON_FLAGS + " ") and HELPER_PYTHON_FLAGS == "-S -B"
+    compile_cmd = COMPILE_BYTECODE.replace(BUILD_FILES_MOUNT, str(files)).replace(VENV, str(venv)).split()
+    subprocess.run(compile_cmd, check=True, capture_output=True, env=env)
+    [pyc] = site.glob("__pycache__/hackmod.*.pyc")
+    assert int.from_bytes(pyc.read_bytes()[4:8], "little") == 0b11
 
 
 def test_the_portable_compiler_rewrites_the_build_machines_cpu_flags(tmp_path):
