@@ -67,12 +67,10 @@ def export(engine: EngineAPI, context: Path, cache: BuildCache, wheel_stages: li
 
 
 def tag_and_push(engine: EngineAPI, image: str, ref: str, progress: Progress) -> str:
-    """Push ``image`` as ``ref``; the local tag goes again (a cache tag must not keep a candidate alive here)."""
+    """Push ``image`` as ``ref``. The local tag stays: removing an image's only tag removes the image (the candidate,
+    before its smoke); the gate removes a failed candidate with its tags."""
     repository, tag = split_ref(ref)
     engine.tag(image, repository, tag)
-    try:
-        digest = engine.push(repository, tag, progress)
-    finally:
-        engine.untag(repository, tag)
+    digest = engine.push(repository, tag, progress)
     progress.say(f"build cache pushed: {ref} {digest}")
     return ref
