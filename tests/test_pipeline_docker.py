@@ -928,7 +928,10 @@ def test_a_second_machine_builds_from_the_registry_cache_and_compiles_nothing(cl
         assert "running" not in said, said  # every stage came from the registry's cache: nothing ran, nothing compiled
         assert client.images.get(image_id).attrs["RootFS"]["Layers"] == tagged.attrs["RootFS"]["Layers"][:-1]
     finally:
-        client.images.remove(image_id, force=True)
+        try:
+            client.images.remove(image_id)
+        except docker.errors.APIError:
+            pass  # the very candidate the cache came from (the same image id), below the tagged image: it stays
     # the wheel alone, by its stage's key: what a change of the smoke's code (which reruns the last step, and
     # that step mounts the wheel) finds in the registry instead of compiling
     client.api.prune_builds(all=True)
