@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 from vlmbuild import buildkit, contract  # noqa: E402
 from vlmbuild.build_cache import BuildCache, export  # noqa: E402
 from vlmbuild.engine import Engine  # noqa: E402
+from vlmbuild.engine_setup import purge_local_repository  # noqa: E402
 from vlmbuild.inspect_image import Inspection  # noqa: E402
 from vlmbuild.lockfile import read_lockfile  # noqa: E402
 from vlmbuild.progress import Progress  # noqa: E402
@@ -121,6 +122,7 @@ def main() -> None:
         lines += second_machine(client, engine, args.variant, base, Path(tmp))
     for ref in [t for i in client.images.list(name=BENCH) for t in i.tags]:
         client.images.remove(ref)
+    purge_local_repository(BENCH.split("/", 1)[1])
     print("\n".join(lines))
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")

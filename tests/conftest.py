@@ -193,6 +193,7 @@ def client():
     from vlmbuild.engine_setup import purge_local_repository
 
     purge_local_repository("vlmbuild-test/vlm-r1")
+    purge_local_repository("vlmbuild-test/vlm-r1-signfail")
     purge_local_repository("vlmbuild-test/vlm-r1-cu124")
 
 
