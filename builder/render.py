@@ -58,9 +58,15 @@ BASE_MOUNTS = ("--mount=type=tmpfs,target=/run/secrets "
 UV_MOUNTS = (f"{BASE_MOUNTS} --mount=type=cache,id=vlmbuild-uv,target={UV_CACHE},sharing=shared "
              f"--mount=type=bind,from=tools,source=/opt/build-tools,target=/opt/build-tools")
 # uv installs, compile-bytecode compiles what it added (hash-based .pyc, the same bytes on every build: uv's own
-# --compile-bytecode gives bytes that depend on the order its workers finish, astral-sh/uv#10619).
+# --compile-bytecode gives bytes that depend on the order its workers finish, astral-sh/uv#10619). It is told the
+# directories to compile: under -S, sysconfig answers Debian's posix_local scheme, not the venv's.
 UV_INSTALL = (f"/opt/build-tools/bin/uv pip install --python {VENV}/bin/python --no-deps")
-COMPILE_BYTECODE = f"{VENV}/bin/python {HELPER_PYTHON_FLAGS} {BUILD_FILES_MOUNT}/compile-bytecode {VENV}"
+COMPILE_BYTECODE = f"{HELPER_PYTHON_FLAGS} {BUILD_FILES_MOUNT}/compile-bytecode"
+
+
+def site_packages(python: str) -> str:
+    """The venv's site-packages for Python ``python`` ("3.13")."""
+    return f"{VENV}/lib/python{python}/site-packages"
 
 
 def mount_points_and_parents() -> list[str]:
@@ -438,7 +444,11 @@ def render(variant: Variant, output: Path, base_image: str | None = None, lock: 
                 venv=VENV,
                 uv_mounts=UV_MOUNTS,
                 base_mounts=BASE_MOUNTS,
-                uv_install=UV_INSTALL, compile_bytecode=COMPILE_BYTECODE,
+                uv_install=UV_INSTALL,
+                compile_bytecode=f"{VENV}/bin/python {COMPILE_BYTECODE} {site_packages(variant.python)}",
+                compile_stdlib=f"{variant.family.python_command(variant.python)} {COMPILE_BYTECODE} "
+                               f"{variant.family.stdlib_dir(variant.python)}",
+                compile_smoke=f"{VENV}/bin/python {COMPILE_BYTECODE} {contract.IMAGE_DIR}/lib",
                 scratch=SCRATCH,
                 epoch=BUILD_EPOCH,
                 mount_points=MOUNT_POINTS,

@@ -150,11 +150,13 @@ def stack_python() -> Path:
 
         uv = uv_binary()
         subprocess.run([uv, "venv", "-q", "--python", lock.header.get("python", "3.11"), str(venv)], check=True)
+        # With its bytecode: where PYTHONDONTWRITEBYTECODE is set (CI's shell), every smoke process would compile
+        # ~3,000 modules from source at each start. (The test venv's bytes need not be reproducible: uv's own.)
         subprocess.run([uv, "pip", "install", "-q", "--python", str(python), "--require-hashes", "--no-deps",
-                        "-r", str(lock.path)], check=True)
+                        "--compile-bytecode", "-r", str(lock.path)], check=True)
         wheel = build_deepspeed_with_ops(python, variant, lock, uv)
-        subprocess.run([uv, "pip", "install", "-q", "--python", str(python), "--no-deps", "--reinstall", str(wheel)],
-                       check=True)
+        subprocess.run([uv, "pip", "install", "-q", "--python", str(python), "--no-deps", "--reinstall",
+                        "--compile-bytecode", str(wheel)], check=True)
         marker.write_text(lock.sha256)
         # Keep only this lockfile's venv: disk is shared.
         for old in CACHE.glob("stack-*"):
@@ -230,3 +232,36 @@ def pytest_runtest_setup(item):
     if spent > BUDGET_S:
         pytest.exit(f"the tests ran {spent:.0f} s, past their budget of {BUDGET_S:.0f} s "
                     "(VLMBUILD_TEST_BUDGET_S): stopping before the CI limit kills the run unreported", returncode=1)
+
+
+# Run inside an image as an unprivileged user: every module the smoke's ranks import, with the import system's
+# compile-from-source step counted. The image ships hash-based bytecode for all of it (build_files/compile-bytecode):
+# nothing is compiled at a start (once every venv layer went without bytecode and each process of a smoke compiled
+# about 3,000 modules, some 10 s of CPU, again).
+COMPILED_AT_IMPORT = """
+import importlib._bootstrap_external as bootstrap, json, os, sys
+compiled = []
+original = bootstrap.SourceLoader.source_to_code
+def source_to_code(self, data, path, *args, **kwargs):
+    compiled.append(path)
+    return original(self, data, path, *args, **kwargs)
+bootstrap.SourceLoader.source_to_code = source_to_code
+os.environ["DS_ACCELERATOR"] = "cpu"
+import torch, transformers, deepspeed, trl, datasets, vlmbuild.smoke.worker, vlmbuild.smoke.grpo
+from transformers import Qwen2_5_VLForConditionalGeneration
+print(json.dumps({"imported": len(sys.modules), "compiled": compiled}))
+"""
+
+
+def compiled_at_import(client, image: str) -> dict:
+    """{"imported": modules imported, "compiled": the image's sources compiled because no valid .pyc was there}.
+    What a process writes at run time and imports (torch generates _remote_module_non_scriptable.py in a temporary
+    directory) is not the image's and is left out."""
+    import json
+
+    out = client.containers.run(image, ["python", "-c", COMPILED_AT_IMPORT], remove=True, network_mode="none",
+                                user="nobody", environment={"PYTHONPATH": "/opt/vlmbuild/lib"},
+                                labels={OWNER: "test"}, stderr=False).decode()
+    found = json.loads(out.strip().splitlines()[-1])
+    found["compiled"] = [p for p in found["compiled"] if not p.startswith("/tmp/")]
+    return found

@@ -6,6 +6,7 @@ interpreter every stage calls and how its local stand-in root is made."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 from conftest import REPO
@@ -26,6 +27,7 @@ def toy_family():
         description="a toy family (pkg-install, /usr/bin/py3)",
         install=lambda packages, scratch: f"pkg-install {' '.join(packages)} && rm -rf {scratch}/pkg-cache",
         python_command=lambda python: f"py{python}",
+        stdlib_dir=lambda python: f"/usr/lib/toy/py{python}",
         python_packages=lambda python: (f"py{python}-full", "cc"),
         local_root=lambda suite: LocalRoot(suite, "http://mirror.example/toy", ("core", "extra")),
         cuda_toolkit=lambda cuda, scratch: CudaToolkit("/opt/toy-cuda", ("toy-cuda-toolkit",), "the toy archive",
@@ -44,7 +46,8 @@ def test_the_template_asks_the_family(toy_family, tmp_path):
     assert "apt-get" not in dockerfile
     assert "py3.11 -m venv --without-pip /opt/venv" in python_base
     assert "py3.11 -m venv /opt/build-tools" in dockerfile  # the tools stage too
-    assert "python3.11" not in dockerfile
+    assert "py3.11 -S -B /tmp/vlmbuild/files/compile-bytecode /usr/lib/toy/py3.11" in python_base  # its stdlib
+    assert not re.search(r"(?<![/\w])python3\.11", dockerfile)  # no command of Debian's (venv paths aside)
 
 
 def test_the_family_says_where_cuda_comes_from(toy_family, tmp_path):

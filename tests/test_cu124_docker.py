@@ -17,7 +17,7 @@ import tarfile
 import time
 
 import pytest
-from conftest import BUILD_CACHE_KEPT, FAULTS, OWNER, REGISTRY, run_cli
+from conftest import BUILD_CACHE_KEPT, FAULTS, OWNER, REGISTRY, compiled_at_import, run_cli
 
 pytestmark = [pytest.mark.docker, pytest.mark.cu124]
 
@@ -77,6 +77,12 @@ def test_the_release_variant_is_built_and_smoked_here(client, built_cu124):
     prebuilt = by_name["prebuilt_ops"]["details"]
     assert prebuilt["package"].startswith("/opt/deepspeed-cpu/") and prebuilt["compiled_at_run_time"] == []
     assert set(prebuilt["loaded"]) == {"cpu_adam", "deepspeed_shm_comm"}
+
+
+def test_the_released_image_compiles_no_module_at_import(client, built_cu124):
+    found = compiled_at_import(client, built_cu124["ref"])
+    assert found["imported"] > 2000, found["imported"]
+    assert found["compiled"] == [], f"{len(found['compiled'])} compiled at import, first: {found['compiled'][:5]}"
 
 
 def test_no_driver_library_from_the_distribution_in_any_layer(client, built_cu124):

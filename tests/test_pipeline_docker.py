@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import OWNER, REPO, TEST_REPO, run_cli  # the session's engine fixture, `client`, is there too
+
+# the session's engine fixture, `client`, is in conftest too
+from conftest import OWNER, REPO, TEST_REPO, compiled_at_import, run_cli
 
 pytestmark = pytest.mark.docker
 docker = pytest.importorskip("docker")
@@ -116,6 +118,14 @@ def test_deepspeed_ops_are_built_in_for_a_portable_cpu(client, built_local):
     assert out[0].strip() == "2", out
     assert out[1].strip() == "0", out  # no zmm register: AVX2 code only
     assert re.match(r"^[0-9a-f]{64}  \./deepspeed-0\.19\.8-cp311-cp311-linux_x86_64\.whl$", out[2]), out
+
+
+def test_the_image_ships_its_bytecode_and_compiles_nothing_at_import(client, built_local):
+    """Every module the smoke's ranks import (torch, transformers, DeepSpeed, trl, datasets, the stdlib, the smoke)
+    has a valid hash-based .pyc in the image: a process started as an unprivileged user compiles none."""
+    found = compiled_at_import(client, f"{TEST_REPO}:{built_local['tag']}")
+    assert found["imported"] > 2000, found["imported"]
+    assert found["compiled"] == [], f"{len(found['compiled'])} compiled at import, first: {found['compiled'][:5]}"
 
 
 def metadata_only_wheel(directory: Path, name: str, version: str) -> Path:

@@ -215,7 +215,7 @@ def test_every_layer_is_made_reproducible(rendered):
             for target in re.findall(r"--mount=type=(?:bind|cache)[^\s]*target=([^,\s]+)", run):
                 assert target.startswith(SCRATCH + "/") or target in MOUNT_POINTS, (name, target)
             if "uv pip install" in run:  # bytecode by compile-bytecode (fixed shares), never uv's (core count, timing)
-                assert "build_files/compile-bytecode" not in run and "/compile-bytecode /opt/venv" in run, name
+                assert "build_files/compile-bytecode" not in run and "/compile-bytecode /opt/venv/lib/python3." in run, name
                 assert "--compile-bytecode" not in run, name
     assert "/var/log/dpkg.log" in parts["python-base"] and "/var/cache/ldconfig/aux-cache" in parts["python-base"]
     assert "COPY vlmbuild" not in result.dockerfile  # the smoke is copied inside a RUN, and clamped there
@@ -223,49 +223,70 @@ def test_every_layer_is_made_reproducible(rendered):
 
 
 def test_compile_bytecode_compiles_only_what_is_new_hash_based_and_the_same_bytes_twice(tmp_path):
-    """The bytecode of a layer: every .py without a .pyc gets a checked-hash one (PEP 552 flags 0b11), a .pyc a lower
-    layer left is not touched, and compiling again from scratch gives the same bytes."""
+    """The bytecode of a layer: every .py without a hash-based .pyc gets a checked-hash one (PEP 552 flags 0b11), a
+    hash-based .pyc a lower layer left is not touched, a timestamp-based one (the distribution's own, stale once the
+    times are clamped) is replaced, and compiling again from scratch gives the same bytes."""
+    import importlib.util
     import subprocess
     import sys
-    import sysconfig
 
     script = REPO / "builder" / "build_files" / "compile-bytecode"
-    venv = tmp_path / "venv"
-    site = Path(sysconfig.get_paths(vars={"base": str(venv), "platbase": str(venv)})["purelib"])
+    site = tmp_path / "site-packages"
     for i in range(30):
         module = site / f"pkg{i % 3}" / f"m{i}.py"
         module.parent.mkdir(parents=True, exist_ok=True)
         module.write_text(f"NAMES = {{'a{i}', 'b', 'c'}}\nX = ('shared', {i}, 1.5)\ndef f(x):\n    return x in NAMES\n")
     (site / "py2.py").write_text("print 'vendored python 2'\n")
-    lower = site / "pkg0" / "__pycache__" / f"m0.cpython-{sys.version_info[0]}{sys.version_info[1]}.pyc"
+    lower = Path(importlib.util.cache_from_source(str(site / "pkg0" / "m0.py")))
     lower.parent.mkdir()
-    lower.write_bytes(b"left by a lower layer")
+    lower.write_bytes(importlib.util.MAGIC_NUMBER + (0b11).to_bytes(4, "little") + b"lower layer's hash")
+    stale = Path(importlib.util.cache_from_source(str(site / "pkg0" / "m3.py")))
+    stale.write_bytes(importlib.util.MAGIC_NUMBER + (0).to_bytes(4, "little") + b"an install-time mtime")
 
     def run() -> dict[str, bytes]:
-        out = subprocess.run([sys.executable, str(script), str(venv)], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, str(script), str(site)], capture_output=True, text=True, check=True)
         assert "30 files in 4 shares, 1 not compilable" in out.stdout, out.stdout
         return {str(p): p.read_bytes() for p in sorted(site.rglob("*.pyc")) if p != lower}
 
     first = run()
-    assert len(first) == 29 and lower.read_bytes() == b"left by a lower layer"
+    assert len(first) == 29 and lower.read_bytes().endswith(b"lower layer's hash")
     assert all(int.from_bytes(data[4:8], "little") == 0b11 for data in first.values())  # checked hash, no mtime
+    assert str(stale) in first  # the stale timestamp-based one was compiled again
     for path in first:
         Path(path).unlink()
     assert run() == first
+    missing = subprocess.run([sys.executable, str(script), str(site), str(tmp_path / "nowhere")],
+                             capture_output=True, text=True)
+    assert missing.returncode != 0 and f"no such directory: {tmp_path / 'nowhere'}" in missing.stderr
 
 
-def test_the_helpers_start_without_writing_the_bytecode_of_what_a_pth_file_imports(tmp_path):
+INTERPRETERS = [sys.executable] + [p for p in ("/usr/bin/python3",) if Path(p).exists()]
+
+
+@pytest.mark.parametrize("interpreter", INTERPRETERS, ids=lambda p: "debian" if p.startswith("/usr/") else "this")
+def test_the_helpers_start_without_writing_the_bytecode_of_what_a_pth_file_imports(tmp_path, interpreter):
     """setuptools' distutils-precedence.pth imports _distutils_hack at every start of the venv's Python: a helper
     started plainly writes its .pyc (timestamp-based: the source's install time in it) before it does anything.
-    Run as the template runs them, neither helper writes one, and compile-bytecode writes a checked-hash one."""
+    Run as the template runs them, neither helper writes one, and compile-bytecode writes a checked-hash one into
+    the venv's site-packages: with Debian's Python too, whose sysconfig under -S answers posix_local
+    (VENV/local/lib/.../dist-packages), where a guessed path once found nothing and every venv layer went without
+    bytecode."""
     import subprocess
-    import sys
 
-    from vlmbuild.render import BUILD_FILES_MOUNT, COMPILE_BYTECODE, HELPER_PYTHON_FLAGS, NORMALIZE_TIMES, VENV
+    from vlmbuild.render import (
+        BUILD_FILES_MOUNT,
+        COMPILE_BYTECODE,
+        HELPER_PYTHON_FLAGS,
+        NORMALIZE_TIMES,
+        VENV,
+        site_packages,
+    )
 
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    site = next(venv.glob("lib/python*/site-packages"))
+    subprocess.run([interpreter, "-m", "venv", "--without-pip", str(venv)], check=True)
+    [site] = venv.glob("lib/python*/site-packages")
+    python = site.parent.name.removeprefix("python")
+    assert site_packages(python).replace(VENV, str(venv)) == str(site)
     (site / "hack.pth").write_text("import hackmod\n")
     (site / "hackmod.py").write_text("HACKED = True\n")
     files = REPO / "builder" / "build_files"
@@ -273,9 +294,12 @@ def test_the_helpers_start_without_writing_the_bytecode_of_what_a_pth_file_impor
     plain = subprocess.run([str(venv / "bin" / "python"), "-c", "import sys"], check=True, env=env)
     assert plain.returncode == 0 and list(site.glob("__pycache__/hackmod.*.pyc"))  # what a plain start does
     shutil.rmtree(site / "__pycache__")
-    assert NORMALIZE_TIMES.startswith(HELPER_PYTHON_FLAGS + " ") and HELPER_PYTHON_FLAGS == "-S -B"
-    compile_cmd = COMPILE_BYTECODE.replace(BUILD_FILES_MOUNT, str(files)).replace(VENV, str(venv)).split()
-    subprocess.run(compile_cmd, check=True, capture_output=True, env=env)
+    assert NORMALIZE_TIMES.startswith(HELPER_PYTHON_FLAGS + " ") and COMPILE_BYTECODE.startswith(HELPER_PYTHON_FLAGS)
+    assert HELPER_PYTHON_FLAGS == "-S -B"
+    compile_cmd = [str(venv / "bin" / "python"), *COMPILE_BYTECODE.replace(BUILD_FILES_MOUNT, str(files)).split(),
+                   str(site)]
+    out = subprocess.run(compile_cmd, check=True, capture_output=True, text=True, env=env).stdout
+    assert "1 files in 4 shares" in out, out
     [pyc] = site.glob("__pycache__/hackmod.*.pyc")
     assert int.from_bytes(pyc.read_bytes()[4:8], "little") == 0b11
 

@@ -65,6 +65,7 @@ class BaseFamily:
     # shell of the python-base stage: install these packages, leaving nothing of the download behind
     install: Callable[[tuple[str, ...], str], str]
     python_command: Callable[[str], str]  # "3.11" -> the interpreter's command name
+    stdlib_dir: Callable[[str], str]  # "3.11" -> where that Python's standard library lies (its bytecode is redone)
     python_packages: Callable[[str], tuple[str, ...]]  # what gives that Python, its venv, headers and a compiler
     local_root: Callable[[str], LocalRoot]  # suite -> how a stand-in root of it is made
     cuda_toolkit: Callable[[str, str], CudaToolkit]  # (CUDA version, scratch dir) -> where its toolkit comes from

@@ -85,6 +85,7 @@ FAMILY = register(BaseFamily(
     description="Debian and Ubuntu (apt, the distribution's Python, debootstrap)",
     install=install,
     python_command=lambda python: f"python{python}",
+    stdlib_dir=lambda python: f"/usr/lib/python{python}",
     python_packages=python_packages,
     local_root=local_root,
     cuda_toolkit=cuda_toolkit,
