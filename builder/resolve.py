@@ -1,10 +1,12 @@
 """A variant resolved once, into the one value a build carries from the freshness check to the last tag.
 
-``resolve`` reads the lockfile once, refuses a stale one and a rules violation, finds the base image in the
-engine (made or pulled when missing) and checks it against its pin, renders the build context, and derives the
-image's identity from everything that decides its bytes: the lockfile, the base image, the rendered context
-(Dockerfile, lock layers, build helpers, the smoke code that ships in the image). The immutable tag is
-``<variant tag>-<identity prefix>``: the same inputs give the same tag, different inputs another one.
+Two steps, with the engine's between them: ``check_inputs`` reads the lockfile once and refuses a stale one and a
+rules violation, before anything touches Docker (a bad input costs no daemon, no debootstrap); the caller then has
+the engine find the base image (made or pulled when missing, checked against its pin), and ``resolve`` renders the
+build context and derives the image's identity from everything that decides its bytes: the lockfile, the base
+image, the rendered context (Dockerfile, lock layers, build helpers, the smoke code that ships in the image). The
+immutable tag is ``<variant tag>-<identity prefix>``: the same inputs give the same tag, different inputs another
+one. Nothing here talks to the engine.
 """
 
 from __future__ import annotations
@@ -88,21 +90,40 @@ def identity(lock: Lockfile, base: Base, context: Path) -> str:
     return h.hexdigest()
 
 
-def resolve(variant: Variant, engine: EngineAPI, workdir: Path, base_override: str | None = None,
-            repository: str | None = None, ignore_rules: bool = False, progress=None) -> Resolved:
-    """Everything a build of ``variant`` needs, decided once. ``engine`` finds (or makes) the base."""
+@dataclass(frozen=True)
+class CheckedInputs:
+    """A variant whose lockfile was read once, is fresh and passes the rules (or they were ignored)."""
+
+    variant: Variant
+    lock: Lockfile
+    tag: str
+    warnings: list[str]
+
+    @property
+    def base_ref(self) -> str:
+        return self.variant.base_image
+
+
+def check_inputs(variant: Variant, ignore_rules: bool = False) -> CheckedInputs:
+    """The first step, before any engine call: the lockfile read once, refused when stale or against the rules."""
     lock, status = read_fresh_lock(variant)
     warnings = refuse_up_front(variant, lock, status, ignore_rules)
-    tag = variant.tag(lock.pins)
-    base = engine.resolve_base(base_override or variant.base_image, progress)
-    rendered = render(variant, Path(workdir) / "context", base_image=base.ref, lock=lock, tag=tag)
-    return Resolved(variant, lock, tag, repository or variant.image.repository, base, rendered,
-                    identity(lock, base, rendered.context), warnings)
+    return CheckedInputs(variant, lock, variant.tag(lock.pins), warnings)
+
+
+def resolve(inputs: CheckedInputs, base: Base, workdir: Path, repository: str | None = None) -> Resolved:
+    """Everything a build needs, decided once, on the ``base`` the engine found (or made) and checked."""
+    variant, lock = inputs.variant, inputs.lock
+    rendered = render(variant, Path(workdir) / "context", base_image=base.ref, lock=lock, tag=inputs.tag)
+    return Resolved(variant, lock, inputs.tag, repository or variant.image.repository, base, rendered,
+                    identity(lock, base, rendered.context), inputs.warnings)
 
 
 def resolve_for_tags(variant: Variant, engine: EngineAPI, base_override: str | None = None,
                      repository: str | None = None) -> Resolved:
     """Resolve in a temporary directory that is gone afterwards (for ``plan`` and ``push``)."""
+    inputs = check_inputs(variant, ignore_rules=True)
+    base = engine.resolve_base(base_override or inputs.base_ref)
     with tempfile.TemporaryDirectory(prefix="vlmbuild-resolve-") as tmp:
-        return resolve(variant, engine, Path(tmp), base_override, repository, ignore_rules=True)
+        return resolve(inputs, base, Path(tmp), repository)
 

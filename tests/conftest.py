@@ -265,3 +265,46 @@ def compiled_at_import(client, image: str) -> dict:
     found = json.loads(out.strip().splitlines()[-1])
     found["compiled"] = [p for p in found["compiled"] if not p.startswith("/tmp/")]
     return found
+
+
+# Run inside an image: every entry under the roots with what a layer's tar records of it (type, mode, owner, size,
+# mtime, and the sha256 of a file's bytes or a link's target). Only for the message of a failed reproducibility test:
+# a layer's diffID says that it differs, this says which files.
+MANIFEST = """
+import hashlib, json, os, stat, sys
+out = {}
+for root in sys.argv[1:]:
+    for directory, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(dirs + files):
+            path = os.path.join(directory, name)
+            info = os.lstat(path)
+            what = [stat.filemode(info.st_mode), info.st_uid, info.st_gid, info.st_size, int(info.st_mtime)]
+            if stat.S_ISLNK(info.st_mode):
+                what.append(os.readlink(path))
+            elif stat.S_ISREG(info.st_mode):
+                digest = hashlib.sha256()
+                with open(path, "rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        digest.update(block)
+                what.append(digest.hexdigest()[:16])
+            out[path] = what
+print(json.dumps(out))
+"""
+
+
+def image_files_that_differ(client, first: str, second: str, roots: tuple[str, ...] = ("/opt", "/usr", "/etc"),
+                            shown: int = 15) -> str:
+    """Which files of two images differ (content or metadata), for the message of a failed layer comparison."""
+    import json
+
+    def manifest(image: str) -> dict:
+        out = client.containers.run(image, ["/opt/venv/bin/python", "-I", "-S", "-B", "-c", MANIFEST, *roots],
+                                    remove=True, network_mode="none", labels={OWNER: "test"}, stderr=False)
+        return json.loads(out.decode().strip().splitlines()[-1])
+
+    a, b = manifest(first), manifest(second)
+    made_by_the_engine = {"/etc/hostname", "/etc/hosts", "/etc/mtab", "/etc/resolv.conf"}  # per container
+    differ = sorted(p for p in a.keys() | b.keys() if a.get(p) != b.get(p) and p not in made_by_the_engine)
+    lines = [f"  {p}: {a.get(p)} != {b.get(p)}" for p in differ[:shown]]
+    return f"{len(differ)} entries differ under {', '.join(roots)}:\n" + "\n".join(lines)

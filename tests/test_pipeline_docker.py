@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 # the session's engine fixture, `client`, is in conftest too
-from conftest import OWNER, REPO, TEST_REPO, compiled_at_import, run_cli
+from conftest import OWNER, REPO, TEST_REPO, compiled_at_import, image_files_that_differ, run_cli
 
 pytestmark = pytest.mark.docker
 docker = pytest.importorskip("docker")
@@ -956,7 +956,8 @@ def test_the_same_inputs_give_the_same_layers_after_the_build_cache_is_pruned(cl
         # the tagged image is this candidate plus its evidence layer on top
         assert len(first) == len(again) + 1, (len(first), len(again))
         differ = [i for i in range(base_layers, len(again)) if again[i] != first[i]]
-        assert differ == [], f"layers {differ} of {len(again)} differ after a rebuild of the same inputs"
+        assert differ == [], (f"layers {differ} of {len(again)} differ after a rebuild of the same inputs; "
+                              + image_files_that_differ(client, tagged.id, image_id))
     finally:
         if not client.images.get(image_id).tags:
             client.images.remove(image_id, force=True)
@@ -986,7 +987,8 @@ def test_bumping_one_package_reships_its_layer_alone(client, built_local, tmp_pa
         assert len(new) == len(old)
         # the accelerate layer, then only what sits on top of every package: the smoke's files and the evidence
         # (benchmarks/bench_build.py prints the bytes: a few MB)
-        assert changed[0] < len(new) - 3 and all(i >= len(new) - 3 for i in changed[1:]), changed
+        assert changed[0] < len(new) - 3 and all(i >= len(new) - 3 for i in changed[1:]), (
+            f"{changed}; " + image_files_that_differ(client, before.id, after.id))
         # the wheel stage builds on the torch layer and DeepSpeed's own build requirements: no op compiled again
         assert "stage deepspeed-wheel: cached" in result.out + result.err
     finally:

@@ -260,6 +260,33 @@ def test_compile_bytecode_compiles_only_what_is_new_hash_based_and_the_same_byte
     assert missing.returncode != 0 and f"no such directory: {tmp_path / 'nowhere'}" in missing.stderr
 
 
+def test_compile_bytecode_fails_the_step_when_a_pyc_cannot_be_written(tmp_path):
+    """Only a source that does not compile is skipped (and named). A .pyc that cannot be written (here its
+    __pycache__ is a file; on a build machine a full disk) fails the step: the layer would silently miss bytecode,
+    and differ from a rebuild of the same inputs. (Tests run as root: a read-only directory would not stop it.)"""
+    import importlib.util
+    import subprocess
+    import sys
+
+    script = REPO / "builder" / "build_files" / "compile-bytecode"
+    site = tmp_path / "site-packages"
+    (site / "good").mkdir(parents=True)
+    (site / "bad").mkdir()
+    for i in range(8):
+        (site / "good" / f"m{i}.py").write_text(f"X = {i}\n")
+    (site / "good" / "py2.py").write_text("print 'vendored python 2'\n")
+    (site / "bad" / "m.py").write_text("X = 1\n")
+    (site / "bad" / "__pycache__").write_text("not a directory")
+    failed = subprocess.run([sys.executable, str(script), str(site)], capture_output=True, text=True)
+    assert failed.returncode != 0, failed.stdout
+    assert "a worker failed" in failed.stderr and "NotADirectoryError" in failed.stderr, failed.stderr
+    (site / "bad" / "__pycache__").unlink()  # what the failed run compiled stays compiled: the rest is done now
+    passed = subprocess.run([sys.executable, str(script), str(site)], capture_output=True, text=True, check=True)
+    assert "in 4 shares, 1 not compilable" in passed.stdout
+    assert all(Path(importlib.util.cache_from_source(str(p))).exists() for p in site.rglob("m*.py"))
+    assert f"not compilable: {site / 'good' / 'py2.py'}" in passed.stdout, passed.stdout
+
+
 INTERPRETERS = [sys.executable] + [p for p in ("/usr/bin/python3",) if Path(p).exists()]
 
 
