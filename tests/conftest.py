@@ -166,6 +166,26 @@ def stack_python() -> Path:
 
 
 BUILD_CACHE_KEPT = 16 * 2**30
+# The docker suites' peak on top of what was there when they began (measured on a fresh clone, 2026-12-04: 34 GB,
+# at the cu124 module's cold build, after test_pipeline_docker's builds, prunes and bumps), with a margin. The disk is shared: what another user of it holds is not ours to free, but BuildKit's cache is.
+DOCKER_SUITE_DISK = 45 * 2**30
+
+
+def make_room_for_the_docker_suite(c) -> None:
+    """Prune BuildKit's cache when the disk cannot hold the suite's builds: a build that runs out of space in the
+    middle of a layer fails it (compile-bytecode fails the step on a .pyc it cannot write), and the message below
+    says why. Not a failure by itself: the suite may still fit."""
+    free = shutil.disk_usage(engine_root(c)).free
+    if free < DOCKER_SUITE_DISK:
+        c.api.prune_builds(all=True)
+        after = shutil.disk_usage(engine_root(c)).free
+        print(f"\nconftest: {free / 2**30:.1f} GB free for the docker suite, which needs about "
+              f"{DOCKER_SUITE_DISK / 2**30:.0f} GB: BuildKit's cache pruned, {after / 2**30:.1f} GB free now")
+
+
+def engine_root(c) -> str:
+    root = c.info().get("DockerRootDir") or "/var/lib/docker"
+    return root if os.path.isdir(root) else "/"
 
 
 @pytest.fixture(scope="session")
@@ -178,6 +198,7 @@ def client():
     import docker
 
     c = docker.from_env(timeout=900)
+    make_room_for_the_docker_suite(c)
     yield c
     # Clean up what the tests made, also where a test failed before its own clean-up: every tag of our test
     # repositories (TEST_REPO and its -bump, -changed, -race... siblings) and stopped containers of ours.
