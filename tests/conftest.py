@@ -167,7 +167,8 @@ def stack_python() -> Path:
 
 BUILD_CACHE_KEPT = 16 * 2**30
 # The docker suites' peak on top of what was there when they began (measured on a fresh clone, 2026-12-04: 34 GB,
-# at the cu124 module's cold build, after test_pipeline_docker's builds, prunes and bumps), with a margin. The disk is shared: what another user of it holds is not ours to free, but BuildKit's cache is.
+# at the cu124 module's cold build, after test_pipeline_docker's builds, prunes and bumps), with a margin. The disk is
+# shared: what another user of it holds is not ours to free, but BuildKit's cache is.
 DOCKER_SUITE_DISK = 45 * 2**30
 
 
@@ -175,17 +176,14 @@ def make_room_for_the_docker_suite(c) -> None:
     """Prune BuildKit's cache when the disk cannot hold the suite's builds: a build that runs out of space in the
     middle of a layer fails it (compile-bytecode fails the step on a .pyc it cannot write), and the message below
     says why. Not a failure by itself: the suite may still fit."""
-    free = shutil.disk_usage(engine_root(c)).free
+    root = c.info().get("DockerRootDir") or "/var/lib/docker"
+    root = root if os.path.isdir(root) else "/"
+    free = shutil.disk_usage(root).free
     if free < DOCKER_SUITE_DISK:
         c.api.prune_builds(all=True)
-        after = shutil.disk_usage(engine_root(c)).free
+        after = shutil.disk_usage(root).free
         print(f"\nconftest: {free / 2**30:.1f} GB free for the docker suite, which needs about "
               f"{DOCKER_SUITE_DISK / 2**30:.0f} GB: BuildKit's cache pruned, {after / 2**30:.1f} GB free now")
-
-
-def engine_root(c) -> str:
-    root = c.info().get("DockerRootDir") or "/var/lib/docker"
-    return root if os.path.isdir(root) else "/"
 
 
 @pytest.fixture(scope="session")
