@@ -86,7 +86,11 @@ class Context:
             raise VlmbuildError(f"{self.root / 'images'}: no image specs (*.yaml) found")
         return [load_spec(p) for p in paths]
 
-    def variants(self, image: str | None, names: Iterable[str] = (), include_rejected: bool = True) -> list[Variant]:
+    def variants(self, image: str | None, names: Iterable[str] = (), include_rejected: bool = True,
+                 leave_out: Iterable[str] = ()) -> list[Variant]:
+        """The variants named (default: all, or all buildable), each without the source builds ``leave_out``."""
+        from .options import leaving_out
+
         out = []
         names = list(names)
         for spec in self.specs(image):
@@ -94,7 +98,16 @@ class Context:
                 out += [spec.variant(n) for n in names]
             else:
                 out += [v for v in spec.variants.values() if include_rejected or not v.expected_rejected]
-        return out
+        return leaving_out(out, leave_out)
+
+
+def leave_out_option(fn: Callable) -> Callable:
+    """--leave-out NAME, on every command that renders or finds a build: the same flag gives the same identity."""
+    return click.option(
+        "--leave-out", "leave_out", multiple=True, envvar="VLMBUILD_LEAVE_OUT", metavar="NAME",
+        help="Build without this package the spec builds from its sdist (source_builds: flash-attn's CUDA kernels "
+             "take hours on 2 cores); the labels, the report and inspect name it (repeatable; env "
+             "VLMBUILD_LEAVE_OUT, space-separated).")(fn)
 
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -221,16 +234,18 @@ def lock(ctx: Context, image: str | None, variants: tuple[str, ...], check_only:
 @click.option("--variant", required=True, help="The variant to render.")
 @click.option("--output", required=True, type=click.Path(file_okay=False, path_type=Path), help="New directory for the context.")
 @click.option("--base-image", default=None, help="Use this base instead of the spec's (e.g. a locally made one).")
+@leave_out_option
 @pass_ctx
 @guarded
-def render(ctx: Context, image: str, variant: str, output: Path, base_image: str | None) -> None:
+def render(ctx: Context, image: str, variant: str, output: Path, base_image: str | None,
+           leave_out: tuple[str, ...]) -> None:
     """Write the Dockerfile and the complete build context of a variant into DIR.
 
     The context holds no secret: `vlmbuild build` hands the build its CA bundle and network settings as BuildKit
     secrets `build-ca` and `build-env`; to build it by hand pass both with `--secret id=...,src=FILE`."""
     from .render import render as render_variant
 
-    result = render_variant(ctx.spec(image).variant(variant), output, base_image=base_image)
+    result = render_variant(ctx.variants(image, [variant], leave_out=leave_out)[0], output, base_image=base_image)
     click.echo(f"rendered {image}/{variant} as tag {result.tag} into {result.context} "
                f"({', '.join(f'{l.name} {l.count}' for l in result.layers)}, then {len(result.packages)} "
                "package layers)")
@@ -309,13 +324,14 @@ def smoke(ctx: Context, image_ref: str | None, local: bool, python: str | None, 
                    "machine; repeatable; env VLMBUILD_CACHE_FROM, space-separated).")
 @click.option("--cache-to", default=None, envvar="VLMBUILD_CACHE_TO", metavar="REF",
               help="Push this build's cache to REF (and each wheel stage's beside it) after it is built.")
+@leave_out_option
 @pass_ctx
 @guarded
 def build(ctx: Context, image: str, variants: tuple[str, ...], smoke_device: str | None, base_image: str | None,
           repository: str | None, push: bool, allow_cpu_evidence: bool, allow_left_out: bool, keep_failed: bool,
           smoke_timeout: int | None, repeat: int | None, model_dir: Path | None, rebuild: bool, report: Path | None,
           ignore_rules: bool, nocache: bool, sign_key: Path | None, sign_keyless: bool, unsigned: bool,
-          cache_from: tuple[str, ...], cache_to: str | None) -> None:
+          cache_from: tuple[str, ...], cache_to: str | None, leave_out: tuple[str, ...]) -> None:
     """Build, smoke and tag variants of IMAGE; an image that fails the smoke is never tagged."""
     from .build_cache import BuildCache
     from .gate import GateFailed
@@ -326,7 +342,7 @@ def build(ctx: Context, image: str, variants: tuple[str, ...], smoke_device: str
 
     policy = PushPolicy(allow_cpu_evidence, allow_left_out,
                         signer_from_flags(sign_key, sign_keyless, unsigned) if push else None)
-    selected = ctx.variants(image, variants, include_rejected=False)
+    selected = ctx.variants(image, variants, include_rejected=False, leave_out=[n for n in leave_out if n])
     if not selected:
         raise VlmbuildError(f"{image}: no variant to build (all are marked 'expect: rejected'; name one with --variant)")
     options = build_options(selected[0].image, smoke_device=smoke_device, smoke_timeout=smoke_timeout, repeat=repeat,
@@ -372,11 +388,12 @@ def build(ctx: Context, image: str, variants: tuple[str, ...], smoke_device: str
                    "COSIGN_PASSWORD; no transparency-log upload).")
 @click.option("--sign-keyless", is_flag=True, help="Sign keyless (CI: the job's OIDC identity, Fulcio and Rekor).")
 @click.option("--unsigned", is_flag=True, help="Push without a signature: evidence nothing binds to the digest.")
+@leave_out_option
 @pass_ctx
 @guarded
 def push(ctx: Context, image: str, variants: tuple[str, ...], repository: str | None, base_image: str | None,
          allow_cpu_evidence: bool, allow_left_out: bool, sign_key: Path | None, sign_keyless: bool,
-         unsigned: bool) -> None:
+         unsigned: bool, leave_out: tuple[str, ...]) -> None:
     """Push the tags of IMAGE's variants that passed the smoke, signing the digest and attesting its report and SBOM
     before any moving tag is pushed; print each pushed digest."""
     from .engine import Engine
@@ -386,7 +403,7 @@ def push(ctx: Context, image: str, variants: tuple[str, ...], repository: str | 
 
     policy = PushPolicy(allow_cpu_evidence, allow_left_out, signer_from_flags(sign_key, sign_keyless, unsigned))
     engine = Engine()
-    for variant in ctx.variants(image, variants, include_rejected=False):
+    for variant in ctx.variants(image, variants, include_rejected=False, leave_out=[n for n in leave_out if n]):
         resolved = resolve_for_tags(variant, engine, base_image, repository)
         push_tags(engine, resolved, resolved.tags, policy)
 
@@ -396,22 +413,25 @@ def push(ctx: Context, image: str, variants: tuple[str, ...], repository: str | 
 @click.option("--variant", "variants", multiple=True, help="This variant (repeatable). Default: all buildable.")
 @click.option("--repository", default=None, help="Tag into this repository instead of the spec's.")
 @click.option("--base-image", default=None, help="Build on this base instead of the spec's.")
+@leave_out_option
 @pass_ctx
 @guarded
-def plan(ctx: Context, image: str, variants: tuple[str, ...], repository: str | None, base_image: str | None) -> None:
+def plan(ctx: Context, image: str, variants: tuple[str, ...], repository: str | None, base_image: str | None,
+         leave_out: tuple[str, ...]) -> None:
     """What a build would make, resolved against this engine: base, identity, tags, and whether it exists."""
     from .engine import Engine
     from .release import validated_image
     from .resolve import resolve_for_tags
 
     engine = Engine()
-    for variant in ctx.variants(image, variants, include_rejected=False):
+    for variant in ctx.variants(image, variants, include_rejected=False, leave_out=[n for n in leave_out if n]):
         r = resolve_for_tags(variant, engine, base_image, repository)
         existing = validated_image(engine, r)
         click.echo(json.dumps({
             "image": image, "variant": variant.name, "repository": r.repository, "tags": r.tags,
             "immutable_tag": r.immutable_tag, "identity": r.identity, "base": r.base.ref,
             "base_image_id": r.base.image_id, "base_digest": r.base.digest, "lock_sha256": r.lock.sha256,
+            "left_out": sorted(variant.left_out),
             "built": existing,
         }, indent=2))
 

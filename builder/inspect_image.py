@@ -208,8 +208,11 @@ def release_differences(result: Inspection, variant: dict[str, Any]) -> list[str
     if release_base and base != release_base:
         out.append(f"base: {base} (image {result.labels.get(LABEL_BASE_ID, '?')[:19]}), the release builds on "
                    f"{release_base}")
+    built_from_source = set(variant.get("source_builds") or ())
     for name, why in (variant.get("left_out") or {}).items():
-        out.append(f"left out: {name} ({why}); the release leaves it out too until the spec pins its sha256")
+        out.append(f"left out: {name} ({why}); " + (
+            f"the release runner builds it from its sdist (build without --leave-out {name})"
+            if name in built_from_source else "the release leaves it out too until the spec pins its sha256"))
     device = result.labels.get(contract.LABEL_DEVICE)
     if device != "gpu":
         out.append(f"smoke device: {device or 'none'} x{result.labels.get(contract.LABEL_WORLD_SIZE, '?')}; the "

@@ -3,14 +3,18 @@ loader holds the one default of each smoke setting). The pipeline reads this fro
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from packaging.utils import canonicalize_name
 
 from .build_cache import BuildCache
 from .errors import VlmbuildError
 from .release import PushPolicy
 from .smoke.model_dir import ModelDirProblem, validate_model_dir
-from .spec import ImageSpec
+from .spec import ImageSpec, Variant
 
 
 @dataclass(frozen=True)
@@ -46,3 +50,18 @@ def build_options(spec: ImageSpec, smoke_device: str | None = None, smoke_timeou
     return BuildOptions(smoke_device=smoke_device or spec.smoke_device, smoke_timeout=smoke_timeout or spec.smoke_timeout,
                         smoke_repeat=repeat or spec.smoke_repeat, model_dir=checked_model_dir(model_dir),
                         **flags)  # type: ignore[arg-type]
+
+
+def leaving_out(variants: list[Variant], names: Iterable[str]) -> list[Variant]:
+    """Each of ``variants`` built without those of the source builds ``names`` it has (--leave-out: a machine that
+    cannot afford hours of nvcc). A name that is a source build of none of them is refused (exit 2), never
+    ignored."""
+    names = frozenset(canonicalize_name(n) for n in names)
+    known = {n for v in variants for n in v.source_builds}
+    unknown = sorted(names - known)
+    if unknown:
+        where = "; ".join(f"{v.image.name}/{v.name}: {', '.join(sorted(v.source_builds)) or 'none'}" for v in variants)
+        raise VlmbuildError(f"--leave-out {unknown[0]}: no variant selected builds a package of that name from source "
+                            f"(the specs' key variants.<name>.source_builds; {where})")
+    return [dataclasses.replace(v, leave_out=names & set(v.source_builds)) if names & set(v.source_builds) else v
+            for v in variants]

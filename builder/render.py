@@ -12,6 +12,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -21,7 +22,7 @@ from . import __version__, contract
 from .errors import VlmbuildError
 from .lock import load_variant_lock
 from .lockfile import Lockfile, Requirement
-from .spec import Layer, Variant
+from .spec import Layer, SourceBuild, Variant
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # What of vlmbuild ships inside the image: the smoke and what it imports, nothing that needs click/jinja/docker.
@@ -111,7 +112,7 @@ class PackageLayer:
     version: str
     stage: str
     file: str
-    built: bool = False  # installed from the wheel the deepspeed-wheel stage built
+    built: str = ""  # the stage whose wheel it is installed from (deepspeed-wheel, a source build's), if any
 
 
 @dataclass
@@ -133,6 +134,29 @@ class DeepSpeedBuild:
     @property
     def requires(self) -> list[str]:
         return [r.name for r in self.requirements]
+
+
+@dataclass
+class SourceWheelBuild:
+    """A package the spec builds from its locked sdist (vlmbuild.spec.SourceBuild), in a stage of its own."""
+
+    name: str
+    version: str
+    lock_file: str
+    env: str
+    parent: str  # the lock layer that holds torch
+    parent_file: str  # that layer's lock file, part of the wheel's cache key
+    requires_file: str
+    requirements: list[Requirement] = field(default_factory=list)  # its build requirements outside that layer
+    why: str = ""
+
+    @property
+    def stage(self) -> str:
+        return source_stage(self.name)
+
+
+def source_stage(name: str) -> str:
+    return f"{name}-wheel"
 
 
 # The lock cut into layers: those installed in place, in order, and the per-package ones, in order.
@@ -162,8 +186,9 @@ def git_revision(root: Path) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def key_versions(lock: Lockfile) -> dict[str, str]:
-    return {name: lock.pins[name] for name in KEY_PACKAGES if name in lock.pins}
+def key_versions(lock: Lockfile, left_out: Iterable[str] = ()) -> dict[str, str]:
+    """The locked versions of the key packages the image holds (``left_out``: those it goes without)."""
+    return {name: lock.pins[name] for name in KEY_PACKAGES if name in lock.pins and name not in left_out}
 
 
 def variant_labels(variant: Variant, lock: Lockfile, tag: str, base_image: str) -> dict[str, str]:
@@ -184,7 +209,7 @@ def variant_labels(variant: Variant, lock: Lockfile, tag: str, base_image: str) 
         f"{LABEL_PREFIX}.python": variant.python,
         f"{LABEL_PREFIX}.cuda": variant.cuda or "none",
         contract.LABEL_LOCK_SHA256: lock.sha256,
-        contract.LABEL_VERSIONS: json.dumps(key_versions(lock), sort_keys=True, separators=(",", ":")),
+        contract.LABEL_VERSIONS: json.dumps(key_versions(lock, variant.left_out), sort_keys=True, separators=(",", ":")),
         contract.LABEL_SMOKE_ENTRYPOINT: SMOKE_ENTRYPOINT,
     })
     if variant.left_out:
@@ -209,20 +234,23 @@ def variant_metadata(variant: Variant, lock: Lockfile, tag: str, plan: LayerPlan
         "deepspeed_builds": deepspeed_ops(variant),
         # the GPU architectures the CUDA ops are compiled for (the cuda_ops check compares the cubins with them)
         "cuda_archs": cuda_arch_list(variant.cuda_archs) if variant.cuda and variant.cuda_archs else None,
-        # what the spec names but this image goes without, and why
+        # what the spec names but this image goes without, and why; which of them the release runner builds
         "left_out": variant.left_out,
+        "source_builds": sorted(variant.source_builds),
         # the base the release builds on (the spec's, pinned); the image's label names the one it was built on
         "release_base": variant.base_image,
         # the layer plan, bottom to top: `vlmbuild inspect` names what each layer holds with it
         "layers": [layer.name for layer, _ in chain],
         "packages": [f"{package.name}=={package.version}" for package, _ in packages],
-        "key_versions": key_versions(lock),
+        "key_versions": key_versions(lock, variant.left_out),
         "lock_sha256": lock.sha256,
     }, indent=2) + "\n"
 
 
 def pip_constraints(lock: Lockfile, tag: str) -> str:
-    """The image's pip constraints: the locked version of each key package of the validated stack it holds."""
+    """The image's pip constraints: the locked version of each key package of the validated stack it holds (and of
+    one it goes without: a flash-attn built in the image later is the locked one, not a 2.8 that fails to load
+    beside torch 2.6)."""
     pins = [f"{name}=={version}" for name, version in key_versions(lock).items()]
     return (f"# vlmbuild: the stack validated in this image ({tag}); pip and uv read this file through\n"
             "# PIP_CONSTRAINT / UV_CONSTRAINT. To replace one of these on purpose, unset it for that command:\n"
@@ -267,7 +295,7 @@ def deepspeed_targets(variant: Variant) -> list[tuple[str, str | None]]:
 
 
 def deepspeed_build_env(variant: Variant, build_files: str, accelerator: str | None = None) -> dict[str, str]:
-    """The environment build_files/build-deepspeed.sh builds the variant's DeepSpeed with for ``accelerator`` (the
+    """The environment build_files/build-sdist-wheel.sh builds the variant's DeepSpeed with for ``accelerator`` (the
     variant's own unless given; ``build_files``: where the helpers lie): the ops to compile, the portable compiler,
     the parallel build, the fixed time."""
     how = variant.image.deepspeed_build
@@ -303,12 +331,7 @@ def deepspeed_builds(variant: Variant, lock: Lockfile, plan: LayerPlan) -> list[
     if req is None or req.url is not None:
         raise VlmbuildError(f"{variant.lockfile_path}: deepspeed must be locked from the index (name==version with "
                             "its sdist hash) to be built with its ops")
-    chain, _ = plan
-    torch_layer, in_torch_layer = next(((layer, {r.name for r in reqs}) for layer, reqs in chain
-                                        if any(r.name == "torch" for r in reqs)), (None, set()))
-    if torch_layer is None:
-        raise VlmbuildError(f"{variant.image.path}: layers: torch must be in a layer installed in place (DeepSpeed "
-                            "is built against it)")
+    torch_layer, in_torch_layer = torch_layer_of(variant, plan)
     how = variant.image.deepspeed_build
     missing = [name for name in how.requires if lock.get(name) is None]
     if missing:
@@ -335,21 +358,77 @@ def deepspeed_ops(variant: Variant) -> list[dict[str, object]]:
             for accelerator, target in deepspeed_targets(variant)]
 
 
+def torch_layer_of(variant: Variant, plan: LayerPlan) -> tuple[LayerFile, set[str]]:
+    """The lock layer installed in place that holds torch (what wheels are built against), and its packages."""
+    chain, _ = plan
+    found = next(((layer, {r.name for r in reqs}) for layer, reqs in chain if any(r.name == "torch" for r in reqs)),
+                 None)
+    if found is None:
+        raise VlmbuildError(f"{variant.image.path}: layers: torch must be in a layer installed in place (DeepSpeed "
+                            "and every source build are built against it)")
+    return found
+
+
+def source_build_env(variant: Variant, build: SourceBuild) -> dict[str, str]:
+    """The environment a source build compiles in: the CUDA toolkit and its host compiler (the base family's), the
+    portable compiler, the fixed time and hash seed (as DeepSpeed's), then the spec's own switches."""
+    env = {}
+    if variant.cuda:
+        toolkit = variant.family.cuda_toolkit(variant.cuda, SCRATCH)
+        env["CUDA_HOME"] = toolkit.home
+        if toolkit.host_compiler:
+            env["VLMBUILD_REAL_CXX"] = toolkit.host_compiler
+    how = variant.image.deepspeed_build
+    env.update({"CC": f"{BUILD_FILES_MOUNT}/portable-cxx", "CXX": f"{BUILD_FILES_MOUNT}/portable-cxx",
+                "VLMBUILD_MARCH": how.march, "VLMBUILD_SIMD": how.simd,
+                "SOURCE_DATE_EPOCH": str(BUILD_EPOCH), "PYTHONHASHSEED": "0"})
+    env.update(build.env)
+    return env
+
+
+def source_builds(variant: Variant, lock: Lockfile, plan: LayerPlan) -> list[SourceWheelBuild]:
+    """The source builds this build makes (the spec's, less --leave-out): each on the torch layer with its build
+    requirements (as locked) beside it, from the sdist the lockfile pins."""
+    builds = []
+    for name, how in sorted(variant.built_from_source.items()):
+        req = lock.get(name)
+        if req is None or req.url is not None or req.version != how.version:
+            raise VlmbuildError(f"{variant.lockfile_path}: {name} must be locked from the index as =={how.version} "
+                                "with its sdist's hash to be built from source: run `vlmbuild lock`")
+        missing = [n for n in how.build_requires if lock.get(n) is None]
+        if missing:
+            raise VlmbuildError(f"{variant.lockfile_path}: source_builds.{name}.build_requires names "
+                                f"{', '.join(missing)}, which the lockfile does not hold (add it to the variant's "
+                                "packages and run `vlmbuild lock`)")
+        torch_layer, in_torch_layer = torch_layer_of(variant, plan)
+        env = source_build_env(variant, how)
+        builds.append(SourceWheelBuild(name, req.version, f"lock/sdist-{name}.txt",
+                                       " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()),
+                                       torch_layer.stage, torch_layer.file, f"lock/{name}-build.txt",
+                                       [lock.get(n) for n in how.build_requires if n not in in_torch_layer], how.why))
+    return builds
+
+
 def plan_layers(variant: Variant, lock: Lockfile) -> LayerPlan:
     """The lock cut into layers installed in place (in order) and per-package layers (in order)."""
     chain: list[tuple[LayerFile, list[Requirement]]] = []
     packages: list[tuple[PackageLayer, Requirement]] = []
     buckets = _bucket(variant, lock)
     parent = "python-base"
+    built = {"deepspeed": "deepspeed-wheel", **{name: source_stage(name) for name in variant.source_builds}}
     for layer in variant.image.layers:
-        reqs = buckets[layer.name]
+        reqs = [r for r in buckets[layer.name] if r.name not in variant.leave_out]
         if not reqs:
             continue
         if layer.split:
             for req in _split_order(layer, reqs, variant):
                 packages.append((PackageLayer(req.name, req.version, f"pkg-{req.name}", f"lock/pkg-{req.name}.txt",
-                                              built=req.name == "deepspeed"), req))
+                                              built=built.get(req.name, "")), req))
             continue
+        in_place = sorted(set(built) & {r.name for r in reqs})
+        if in_place:
+            raise VlmbuildError(f"{variant.image.path}: layers: {in_place[0]} is built from its sdist in a stage of its "
+                                f"own and must sit in a split layer, not in {layer.name!r}")
         names = [r.name for r in reqs]
         summary = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
         index = len(chain) + 1
@@ -359,7 +438,7 @@ def plan_layers(variant: Variant, lock: Lockfile) -> LayerPlan:
         parent = stage
     if not chain:
         raise VlmbuildError(f"{variant.image.path}: layers: no layer installed in place holds a package (torch?)")
-    if not any(p.built for p, _ in packages):
+    if not any(p.built == "deepspeed-wheel" for p, _ in packages):
         raise VlmbuildError(f"{variant.image.path}: layers: deepspeed must sit in a split layer (it is built from "
                             "its sdist with its ops in a stage of its own)")
     return chain, packages
@@ -404,6 +483,8 @@ def render(variant: Variant, output: Path, base_image: str | None = None, lock: 
     chain, packages = plan_layers(variant, lock)
     builds = deepspeed_builds(variant, lock, (chain, packages))
     deepspeed = builds[0]
+    from_source = source_builds(variant, lock, (chain, packages))
+    wheel_files = {"deepspeed-wheel": deepspeed.lock_file, **{b.stage: b.lock_file for b in from_source}}
     toolkit = variant.family.cuda_toolkit(variant.cuda, SCRATCH) if variant.cuda else None
 
     # Render into a temporary sibling, then move into place: no half-written context on failure.
@@ -415,8 +496,10 @@ def render(variant: Variant, output: Path, base_image: str | None = None, lock: 
         for layer, reqs in chain:
             (staging / layer.file).write_text("\n".join(r.render() for r in reqs) + "\n")
         for package, req in packages:
-            (staging / (deepspeed.lock_file if package.built else package.file)).write_text(req.render() + "\n")
+            (staging / wheel_files.get(package.built, package.file)).write_text(req.render() + "\n")
         (staging / deepspeed.requires_file).write_text("".join(r.render() + "\n" for r in deepspeed.requirements))
+        for build in from_source:
+            (staging / build.requires_file).write_text("".join(r.render() + "\n" for r in build.requirements))
         (staging / "pip").mkdir()
         (staging / "pip" / "constraint.txt").write_text(pip_constraints(lock, tag))
         shutil.copytree(BUILD_FILES, staging / "build", ignore=shutil.ignore_patterns("__pycache__"))
@@ -461,6 +544,7 @@ def render(variant: Variant, output: Path, base_image: str | None = None, lock: 
                 package_layers=[package for package, _ in packages],
                 deepspeed=deepspeed,
                 deepspeed_extra=builds[1:],
+                source_builds=from_source,
                 cuda_toolkit=toolkit,
                 build_files=BUILD_FILES_MOUNT,
                 sbom=contract.SBOM_PATH,
@@ -479,5 +563,5 @@ def render(variant: Variant, output: Path, base_image: str | None = None, lock: 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return RenderResult(output, dockerfile, tag, lock, labels, key_versions(lock), [layer for layer, _ in chain],
-                        [package for package, _ in packages], [build.stage for build in builds])
+    return RenderResult(output, dockerfile, tag, lock, labels, key_versions(lock, variant.left_out), [layer for layer, _ in chain],
+                        [package for package, _ in packages], [b.stage for b in builds] + [b.stage for b in from_source])

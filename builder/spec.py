@@ -29,7 +29,10 @@ TOP_KEYS = {"schema", "name", "description", "repository", "template", "default_
             "labels", "defaults", "groups", "layers", "deepspeed_build", "variants"}
 REQUIRED_TOP = {"schema", "name", "repository", "template", "default_variant", "defaults", "layers", "variants"}
 VARIANT_KEYS = {"description", "expect", "base_image", "base_family", "python", "cuda", "platform", "tag", "packages",
-                "wheels", "imports", "cuda_archs"}
+                "wheels", "imports", "cuda_archs", "source_builds"}
+SOURCE_BUILD_KEYS = {"why", "build_requires", "env"}
+ENV_NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
+NAME_OF_PACKAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 ACCELERATORS = ("cpu", "cuda")
 CUDA_ARCHS_RE = re.compile(r"^\d+\.\d+(\+PTX)?(;\d+\.\d+(\+PTX)?)*$")
 BUILD_VAR_RE = re.compile(r"^DS_BUILD_[A-Z0-9_]+$")
@@ -86,6 +89,22 @@ class Wheel:
 
 
 @dataclass(frozen=True)
+class SourceBuild:
+    """A package built from the sdist the lockfile pins by sha256, where no index has a wheel that fits and no
+    wheel's sha256 could be pinned (flash-attn for cp313 and torch 2.6): in a stage of its own on the lock layer
+    that holds torch (and the CUDA toolkit), its wheel cached like DeepSpeed's, installed in a layer of its own.
+    A build given ``--leave-out NAME`` goes without it (its CUDA kernels take hours on a 2-core machine), and its
+    labels, report and `vlmbuild inspect` say so."""
+
+    name: str
+    version: str  # the == pin of the variant's packages
+    why: str
+    # what its setup.py imports to build, taken with their hashes from the lockfile, beside the torch layer
+    build_requires: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)  # its own build switches (arch list, jobs)
+
+
+@dataclass(frozen=True)
 class Layer:
     """A group of locked packages installed together. ``split``: one image layer per package, each built in a
     stage of its own, so that bumping one re-ships that package alone."""
@@ -124,6 +143,9 @@ class Variant:
     imports: tuple[str, ...] = ()  # modules the stack check imports: the stack's, then each group's
     cuda_archs: str | None = None  # TORCH_CUDA_ARCH_LIST for the CUDA ops compiled into the image
     base_family: str = DEFAULT_FAMILY  # vlmbuild.bases: the distribution family of base_image
+    source_builds: dict[str, SourceBuild] = field(default_factory=dict)
+    # the source builds this build goes without (--leave-out): named as left out like a wheel without its sha256
+    leave_out: frozenset[str] = frozenset()
 
     @property
     def family(self) -> BaseFamily:
@@ -141,8 +163,18 @@ class Variant:
 
     @property
     def left_out(self) -> dict[str, str]:
-        """What the spec names but this variant's image goes without: package -> 'url: why'."""
-        return {n: f"{w.url}: {w.left_out}" for n, w in sorted(self.wheels.items()) if w.left_out is not None}
+        """What the spec names but this variant's image goes without: package -> 'where from: why'."""
+        out = {n: f"{w.url}: {w.left_out}" for n, w in self.wheels.items() if w.left_out is not None}
+        for name in self.leave_out:
+            build = self.source_builds[name]
+            out[name] = (f"{name}=={build.version} from its sdist (sha256 in the lockfile), built from source because "
+                         f"{build.why}: left out of this build (--leave-out {name}); the release runner builds it")
+        return dict(sorted(out.items()))
+
+    @property
+    def built_from_source(self) -> dict[str, SourceBuild]:
+        """The source builds this build makes: the spec's, less those left out."""
+        return {n: b for n, b in self.source_builds.items() if n not in self.leave_out}
 
     @property
     def expected_rejected(self) -> bool:
@@ -479,6 +511,7 @@ def _load_variant(c: _Checker, image: ImageSpec, name: str, raw: Any, defaults: 
     platform, key = pick("platform")
     platform = c.string(platform, key, PLATFORM_RE, "a target such as x86_64-manylinux_2_28")
     packages, wheels = _variant_packages(c, image, k, raw, defaults)
+    source_builds = _variant_source_builds(c, k, raw.get("source_builds") or {}, packages)
     tag, key = pick("tag")
     tag = _variant_tag(c, c.string(tag, key, what="a tag template"), key, cuda, packages, wheels)
     raw_imports, key = pick("imports")
@@ -490,6 +523,7 @@ def _load_variant(c: _Checker, image: ImageSpec, name: str, raw: Any, defaults: 
         name=name, image=image, description=str(raw.get("description") or ""), expect=expect,
         base_image=base_image, python=python, cuda=cuda, platform=platform, tag_template=tag,
         packages=packages, wheels=wheels, imports=imports, cuda_archs=cuda_archs, base_family=base_family,
+        source_builds=source_builds,
     )
 
 
@@ -560,6 +594,34 @@ def _variant_packages(c: _Checker, image: ImageSpec, k: str, raw: Any,
             except InvalidVersion:
                 raise c.fail(f"{k}.packages.{n}", f"{s!r} is not a valid version") from None
     return packages, wheels
+
+
+def _names(c: _Checker, value: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(n, str) and NAME_OF_PACKAGE_RE.match(n) for n in value):
+        raise c.fail(key, f"expected a list of package names such as [setuptools, ninja], got {value!r}")
+    return tuple(canonicalize_name(n) for n in value)
+
+
+def _variant_source_builds(c: _Checker, k: str, raw: Any, packages: dict[str, str]) -> dict[str, SourceBuild]:
+    """Packages built from their locked sdist (vlmbuild.spec.SourceBuild): each one of the variant's packages,
+    pinned with ==."""
+    c.mapping(raw, f"{k}.source_builds")
+    out = {}
+    for name, body in raw.items():
+        key = f"{k}.source_builds.{name}"
+        c.mapping(body, key, allowed=SOURCE_BUILD_KEYS, required={"why", "build_requires"})
+        cname = canonicalize_name(str(name))
+        pin = packages.get(cname, "")
+        if not pin.startswith("==") or "*" in pin or "," in pin:
+            raise c.fail(key, f"builds {name} from its sdist, so the variant's packages must pin it with == (the "
+                              f"resolver is told its metadata for that version); packages has {pin or 'no pin'!r}")
+        env = c.mapping(body.get("env") or {}, f"{key}.env")
+        for var, value in env.items():
+            if not isinstance(var, str) or not ENV_NAME_RE.match(var) or not isinstance(value, str):
+                raise c.fail(f"{key}.env.{var}", f"expected NAME: \"value\" (a quoted string), got {value!r}")
+        out[cname] = SourceBuild(cname, pin[2:], c.string(body["why"], f"{key}.why", what="why, in words"),
+                                 _names(c, body["build_requires"], f"{key}.build_requires"), dict(env))
+    return out
 
 
 def _variant_tag(c: _Checker, tag: str, key: str, cuda: str | None, packages: dict, wheels: dict) -> str:

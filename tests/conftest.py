@@ -101,7 +101,7 @@ def repo_copy(tmp_path: Path) -> Path:
 
 def build_deepspeed_with_ops(python: Path, variant, lock, uv: str) -> Path:
     """DeepSpeed's wheel with the ops the CPU smoke loads compiled in (cpu_adam, deepspeed_shm_comm), by the helper
-    and environment the image build uses (build_files/build-deepspeed.sh): the smoke then compiles nothing at run
+    and environment the image build uses (build_files/build-sdist-wheel.sh): the smoke then compiles nothing at run
     time, so no test waits minutes for a JIT compile or loads one that another environment left in a shared
     cache. The wheel is kept under CACHE by its inputs, as the image build keeps it in a cache mount."""
     from vlmbuild.render import BUILD_FILES, deepspeed_build_env
@@ -112,10 +112,10 @@ def build_deepspeed_with_ops(python: Path, variant, lock, uv: str) -> Path:
     requirement = work / "in" / "deepspeed.txt"
     requirement.write_text(lock.get("deepspeed").render() + "\n")
     env = {**os.environ, **deepspeed_build_env(variant, str(BUILD_FILES)),
-           "VLMBUILD_PYTHON": str(python), "VLMBUILD_UV": uv, "VLMBUILD_DS_SRC": str(work / "src"),
+           "VLMBUILD_PYTHON": str(python), "VLMBUILD_UV": uv, "VLMBUILD_SRC": str(work / "src"),
            "PATH": f"{python.parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # ninja, from the venv
     started = time.monotonic()
-    proc = subprocess.run(["bash", str(BUILD_FILES / "build-deepspeed.sh"), str(requirement), str(work / "out"),
+    proc = subprocess.run(["bash", str(BUILD_FILES / "build-sdist-wheel.sh"), "deepspeed", str(requirement), str(work / "out"),
                            str(CACHE / "deepspeed-wheels"), str(lock.path)],
                           env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:

@@ -154,3 +154,24 @@ def test_upgrade_package_moves_only_that_package(repo_copy: Path):
     assert Version(upgraded.pins["accelerate"]) >= Version(old.version) > Version("1.14.0")
     assert [r for r in upgraded.requirements if r.name != "accelerate"] == \
         [r for r in before.requirements if r.name != "accelerate"]
+
+
+FLASH_ATTN_SDIST_SHA256 = "f03485c9a49a4d68d0733acdcad80ab0e72afa025a777fdc2966ceccf9d51765"  # PyPI's, 2025-01-30
+
+
+def test_a_source_build_is_locked_by_its_sdists_hash(tmp_path: Path, monkeypatch):
+    """A package the spec builds from source (flash-attn) is locked as PyPI's sdist, by its sha256, with what its
+    metadata requires (einops) beside it; read from the sdist's static metadata (PKG-INFO 2.2), never by running its
+    setup.py, which imports torch. uv's cache is empty, as on a fresh machine."""
+    monkeypatch.setenv("UV_CACHE_DIR", str(tmp_path / "uv-cache"))
+    spec = _tiny_spec(tmp_path, '    torch: "==2.6.0"\n    deepspeed: ""\n    transformers: ""\n', "py{python}")
+    spec.path.write_text(spec.path.read_text().replace("  good: {}\n", (
+        "  good:\n    packages:\n      flash-attn: \"==2.7.4.post1\"\n    source_builds:\n      flash-attn:\n"
+        "        why: no wheel fits\n        build_requires: [setuptools]\n")))
+    variant = load_spec(spec.path).variant("good")
+    assert list(variant.source_builds) == ["flash-attn"]
+    lock = read_lockfile(lock_variant(variant))
+    flash = lock.get("flash-attn")
+    assert flash.version == "2.7.4.post1" and flash.url is None
+    assert flash.hashes == (f"sha256:{FLASH_ATTN_SDIST_SHA256}",)
+    assert "einops" in lock.pins and lock.pins["torch"] == "2.6.0"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -52,7 +53,7 @@ def test_rendered_dockerfile_passes_hadolint(rendered, variant):
 
 def test_context_is_complete(rendered):
     ctx = rendered["local"].context
-    for rel in ("Dockerfile", "build/fetch_sdist.py", "build/build-deepspeed.sh", "build/portable-cxx",
+    for rel in ("Dockerfile", "build/fetch_sdist.py", "build/build-sdist-wheel.sh", "build/portable-cxx",
                 "build/build_ext.cfg", "lock/build-tools.txt", "lock/sdist-deepspeed.txt", "vlmbuild/lock.txt",
                 "vlmbuild/variant.json", "vlmbuild/bin/vlmbuild-smoke", "vlmbuild/lib/vlmbuild/smoke/worker.py",
                 "vlmbuild/lib/vlmbuild/rules/known_bad.yaml", "vlmbuild/lib/vlmbuild/lockfile.py", "vlmbuild/lib/vlmbuild/contract.py"):
@@ -71,14 +72,22 @@ def requirement_names(path: Path) -> list[str]:
     return [re.split(r"[=@ ]", line)[0] for line in path.read_text().splitlines() if "==" in line or " @ " in line]
 
 
-def test_layers_split_the_lock_exactly(rendered):
-    result = rendered["local"]
+@pytest.mark.parametrize("variant", ["local", "cu124"])
+def test_every_locked_package_is_in_exactly_one_layer(rendered, variant):
+    result = rendered[variant]
     names = []
     for layer in result.layers:
         names += requirement_names(result.context / layer.file)
     for package in result.packages:
-        names += requirement_names(result.context / ("lock/sdist-deepspeed.txt" if package.built else package.file))
+        lock_file = f"lock/sdist-{package.name}.txt" if package.built else package.file
+        names += requirement_names(result.context / lock_file)
     assert sorted(names) == sorted(r.name for r in result.lock.requirements)  # every package once, none missing
+    built = [p.name for p in result.packages if p.built]
+    assert built == (["deepspeed", "flash-attn"] if variant == "cu124" else ["deepspeed"])
+
+
+def test_layers_split_the_lock_exactly(rendered):
+    result = rendered["local"]
     assert [layer.name for layer in result.layers] == ["torch", "libraries"]
     assert "torch" in requirement_names(result.context / result.layers[0].file)
     # fast movers each in a layer of their own, the recipe's on top, the most often bumped last
@@ -128,7 +137,7 @@ def test_no_secret_in_the_context_and_none_in_the_released_stage(rendered, varia
     # built from the hash-checked sdist) and keeps its downloads in the cache mount, never in a layer
     for name, body in parts.items():
         for run in re.findall(r"^RUN (.*?)(?=^\S|\Z)", body, flags=re.M | re.S):
-            if "pip install" in run or "apt-get" in run or "build-deepspeed" in run:
+            if "pip install" in run or "apt-get" in run or "build-sdist-wheel" in run:
                 assert "--mount=type=secret,id=build-env" in run and "/run/secrets/build-env" in run, name
             if "uv pip install" in run:
                 assert "type=cache,id=vlmbuild-uv" in run, name
@@ -151,7 +160,67 @@ def test_deepspeed_is_built_with_the_variants_ops_for_a_portable_cpu(rendered):
     assert "deepspeed-wheel-cpu" not in rendered["local"].dockerfile
     for body in (local, cuda):
         assert "CXX=/tmp/vlmbuild/files/portable-cxx" in body and "VLMBUILD_MARCH=x86-64-v3" in body
-    assert "--no-build-isolation" in (rendered["local"].context / "build/build-deepspeed.sh").read_text()
+    assert "--no-build-isolation" in (rendered["local"].context / "build/build-sdist-wheel.sh").read_text()
+
+
+def test_flash_attn_is_built_from_its_locked_sdist_on_the_torch_layer_and_cached_like_deepspeed(rendered):
+    """The release builds flash-attn from PyPI's sdist (the lockfile's sha256): in a stage on the torch layer and the
+    CUDA toolkit, with its own switches, its wheel in the cache mount under its inputs' key; installed in a layer of
+    its own by its sha256, recorded in the image, and carried by a cross-machine build cache."""
+    result = rendered["cu124"]
+    stage = stages(result.dockerfile)["flash-attn-wheel"]
+    assert stage.startswith("layer-torch AS flash-attn-wheel")
+    assert "source=lock/sdist-flash-attn.txt" in stage and "build-sdist-wheel.sh flash-attn" in stage
+    assert "FLASH_ATTENTION_FORCE_BUILD=TRUE" in stage and "FLASH_ATTN_CUDA_ARCHS='80;90'" in stage
+    assert "CUDA_HOME=/usr" in stage and "VLMBUILD_REAL_CXX=g++-13" in stage
+    assert "id=vlmbuild-wheels,target=/var/cache/vlmbuild-wheels" in stage
+    sdist = (result.context / "lock/sdist-flash-attn.txt").read_text()
+    assert sdist.startswith("flash-attn==2.7.4.post1") and "--hash=sha256:f03485c9a49a4d68" in sdist
+    # its build requirements as locked, but what the torch layer holds already
+    torch_layer = set(requirement_names(result.context / "lock/layer-1-torch.txt"))
+    declared = load_spec(SPEC).variant("cu124").source_builds["flash-attn"].build_requires
+    assert requirement_names(result.context / "lock/flash-attn-build.txt") == [
+        n for n in declared if n not in torch_layer]
+    assert "wheel" in declared and "setuptools" in declared
+    package = stages(result.dockerfile)["pkg-flash-attn"]
+    assert "from=flash-attn-wheel,source=/wheels" in package and "--require-hashes" in package
+    final = stages(result.dockerfile)["final"]
+    assert "COPY --from=pkg-flash-attn /opt/venv/ /opt/venv/" in final
+    assert "wheels-flash-attn/SHA256SUMS >> /opt/vlmbuild/built-wheels.sha256" in final
+    assert "flash-attn-wheel" in result.wheel_stages and "flash-attn" in json.loads(
+        result.labels["io.vlmbuild.versions"])
+    assert "flash-attn-wheel" not in rendered["local"].dockerfile
+
+
+def test_a_build_that_leaves_flash_attn_out_is_the_same_dockerfile_without_it_and_says_so(rendered, tmp_path):
+    """--leave-out flash-attn (a machine that cannot afford hours of nvcc): the same template and lockfile, the
+    flash-attn stages unreferenced (BuildKit builds nothing of them), and the labels, variant.json and the versions
+    label say what is missing; pip's constraints still hold its locked version."""
+    from vlmbuild.options import leaving_out
+
+    full = rendered["cu124"]
+    [variant] = leaving_out([load_spec(SPEC).variant("cu124")], ["flash-attn"])
+    without = render(variant, tmp_path / "ctx")
+    assert "flash-attn-wheel" not in without.dockerfile and "pkg-flash-attn" not in without.dockerfile
+    assert "flash-attn-wheel" not in without.wheel_stages
+    full_lines = set(full.dockerfile.splitlines())
+    extra = [line for line in without.dockerfile.splitlines() if line not in full_lines]
+    assert all(line.startswith(("LABEL io.vlmbuild.versions=", "LABEL io.vlmbuild.left-out=")) for line in extra), extra
+    left_out = json.loads(without.labels["io.vlmbuild.left-out"])
+    assert list(left_out) == ["flash-attn"] and "--leave-out flash-attn" in left_out["flash-attn"]
+    assert "the release runner builds it" in left_out["flash-attn"]
+    assert "flash-attn" not in json.loads(without.labels["io.vlmbuild.versions"])
+    metadata = json.loads((without.context / "vlmbuild/variant.json").read_text())
+    assert list(metadata["left_out"]) == ["flash-attn"] and metadata["source_builds"] == ["flash-attn"]
+    assert "flash-attn==2.7.4.post1" not in metadata["packages"]
+    assert "flash-attn==2.7.4.post1" in (without.context / "pip/constraint.txt").read_text()
+    assert (without.context / "vlmbuild/lock.txt").read_text() == (full.context / "vlmbuild/lock.txt").read_text()
+
+
+def test_leaving_out_what_no_variant_builds_from_source_is_refused(cli):
+    result = cli("render", "vlm-r1", "--variant", "local", "--output", "/nonexistent/ctx", "--leave-out", "flash-attn")
+    assert result.code == 2 and "--leave-out flash-attn: no variant selected builds" in result.err
+    assert "vlm-r1/local: none" in result.err and "Traceback" not in result.err
 
 
 def test_deepspeed_is_built_from_torch_and_its_own_build_requirements_only(repo_copy: Path, tmp_path: Path):
@@ -185,7 +254,7 @@ def test_deepspeed_is_built_from_torch_and_its_own_build_requirements_only(repo_
 
 def test_a_build_requirement_the_lock_lacks_is_a_clear_error(repo_copy: Path, tmp_path: Path):
     spec_path = repo_copy / "images" / "vlm-r1.yaml"
-    text, count = re.subn(r"requires: \[[^\]]*\]", "requires: [setuptools, no-such-build-tool]", spec_path.read_text())
+    text, count = re.subn(r"(?m)^  requires: \[[^\]]*\]", "  requires: [setuptools, no-such-build-tool]", spec_path.read_text())
     assert count == 1
     spec_path.write_text(text)
     with pytest.raises(VlmbuildError, match="deepspeed_build.requires names no-such-build-tool"):

@@ -110,6 +110,16 @@ def test_lock_mismatches_name_each_package():
         "torch: locked 2.6.0, installed 2.5.1", "transformers: locked 4.49.0, not installed"]
 
 
+def test_a_left_out_package_must_be_absent_not_present():
+    """A build that left flash-attn out (--leave-out) holds its lock line but not the package: its absence is what
+    the image says; finding it installed anyway is a problem (something the labels deny is in the image)."""
+    lock = parse_lockfile("torch==2.6.0" + H + "\nflash-attn==2.7.4.post1" + H + "\n")
+    assert lock_mismatches(lock, {"torch": "2.6.0"}, left_out=["flash-attn"]) == []
+    assert lock_mismatches(lock, {"torch": "2.6.0"}) == ["flash-attn: locked 2.7.4.post1, not installed"]
+    assert lock_mismatches(lock, {"torch": "2.6.0", "flash-attn": "2.7.4.post1"}, left_out={"flash-attn": "why"}) == [
+        "flash-attn: the image says it goes without it (left out), but 2.7.4.post1 is installed"]
+
+
 class FakeCuda:
     """A stand-in for torch.cuda: no GPU exists on this machine, so the GPU path's decisions are tested
     against the values a real device reports (a mock only for what cannot exist here)."""

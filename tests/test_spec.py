@@ -28,14 +28,18 @@ def test_the_real_spec_loads_with_its_variants():
     cu = spec.variants["cu124"]
     assert cu.base_image == (
         "debian:trixie-slim@sha256:3a39a0592364683e6bab97937b72cad5a8fa6dcbbee90edb3bb48c7f8e94f258")
-    # flash-attn's cp313 wheel has no sha256 from two public records: named, left out, never installed unpinned
-    assert cu.wheels["flash-attn"].sha256 is None and "two independent public records" in cu.wheels["flash-attn"].left_out
-    assert not cu.installed_wheels and list(cu.left_out) == ["flash-attn"]
+    # flash-attn's cp313 wheel has no sha256 from two public records: built from PyPI's sdist, pinned by the lock;
+    # the spec leaves nothing out, a build given --leave-out flash-attn does
+    build = cu.source_builds["flash-attn"]
+    assert cu.packages["flash-attn"] == "==2.7.4.post1" and build.version == "2.7.4.post1"
+    assert "two independent public records" in build.why
+    assert build.env["FLASH_ATTN_CUDA_ARCHS"] == "80;90" and build.env["FLASH_ATTENTION_FORCE_BUILD"] == "TRUE"
+    assert not cu.wheels and not cu.left_out and list(cu.built_from_source) == ["flash-attn"]
     assert (cu.python, cu.cuda, cu.cuda_archs) == ("3.13", "12.4", "8.0;8.6;9.0")
     local = spec.variants["local"]
     assert (local.python, local.cuda) == ("3.11", None)
-    # the local variant is the same stack, not a fork: same packages, same template
-    assert local.packages == spec.variants["cu124"].packages
+    # the local variant is the same stack, not a fork: same packages (but cu124's CUDA kernels), same template
+    assert local.packages == {n: s for n, s in cu.packages.items() if n not in ("flash-attn", "wheel")}
     assert not local.wheels and local.base_image == "vlmbuild-local/debian:bookworm"
 
 

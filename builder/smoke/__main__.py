@@ -494,13 +494,16 @@ def run_verify_install(args: argparse.Namespace) -> int:
         lock = read_lockfile(lock_path)
     except LockfileError as exc:
         raise UsageProblem(str(exc)) from None
-    problems = verify_install(lock)
+    variant_path = default_paths()[1]
+    left_out = (json.loads(variant_path.read_text()).get("left_out") or {}) if variant_path else {}
+    problems = verify_install(lock, left_out)
     if problems:
         print(f"verify-install: the installed packages disagree with {lock_path}:", file=sys.stderr)
         for p in problems:
             print(f"  {p}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"verify-install: {len(lock.pins)} packages installed exactly as locked")
+    print(f"verify-install: {len(lock.pins) - len(left_out)} packages installed exactly as locked"
+          + (f", {', '.join(sorted(left_out))} left out (variant.json)" if left_out else ""))
     return EXIT_OK
 
 

@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
@@ -44,10 +45,17 @@ def modules_to_import(variant: dict[str, Any] | None, installed: dict[str, str])
     return modules
 
 
-def lock_mismatches(lock: Lockfile, installed: dict[str, str]) -> list[str]:
+def lock_mismatches(lock: Lockfile, installed: dict[str, str], left_out: Iterable[str] = ()) -> list[str]:
+    """Every locked package installed at its locked version, but those the image goes without (``left_out``, its
+    variant.json's: a source build a build here left out), which must then be absent."""
     problems = []
+    left_out = set(left_out)
     for req in sorted(lock.requirements, key=lambda r: r.name):
         have, pinned = installed.get(req.name), req.version
+        if req.name in left_out:
+            if have is not None:
+                problems.append(f"{req.name}: the image says it goes without it (left out), but {have} is installed")
+            continue
         if have is None:
             problems.append(f"{req.name}: locked {pinned}, not installed")
             continue
@@ -163,10 +171,11 @@ def declared_alternate(name: str, dists: list[metadata.Distribution], alternates
     return os.path.realpath(dist_location(dists[0])).startswith(os.path.realpath(where) + os.sep)
 
 
-def environment_problems(lock: Lockfile | None,
-                         alternates: dict[str, str] | None = None) -> tuple[dict[str, Any], list[str]]:
+def environment_problems(lock: Lockfile | None, alternates: dict[str, str] | None = None,
+                         left_out: Iterable[str] = ()) -> tuple[dict[str, Any], list[str]]:
     """(facts, problems) of the environment as a whole: duplicates (but ``alternates``, name -> the directory of
-    a declared second build), RECORD hashes and, given a lock, versions, unlocked distributions and direct URLs."""
+    a declared second build), RECORD hashes and, given a lock, versions (of all but ``left_out``), unlocked
+    distributions and direct URLs."""
     found = distributions_on_path()
     problems = []
     for name, dists in sorted(found.items()):
@@ -177,7 +186,7 @@ def environment_problems(lock: Lockfile | None,
     problems += record
     facts: dict[str, Any] = {"distributions": len(found), "files": {"checked": checked, "mismatches": len(record)}}
     if lock is not None:
-        mismatches = lock_mismatches(lock, {name: dists[0].version for name, dists in found.items()})
+        mismatches = lock_mismatches(lock, {name: dists[0].version for name, dists in found.items()}, left_out)
         unlocked = sorted(f"{name} {dists[0].version} ({dist_location(dists[0])})" for name, dists in found.items()
                           if name not in lock.pins and name != SMOKE_DISTRIBUTION)
         problems += mismatches + [f"{u}: installed but not in the lockfile" for u in unlocked]
@@ -187,8 +196,8 @@ def environment_problems(lock: Lockfile | None,
     return facts, problems
 
 
-def verify_install(lock: Lockfile) -> list[str]:
-    return environment_problems(lock)[1]
+def verify_install(lock: Lockfile, left_out: Iterable[str] = ()) -> list[str]:
+    return environment_problems(lock, left_out=left_out)[1]
 
 
 def _gpu_facts(torch: Any) -> tuple[dict[str, Any], list[str]]:
@@ -222,7 +231,7 @@ def check_stack(mode: str, lock: Lockfile | None, variant: dict[str, Any] | None
     details["versions"] = {k: installed.get(k) for k in (*contract.KEY_PACKAGES, "safetensors", "tokenizers")}
     build = deepspeed_build_for(variant, mode)
     alternates = {"deepspeed": build["path"]} if build and build.get("path") else {}
-    environment, env_problems = environment_problems(lock, alternates)
+    environment, env_problems = environment_problems(lock, alternates, ((variant or {}).get("left_out") or {}))
     details["files"] = environment["files"]
     details["lock"] = None if lock is None else {
         "path": str(lock.path), "sha256": lock.sha256, "packages": len(lock.pins),
