@@ -68,12 +68,20 @@ def docker_cli() -> tuple[list[str], dict[str, str]]:
     return builder_command()
 
 
-def build_naive(lock: Path, base: str, tag: str, nocache: bool, python: str = "3.11") -> float:
-    """The naive Dockerfile with the same lockfile on ``base`` (whose Python is ``python``); wall seconds."""
+def build_naive(lock: Path, base: str, tag: str, nocache: bool, python: str = "3.11",
+                without: tuple[str, ...] = ()) -> float:
+    """The naive Dockerfile with the same lockfile on ``base`` (whose Python is ``python``), less the packages
+    ``without`` (what the image compared with was built without: --leave-out); wall seconds."""
+    from vlmbuild.lockfile import read_lockfile
+
     ctx = Path(tempfile.mkdtemp(prefix="vlmbuild-naive-"))
     try:
         shutil.copy2(NAIVE / "Dockerfile", ctx / "Dockerfile")
-        shutil.copy2(lock, ctx / "requirements.txt")
+        if without:
+            kept = [r for r in read_lockfile(lock).requirements if r.name not in without]
+            (ctx / "requirements.txt").write_text("".join(r.render() + "\n" for r in kept))
+        else:
+            shutil.copy2(lock, ctx / "requirements.txt")
         ca = os.environ.get("SSL_CERT_FILE", "")
         (ctx / "build-ca.pem").write_bytes(Path(ca).read_bytes() if ca and Path(ca).is_file() else b"")
         prefix, env = docker_cli()

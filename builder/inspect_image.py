@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -122,7 +123,9 @@ def check_report(result: Inspection, report_bytes: bytes | None, labels: dict[st
 
 
 def check_lock_and_sbom(result: Inspection, lock_bytes: bytes | None, sbom_bytes: bytes | None,
-                        labels: dict[str, str]) -> None:
+                        labels: dict[str, str], left_out: Iterable[str] = ()) -> None:
+    """The lockfile and the SBOM are the ones the labels vouch for, and the SBOM lists every locked package at its
+    version, but those the image goes without (``left_out``: variant.json's), which it must not list."""
     lock = None
     if check_vouched(result, lock_bytes, "lockfile", contract.LOCK_PATH, labels.get(contract.LABEL_LOCK_SHA256),
                      "the lockfile hashes to the lock label"):
@@ -140,10 +143,15 @@ def check_lock_and_sbom(result: Inspection, lock_bytes: bytes | None, sbom_bytes
                  f"bomFormat {sbom.get('bomFormat')!r}, specVersion {sbom.get('specVersion')!r}")
     if lock is not None:
         components = {canonicalize_name(c.get("name", "")): c.get("version") for c in sbom.get("components", [])}
-        disagree = [f"{r.name}: locked {r.version}, SBOM {components.get(r.name)}" for r in lock.requirements
+        left_out = set(left_out)
+        held = [r for r in lock.requirements if r.name not in left_out]
+        disagree = [f"{r.name}: locked {r.version}, SBOM {components.get(r.name)}" for r in held
                     if components.get(r.name) is None
                     or Version(components[r.name]).public != Version(r.version).public]
-        result.check(not disagree, f"the SBOM lists the {len(lock.requirements)} locked packages at their versions",
+        disagree += [f"{name}: left out, but the SBOM lists {components[name]}" for name in sorted(left_out)
+                     if name in components]
+        result.check(not disagree, f"the SBOM lists the {len(held)} locked packages the image holds at their versions"
+                     + (f" ({', '.join(sorted(left_out))} left out, not listed)" if left_out else ""),
                      "; ".join(disagree[:5]))
 
 
@@ -237,12 +245,13 @@ def inspect_image(ref: str, engine: EngineAPI | None = None) -> Inspection:
                  labels.get(LABEL_IDENTITY) or "")
     files = engine.read_image_files(image_id, [contract.REPORT_PATH, contract.LOCK_PATH, contract.SBOM_PATH,
                                                contract.VARIANT_PATH, contract.BUILT_WHEELS_PATH])
+    variant = json.loads(files[contract.VARIANT_PATH] or b"{}")
     check_report(result, files[contract.REPORT_PATH], labels)
-    check_lock_and_sbom(result, files[contract.LOCK_PATH], files[contract.SBOM_PATH], labels)
+    check_lock_and_sbom(result, files[contract.LOCK_PATH], files[contract.SBOM_PATH], labels,
+                        (variant.get("left_out") or {}))
     result.check(bool(files[contract.BUILT_WHEELS_PATH]), "the sha256 of the wheel built from source is recorded",
                  (files[contract.BUILT_WHEELS_PATH] or b"").decode(errors="replace").strip())
     check_installed(engine, result)
-    variant = json.loads(files[contract.VARIANT_PATH] or b"{}")
     check_left_out(result, variant)
     result.release_differences = release_differences(result, variant)
     describe_layers(engine, result, variant)

@@ -135,6 +135,34 @@ def test_inspect_names_what_is_left_out_and_what_the_release_builds_otherwise(cl
     assert "the CUDA 12.4 toolkit" in result.out and "DeepSpeed built for the CPU accelerator" in result.out
 
 
+def test_a_flash_attn_wheel_without_its_kernels_is_built_through_the_stage_and_fails_the_gate(client, built_cu124,
+                                                                                              tmp_path):
+    """The flash-attn stage end to end but for nvcc (hours here): PyPI's sdist fetched by its locked sha256, built
+    without isolation against the torch layer, kept under its inputs' key, installed in its own layer from its
+    sha256. Built with its setup.py's FLASH_ATTENTION_SKIP_CUDA_BUILD, the wheel has no kernels (what a build whose
+    CUDA part went missing ships): the smoke's stack check fails importing flash_attn, naming flash_attn_2_cuda,
+    and nothing is tagged."""
+    import shutil
+
+    from conftest import REPO
+
+    root = tmp_path / "repo"
+    shutil.copytree(REPO / "images", root / "images")
+    shutil.copytree(REPO / "lockfiles", root / "lockfiles")
+    spec = root / "images" / "vlm-r1.yaml"
+    marker = '          FLASH_ATTN_CUDA_ARCHS: "80;90"'
+    assert marker in spec.read_text()
+    spec.write_text(spec.read_text().replace(marker, marker + '\n          FLASH_ATTENTION_SKIP_CUDA_BUILD: "TRUE"'))
+    repository = f"{CU_REPO}-no-kernels"
+    result = run_cli("--root", str(root), "build", "vlm-r1", "--variant", "cu124", "--base-image", LOCAL_TRIXIE,
+                     "--smoke-device", "cpu", "--repository", repository, timeout=3600)
+    out = result.out + result.err
+    assert result.code == 1 and "nothing was tagged" in out, out[-6000:]
+    assert "stage flash-attn-wheel: done" in out and "stage pkg-flash-attn: done" in out, out[-6000:]
+    assert "import flash_attn failed" in out and "flash_attn_2_cuda" in out, out[-6000:]
+    assert not [t for image in client.images.list() for t in image.tags if t.startswith(repository)]
+
+
 def test_a_push_refuses_what_the_image_goes_without(client, built_cu124):
     result = run_cli("push", "vlm-r1", "--variant", "cu124", "--repository", CU_REPO, "--base-image", LOCAL_TRIXIE,
                      "--leave-out", "flash-attn", "--allow-cpu-evidence", "--unsigned")

@@ -202,3 +202,39 @@ def test_on_github_actions_each_smoke_pass_is_a_fold_and_the_failing_check_an_an
     assert out.count("::endgroup::") == 2
     errors = [line for line in out if line.startswith("::error")]
     assert len(errors) == 1 and errors[0].startswith("::error title=smoke check zero3_load failed on CPU::")
+
+
+def test_inspect_holds_the_sbom_to_the_lock_but_for_what_the_image_left_out():
+    """`vlmbuild inspect` reads the SBOM against the lockfile: every locked package listed at its version, except
+    one the image says it goes without (--leave-out flash-attn), which the SBOM must then not list."""
+    import hashlib
+    import json
+
+    from vlmbuild import contract
+    from vlmbuild.inspect_image import Inspection, check_lock_and_sbom
+    from vlmbuild.release import LABEL_SBOM_SHA256
+
+    digest = "--hash=sha256:" + "a" * 64
+    lock = f"torch==2.6.0 {digest}\nflash-attn==2.7.4.post1 {digest}\n".encode()
+
+    def findings(components, left_out):
+        sbom = json.dumps({"bomFormat": "CycloneDX", "components": components}).encode()
+        labels = {contract.LABEL_LOCK_SHA256: hashlib.sha256(lock).hexdigest(),
+                  LABEL_SBOM_SHA256: hashlib.sha256(sbom).hexdigest()}
+        result = Inspection("img", "sha256:x")
+        check_lock_and_sbom(result, lock, sbom, labels, left_out)
+        return {f.what: (f.ok, f.detail) for f in result.findings}
+
+    torch = {"name": "torch", "version": "2.6.0"}
+    flash = {"name": "flash-attn", "version": "2.7.4.post1"}
+    everything = findings([torch, flash], ())
+    assert everything["the SBOM lists the 2 locked packages the image holds at their versions"] == (True, "")
+    missing = findings([torch], ())
+    assert missing["the SBOM lists the 2 locked packages the image holds at their versions"][0] is False
+    left = findings([torch], {"flash-attn": "why"})
+    assert left["the SBOM lists the 1 locked packages the image holds at their versions (flash-attn left out, "
+                "not listed)"] == (True, "")
+    denied = findings([torch, flash], {"flash-attn": "why"})
+    ok, detail = denied["the SBOM lists the 1 locked packages the image holds at their versions (flash-attn left "
+                        "out, not listed)"]
+    assert not ok and "flash-attn: left out, but the SBOM lists 2.7.4.post1" in detail

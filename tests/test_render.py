@@ -194,8 +194,8 @@ def test_flash_attn_is_built_from_its_locked_sdist_on_the_torch_layer_and_cached
 
 def test_a_build_that_leaves_flash_attn_out_is_the_same_dockerfile_without_it_and_says_so(rendered, tmp_path):
     """--leave-out flash-attn (a machine that cannot afford hours of nvcc): the same template and lockfile, the
-    flash-attn stages unreferenced (BuildKit builds nothing of them), and the labels, variant.json and the versions
-    label say what is missing; pip's constraints still hold its locked version."""
+    release's Dockerfile without the flash-attn stages and the final stage's lines that take from them; the labels,
+    variant.json and the versions label say what is missing; pip's constraints still hold its locked version."""
     from vlmbuild.options import leaving_out
 
     full = rendered["cu124"]
@@ -203,9 +203,12 @@ def test_a_build_that_leaves_flash_attn_out_is_the_same_dockerfile_without_it_an
     without = render(variant, tmp_path / "ctx")
     assert "flash-attn-wheel" not in without.dockerfile and "pkg-flash-attn" not in without.dockerfile
     assert "flash-attn-wheel" not in without.wheel_stages
-    full_lines = set(full.dockerfile.splitlines())
+    full_lines, without_lines = set(full.dockerfile.splitlines()), set(without.dockerfile.splitlines())
     extra = [line for line in without.dockerfile.splitlines() if line not in full_lines]
     assert all(line.startswith(("LABEL io.vlmbuild.versions=", "LABEL io.vlmbuild.left-out=")) for line in extra), extra
+    missing = [line for line in full.dockerfile.splitlines() if line not in without_lines]
+    final_lines = [line for line in missing if "flash-attn" in line and not line.startswith(("#", "FROM", "RUN"))]
+    assert "COPY --from=pkg-flash-attn /opt/venv/ /opt/venv/" in final_lines
     left_out = json.loads(without.labels["io.vlmbuild.left-out"])
     assert list(left_out) == ["flash-attn"] and "--leave-out flash-attn" in left_out["flash-attn"]
     assert "the release runner builds it" in left_out["flash-attn"]
