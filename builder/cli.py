@@ -10,7 +10,9 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -18,6 +20,9 @@ from . import __version__
 from .contract import DEFAULT_SMOKE_TIMEOUT, HEADLINE_PACKAGES
 from .errors import CheckFailed, VlmbuildError
 from .spec import ImageSpec, Variant, all_spec_paths, find_spec_path, load_spec
+
+if TYPE_CHECKING:
+    from .release import PushPolicy
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -108,6 +113,52 @@ def leave_out_option(fn: Callable) -> Callable:
         help="Build without this package the spec builds from its sdist (source_builds: flash-attn's CUDA kernels "
              "take hours on 2 cores); the labels, the report and inspect name it (repeatable; env "
              "VLMBUILD_LEAVE_OUT, space-separated).")(fn)
+
+
+@dataclass(frozen=True)
+class PushFlags:
+    """What `build --push` and `push` are told about what a push may accept and who signs it."""
+
+    allow_cpu_evidence: bool
+    allow_left_out: bool
+    sign_key: Path | None
+    sign_keyless: bool
+    unsigned: bool
+
+    def policy(self, pushing: bool = True) -> PushPolicy:
+        """The push policy; its signer is chosen (exactly one of the three flags) only when something is pushed."""
+        from .release import PushPolicy
+        from .signing import signer_from_flags
+
+        signer = signer_from_flags(self.sign_key, self.sign_keyless, self.unsigned) if pushing else None
+        return PushPolicy(self.allow_cpu_evidence, self.allow_left_out, signer)
+
+
+def push_policy_options(fn: Callable) -> Callable:
+    """The push flags of `build` and `push`, handed to the command as one PushFlags (``push_flags``)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, allow_cpu_evidence: bool, allow_left_out: bool, sign_key: Path | None, sign_keyless: bool,
+                unsigned: bool, **kwargs):
+        flags = PushFlags(allow_cpu_evidence, allow_left_out, sign_key, sign_keyless, unsigned)
+        return fn(*args, push_flags=flags, **kwargs)
+
+    options = [
+        click.option("--allow-cpu-evidence", is_flag=True,
+                     help="Allow pushing an image whose smoke ran on CPU only (build: with --push)."),
+        click.option("--allow-left-out", is_flag=True, help="Allow pushing an image that goes without something its "
+                     "spec names (see inspect; build: with --push)."),
+        click.option("--sign-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="Sign the pushed digest and attest its report and SBOM with this cosign key (password in "
+                          "COSIGN_PASSWORD; no transparency-log upload)."),
+        click.option("--sign-keyless", is_flag=True,
+                     help="Sign keyless (CI: the job's OIDC identity, Fulcio and Rekor)."),
+        click.option("--unsigned", is_flag=True, help="Push without a signature: evidence nothing binds to the digest."),
+    ]
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
 
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -299,14 +350,7 @@ def smoke(ctx: Context, image_ref: str | None, local: bool, python: str | None, 
 @click.option("--base-image", default=None, help="Build on this base instead of the spec's.")
 @click.option("--repository", default=None, help="Tag (and push) into this repository instead of the spec's.")
 @click.option("--push", is_flag=True, help="Push the tags that passed.")
-@click.option("--allow-cpu-evidence", is_flag=True, help="With --push: allow pushing an image validated on CPU only.")
-@click.option("--allow-left-out", is_flag=True,
-              help="With --push: allow pushing an image that goes without something its spec names (see inspect).")
-@click.option("--sign-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Sign the pushed digest and attest its report and SBOM with this cosign key (password in "
-                   "COSIGN_PASSWORD; no transparency-log upload).")
-@click.option("--sign-keyless", is_flag=True, help="Sign keyless (CI: the job's OIDC identity, Fulcio and Rekor).")
-@click.option("--unsigned", is_flag=True, help="Push without a signature: evidence nothing binds to the digest.")
+@push_policy_options
 @click.option("--keep-failed", is_flag=True, help="Keep a candidate that failed the smoke (untagged) for inspection.")
 @click.option("--smoke-timeout", type=int, default=None, help="Kill the smoke after SECONDS (default: the spec's).")
 @click.option("--repeat", type=click.IntRange(1, 20), default=None,
@@ -328,20 +372,17 @@ def smoke(ctx: Context, image_ref: str | None, local: bool, python: str | None, 
 @pass_ctx
 @guarded
 def build(ctx: Context, image: str, variants: tuple[str, ...], smoke_device: str | None, base_image: str | None,
-          repository: str | None, push: bool, allow_cpu_evidence: bool, allow_left_out: bool, keep_failed: bool,
-          smoke_timeout: int | None, repeat: int | None, model_dir: Path | None, rebuild: bool, report: Path | None,
-          ignore_rules: bool, nocache: bool, sign_key: Path | None, sign_keyless: bool, unsigned: bool,
-          cache_from: tuple[str, ...], cache_to: str | None, leave_out: tuple[str, ...]) -> None:
+          repository: str | None, push: bool, push_flags: PushFlags, keep_failed: bool, smoke_timeout: int | None,
+          repeat: int | None, model_dir: Path | None, rebuild: bool, report: Path | None, ignore_rules: bool,
+          nocache: bool, cache_from: tuple[str, ...], cache_to: str | None, leave_out: tuple[str, ...]) -> None:
     """Build, smoke and tag variants of IMAGE; an image that fails the smoke is never tagged."""
     from .build_cache import BuildCache
     from .gate import GateFailed
     from .options import build_options
     from .pipeline import build_variant, write_build_report
-    from .release import PushFailed, PushPolicy
-    from .signing import signer_from_flags
+    from .release import PushFailed
 
-    policy = PushPolicy(allow_cpu_evidence, allow_left_out,
-                        signer_from_flags(sign_key, sign_keyless, unsigned) if push else None)
+    policy = push_flags.policy(pushing=push)
     selected = ctx.variants(image, variants, include_rejected=False, leave_out=[n for n in leave_out if n])
     if not selected:
         raise VlmbuildError(f"{image}: no variant to build (all are marked 'expect: rejected'; name one with --variant)")
@@ -380,28 +421,19 @@ def build(ctx: Context, image: str, variants: tuple[str, ...], smoke_device: str
 @click.option("--variant", "variants", multiple=True, help="Push this variant (repeatable). Default: all buildable.")
 @click.option("--repository", default=None, help="The repository the image was tagged in (default: the spec's).")
 @click.option("--base-image", default=None, help="The base it was built on, if not the spec's.")
-@click.option("--allow-cpu-evidence", is_flag=True, help="Allow pushing an image whose smoke ran on CPU only.")
-@click.option("--allow-left-out", is_flag=True,
-              help="Allow pushing an image that goes without something its spec names (see inspect).")
-@click.option("--sign-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Sign the pushed digest and attest its report and SBOM with this cosign key (password in "
-                   "COSIGN_PASSWORD; no transparency-log upload).")
-@click.option("--sign-keyless", is_flag=True, help="Sign keyless (CI: the job's OIDC identity, Fulcio and Rekor).")
-@click.option("--unsigned", is_flag=True, help="Push without a signature: evidence nothing binds to the digest.")
+@push_policy_options
 @leave_out_option
 @pass_ctx
 @guarded
 def push(ctx: Context, image: str, variants: tuple[str, ...], repository: str | None, base_image: str | None,
-         allow_cpu_evidence: bool, allow_left_out: bool, sign_key: Path | None, sign_keyless: bool,
-         unsigned: bool, leave_out: tuple[str, ...]) -> None:
+         push_flags: PushFlags, leave_out: tuple[str, ...]) -> None:
     """Push the tags of IMAGE's variants that passed the smoke, signing the digest and attesting its report and SBOM
     before any moving tag is pushed; print each pushed digest."""
     from .engine import Engine
-    from .release import PushPolicy, push_tags
+    from .release import push_tags
     from .resolve import resolve_for_tags
-    from .signing import signer_from_flags
 
-    policy = PushPolicy(allow_cpu_evidence, allow_left_out, signer_from_flags(sign_key, sign_keyless, unsigned))
+    policy = push_flags.policy()
     engine = Engine()
     for variant in ctx.variants(image, variants, include_rejected=False, leave_out=[n for n in leave_out if n]):
         resolved = resolve_for_tags(variant, engine, base_image, repository)

@@ -130,6 +130,10 @@ def test_a_push_names_who_signs_it_before_anything_runs(cli):
     both = cli("push", "vlm-r1", "--variant", "local", "--unsigned", "--sign-keyless", env=env)
     assert both.code == 2 and "exclude each other" in both.err
     missing = cli("push", "vlm-r1", "--variant", "local", "--sign-key", "/nonexistent/cosign.key", env=env)
+    build_push = cli("build", "vlm-r1", "--variant", "local", "--push", env=env)
+    assert build_push.code == 2 and "--sign-keyless" in build_push.err and "Traceback" not in build_push.err
+    build_only = cli("build", "vlm-r1", "--variant", "local", "--smoke-timeout", "-1", env=env)
+    assert "--sign-key" not in build_only.err  # no push: no signer asked for
     assert missing.code == 2 and "/nonexistent/cosign.key: no such file" in missing.err
     verify = cli("inspect", "vlmbuild-test/x:y", "--verify", env=env)
     assert verify.code == 2 and "--certificate-identity" in verify.err
