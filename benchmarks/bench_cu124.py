@@ -43,6 +43,10 @@ LOCK = REPO / "lockfiles" / "vlm-r1" / "cu124.txt"
 # and the naive images compared with it go without it too
 LEFT_OUT = ("flash-attn",)
 STAGE_RE = re.compile(r"stage (\S+): done in")
+# nvidia/cuda cannot be pulled here: its size is taken from a public record, `docker image ls` after `docker pull
+# nvidia/cuda:12.4.1-cudnn-devel-ubuntu22.04` (image edd3b6bf59a6) in github.com/pinakinathc/learn_cuda's README.
+# Docker prints sizes in units of 1e9 bytes, as this script does.
+PUBLIC_NVIDIA_CUDA = ("nvidia/cuda:12.4.1-cudnn-devel-ubuntu22.04", 8.29e9, "pinakinathc/learn_cuda README")
 
 
 def stages_run(build: dict) -> list[str]:
@@ -142,9 +146,21 @@ def size(client, args, image: str) -> None:
     say(f"                   ours without the toolkit layer {(ours - toolkit_layer) / 1e9:.2f} GB | naive pip-only "
         f"{plain / 1e9:.2f} GB ({naive_plain:.0f}s) | {(ours - toolkit_layer) / plain:.3f}x (ours also holds the CPU "
         "DeepSpeed build, the compiled ops, the smoke and its evidence)")
+    say(public_comparison(ours, plain, client.images.get(LOCAL_BASE).attrs["Size"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print(f"written to {args.out}")
+
+
+def public_comparison(ours: float, naive_plain: float, base: float) -> str:
+    """nvidia/cuda's devel image plus the same stack, estimated: the public image's size and what the same
+    `pip install` added to our trixie base (the naive pip-only image less that base). An estimate, not a build:
+    Ubuntu 22.04's Python 3.10 wheels of the stack are about the size of the cp313 ones."""
+    ref, public, source = PUBLIC_NVIDIA_CUDA
+    stack = naive_plain - base
+    return (f"public comparison: {ref} {public / 1e9:.2f} GB ({source}) + the same stack {stack / 1e9:.2f} GB "
+            f"(naive pip-only less the {base / 1e9:.2f} GB base) = {(public + stack) / 1e9:.2f} GB, estimated | "
+            f"ours {ours / 1e9:.2f} GB | {ours / (public + stack):.3f}x")
 
 
 def remove_bench_images(client) -> None:
