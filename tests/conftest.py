@@ -53,9 +53,16 @@ def no_environment_leaks():
         os.environ.update(before)
 
 
+# Every process this session starts inherits this mark (each smoke's environment is built from os.environ), so the
+# orphan check below sees this session's ranks only: a second suite on the same machine (a developer's run beside a
+# CI run) once had its running smokes SIGKILLed by the other's check, and two fault tests failed for no fault.
+SESSION_MARK = f"VLMBUILD_TEST_SESSION={os.getpid()}".encode()
+os.environ["VLMBUILD_TEST_SESSION"] = str(os.getpid())
+
+
 def smoke_ranks_running() -> list[int]:
-    """The smoke's rank processes running on this host outside any container (those in a container are the docker
-    tests' to remove)."""
+    """This session's smoke rank processes running on this host outside any container (those in a container are the
+    docker tests' to remove)."""
     own = os.readlink("/proc/self/ns/pid")
     pids = []
     for entry in Path("/proc").iterdir():
@@ -63,7 +70,8 @@ def smoke_ranks_running() -> list[int]:
             continue
         try:
             if (b"vlmbuild.smoke.worker" in (entry / "cmdline").read_bytes().split(b"\0")
-                    and os.readlink(entry / "ns" / "pid") == own):
+                    and os.readlink(entry / "ns" / "pid") == own
+                    and SESSION_MARK in (entry / "environ").read_bytes().split(b"\0")):
                 pids.append(int(entry.name))
         except OSError:
             continue  # gone meanwhile, or not ours to read

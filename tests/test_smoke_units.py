@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from conftest import smoke_ranks_running
 from vlmbuild import contract
 from vlmbuild.lockfile import parse_lockfile
 from vlmbuild.smoke import report as report_mod
@@ -363,3 +367,21 @@ def test_the_declared_second_deepspeed_is_no_duplicate(tmp_path):
     assert not declared_alternate("deepspeed", [dist("0.15.4", cpu), dist("0.19.8", venv)], {"deepspeed": str(cpu)})
     assert not declared_alternate("deepspeed", [dist("0.19.8", venv), dist("0.19.8", cpu)], {"deepspeed": str(cpu)})
     assert not declared_alternate("deepspeed", pair + [dist("0.19.8", tmp_path)], {"deepspeed": str(cpu)})
+
+
+def test_the_orphan_check_sees_this_sessions_ranks_only():
+    """Each test fails (and kills them) when this session's smoke ranks are left running; a smoke of another test
+    session on the same machine is not this session's to kill (one beside a CI run once killed its fault tests)."""
+    rank_like = ["bash", "-c", "sleep 60; :", "vlmbuild.smoke.worker"]  # a rank's cmdline mark, nothing imported
+    ours = subprocess.Popen(rank_like)
+    theirs = subprocess.Popen(rank_like, env={**os.environ, "VLMBUILD_TEST_SESSION": "another"})
+    try:
+        deadline = time.monotonic() + 10
+        while ours.pid not in smoke_ranks_running():
+            assert time.monotonic() < deadline, "this session's rank-like process was never seen"
+            time.sleep(0.05)
+        assert theirs.pid not in smoke_ranks_running()
+    finally:
+        for proc in (ours, theirs):
+            proc.kill()
+            proc.wait()
