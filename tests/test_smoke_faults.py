@@ -6,7 +6,10 @@ its check with that check's own message and no other check's.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -131,3 +134,18 @@ def test_a_patched_file_an_unlocked_package_and_a_duplicate_each_fail_the_stack_
         f"iniconfig 2.1.0 ({layer}/iniconfig-2.1.0.dist-info): installed but not in the lockfile",
     ]), problems
     assert stack["details"]["files"]["mismatches"] == 1 and stack["details"]["lock"]["unlocked"] == 1
+
+
+# ------------------------------------------------------------------ the ranks' end
+
+def test_a_rank_whose_teardown_would_abort_ends_with_the_status_its_checks_earned(cli, stack_python, tmp_path):
+    """gloo's worker threads can abort a rank in the interpreter's teardown after it reported every check
+    (pytorch/pytorch#179291; it failed a CI run once). The ranks end before that teardown, so the run's verdict is
+    its checks'. The fault is first seen to abort a plain process with RANK set, so it is not idle here."""
+    fault = faulty("teardown-abort")
+    plain = subprocess.run([str(stack_python), "-c", "import torch.distributed"], capture_output=True, text=True,
+                           env={**os.environ, **fault, "RANK": "0"}, timeout=300)
+    assert plain.returncode == -signal.SIGABRT, plain.stderr[-2000:]
+    result, report = smoke(cli, stack_python, tmp_path, "--checks", "zero3_load", env=fault)
+    assert result.code == 0, result.out[-3000:]
+    assert by_name(report)["zero3_load"]["status"] == "passed"

@@ -36,6 +36,12 @@ Faults of the offload (check optimizer_offload) and of the prebuilt ops (check p
 - ``shm-incompatible``: DeepSpeed finds its ``deepspeed_shm_comm`` op incompatible and silently goes without it.
 - ``shm-jit``: DeepSpeed's build metadata says ``deepspeed_shm_comm`` is not built in: it is JIT-compiled.
 
+A fault of the ranks' end:
+
+- ``teardown-abort``: a rank (a process with ``RANK`` set) that imported torch.distributed aborts (SIGABRT) in
+  the interpreter's teardown, after everything it did: what gloo's worker threads can do to it
+  (pytorch/pytorch#179291, "terminate called without an active exception").
+
 Also ``VLMBUILD_FAULT_MISSING=mod1,mod2``: those modules cannot be imported (as in an environment that lacks
 them), whatever else is installed.
 
@@ -45,6 +51,7 @@ test cannot pass because the fault silently did nothing.
 
 from __future__ import annotations
 
+import atexit
 import importlib.abc
 import importlib.util
 import os
@@ -238,6 +245,11 @@ def _shm_jit(info):
     info.installed_ops["deepspeed_shm_comm"] = False
 
 
+def _teardown_abort(_dist):
+    if "RANK" in os.environ:
+        atexit.register(os.abort)
+
+
 LOADER = "transformers.modeling_utils"
 FAULTS = {"zero3-no-gather": (LOADER, _no_gather), "silent-corruption": (LOADER, _silent_corruption),
           "not-partitioned": (LOADER, _not_partitioned), "intermittent-corruption": (LOADER, _intermittent_corruption),
@@ -251,7 +263,8 @@ FAULTS = {"zero3-no-gather": (LOADER, _no_gather), "silent-corruption": (LOADER,
           "offload-dropped": ("transformers.integrations.deepspeed", _trainer_config(_offload_dropped)),
           "cpu-adam-no-step": ("deepspeed.ops.adam.cpu_adam", _cpu_adam_no_step),
           "shm-incompatible": ("deepspeed.ops", _shm_incompatible),
-          "shm-jit": ("deepspeed.git_version_info", _shm_jit)}
+          "shm-jit": ("deepspeed.git_version_info", _shm_jit),
+          "teardown-abort": ("torch.distributed", _teardown_abort)}
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
