@@ -4,9 +4,11 @@ transformers into a venv made here with uv; the docker tests talk to a real engi
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -335,3 +337,87 @@ def image_files_that_differ(client, first: str, second: str, roots: tuple[str, .
     differ = sorted(p for p in a.keys() | b.keys() if a.get(p) != b.get(p) and p not in made_by_the_engine)
     lines = [f"  {p}: {a.get(p)} != {b.get(p)}" for p in differ[:shown]]
     return f"{len(differ)} entries differ under {', '.join(roots)}:\n" + "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class LayerEntry:
+    layer: str  # which layer: "layer 3 of 21" (the base's first), or its file in the saved image
+    path: str  # relative to the root, as in the layer's tar ("opt/venv/..."); a deletion as ".wh.<name>"
+    is_dir: bool
+
+
+def layer_entries(client, ref: str) -> list[LayerEntry]:
+    """Every entry of every layer of an image, a file a later layer deletes included (it is still shipped).
+
+    Read from the engine's own layer directories where its overlay2 storage is on this machine (CI's and the
+    README's dockerd are): `docker save` would first write the whole image into the engine's tmp directory (12 GB
+    for cu124), and on a shared disk that once ran out of space mid-export and failed a CI run. Elsewhere (a remote
+    engine), the saved image, streamed."""
+    attrs = client.api.inspect_image(ref)
+    diff_ids = attrs["RootFS"]["Layers"]
+    dirs = _overlay2_layer_dirs(attrs)
+    if dirs is None:
+        return _saved_layer_entries(client, ref, len(diff_ids))
+    # One directory per layer, bottom up, or the image is not read whole.
+    assert len(dirs) == len(diff_ids), (ref, len(dirs), len(diff_ids))
+    entries = []
+    for index, top in enumerate(dirs):
+        for directory, subdirs, files in os.walk(top):
+            relative = os.path.relpath(directory, top)
+            for name in subdirs + files:
+                path = name if relative == "." else f"{relative}/{name}"
+                info = os.lstat(os.path.join(directory, name))
+                if stat.S_ISCHR(info.st_mode) and info.st_rdev == 0:  # overlayfs's whiteout: a deletion
+                    head, _, tail = path.rpartition("/")
+                    path = f"{head}/.wh.{tail}" if head else f".wh.{tail}"
+                entries.append(LayerEntry(f"layer {index + 1} of {len(dirs)}", path, stat.S_ISDIR(info.st_mode)))
+    return entries
+
+
+def _overlay2_layer_dirs(attrs: dict) -> list[Path] | None:
+    driver = attrs.get("GraphDriver") or {}
+    data = driver.get("Data") or {}
+    if driver.get("Name") != "overlay2" or not data.get("UpperDir"):
+        return None
+    top_first = [data["UpperDir"], *(data.get("LowerDir") or "").split(":")]
+    dirs = [Path(d) for d in reversed(top_first) if d]
+    return dirs if all(d.is_dir() for d in dirs) else None
+
+
+def _saved_layer_entries(client, ref: str, layers: int) -> list[LayerEntry]:
+    import tarfile
+
+    entries, seen = [], 0
+    stream = io.BufferedReader(_ChunkReader(client.api.get_image(ref, chunk_size=1 << 20)), buffer_size=1 << 20)
+    with tarfile.open(fileobj=stream, mode="r|") as outer:
+        for member in outer:
+            if not (member.name.endswith("layer.tar") and member.isfile()):
+                continue
+            seen += 1
+            with tarfile.open(fileobj=outer.extractfile(member), mode="r|") as layer:
+                for e in layer:
+                    path = e.name.removeprefix("./").rstrip("/")  # an imported base's tar names "./usr/..."
+                    if path not in ("", "."):
+                        entries.append(LayerEntry(member.name, path, e.isdir()))
+    assert seen == layers, (ref, seen, layers)
+    return entries
+
+
+class _ChunkReader(io.RawIOBase):
+    """A raw file over the engine's byte stream, for tarfile's stream mode."""
+
+    def __init__(self, chunks) -> None:
+        super().__init__()
+        self.chunks, self.buf = iter(chunks), b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self.buf:
+            self.buf = next(self.chunks, b"")
+            if not self.buf:
+                return 0
+        n = min(len(b), len(self.buf))
+        b[:n], self.buf = self.buf[:n], self.buf[n:]
+        return n

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 # the session's engine fixture, `client`, is in conftest too
-from conftest import OWNER, REPO, TEST_REPO, compiled_at_import, image_files_that_differ, run_cli
+from conftest import OWNER, REPO, TEST_REPO, compiled_at_import, image_files_that_differ, layer_entries, run_cli
 
 pytestmark = pytest.mark.docker
 docker = pytest.importorskip("docker")
@@ -175,38 +175,36 @@ BUILD_ONLY = ("build-ca", "build-env", "vlmbuild-build", ".cache/pip", ".cache/u
               "run/secrets", "opt/build-tools", "vlmbuild-wheels", "tmp/wheels", "tmp/inputs")
 
 
-def scan_layers(image) -> list[str]:
-    """Every file, in every layer of the saved image, under a path only the build may use."""
-    found = []
-    stream = io.BufferedReader(_ChunkReader(image.save(named=False)), buffer_size=1 << 20)
-    with tarfile.open(fileobj=stream, mode="r|") as outer:
-        for member in outer:
-            if not member.name.endswith(".tar") or not member.isfile():
-                continue
-            inner_file = outer.extractfile(member)
-            with tarfile.open(fileobj=inner_file, mode="r|") as layer:
-                for entry in layer:
-                    if not entry.isdir() and any(s in entry.name for s in BUILD_ONLY):
-                        found.append(f"{member.name}: {entry.name}")
-    return found
+def scan_layers(client, ref: str) -> list[str]:
+    """Every file, in every layer of the image, under a path only the build may use."""
+    return [f"{e.layer}: {e.path}" for e in layer_entries(client, ref)
+            if not e.is_dir and any(s in e.path for s in BUILD_ONLY)]
 
 
-class _ChunkReader(io.RawIOBase):
-    def __init__(self, chunks):
-        self.chunks, self.buf = iter(chunks), b""
+def test_the_layer_scan_reads_what_docker_save_ships(client):
+    """The scans read the engine's layer directories (no export on a shared disk); they must see what a `docker
+    save` of the same image ships, layer by layer: a deletion (a whiteout), a symlink to a directory, the base."""
+    from conftest import _saved_layer_entries
 
-    def readable(self):
-        return True
+    dockerfile = (b"FROM vlmbuild-local/debian:bookworm\n"
+                  b"RUN mkdir -p /opt/a && echo x > /opt/a/f && ln -s /opt/a /opt/l\n"
+                  b"RUN rm /opt/a/f && rm -rf /usr/share/doc\n")
+    image, _ = client.images.build(fileobj=io.BytesIO(dockerfile), rm=True, labels={OWNER: "tests"})
+    try:
+        def per_layer(entries):
+            layers = {}
+            for e in entries:
+                layers.setdefault(e.layer, set()).add((e.path, e.is_dir))
+            return sorted(sorted(layer) for layer in layers.values())
 
-    def readinto(self, b):
-        while not self.buf:
-            try:
-                self.buf = next(self.chunks)
-            except StopIteration:
-                return 0
-        n = min(len(b), len(self.buf))
-        b[:n], self.buf = self.buf[:n], self.buf[n:]
-        return n
+        read = layer_entries(client, image.id)
+        saved = _saved_layer_entries(client, image.id, len(image.attrs["RootFS"]["Layers"]))
+        assert per_layer(read) == per_layer(saved)
+        assert {("opt/a/.wh.f", False), ("usr/share/.wh.doc", False), ("opt/l", False)} <= {
+            (e.path, e.is_dir) for e in read}
+        assert len({e.layer for e in read}) == 3
+    finally:
+        client.images.remove(image.id, force=True)
 
 
 def extra_host_cas() -> list[str]:
@@ -230,7 +228,7 @@ def test_final_image_holds_no_ca_no_proxy_no_cache(client, built_local):
     assert not any(k in env.upper() for k in ("PROXY", "SSL_CERT_FILE", "PIP_CERT", "TOKEN"))
     history = json.dumps(client.api.history(image.id))
     assert "build-ca" not in history and "vlmbuild-build" not in history and "PROXY" not in history.upper()
-    assert scan_layers(image) == []
+    assert scan_layers(client, image.id) == []
     # and no file anywhere in the image holds the certificates the build had to trust
     needles = extra_host_cas()
     script = ("test -z \"$(find /tmp /run/secrets /root/.cache /opt/build-tools -type f 2>/dev/null)\" && "
