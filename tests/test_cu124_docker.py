@@ -16,7 +16,17 @@ import re
 import time
 
 import pytest
-from conftest import BUILD_CACHE_KEPT, FAULTS, OWNER, REGISTRY, compiled_at_import, layer_entries, run_cli
+from conftest import (
+    BUILD_CACHE_KEPT,
+    CU124_MODULE_DISK,
+    FAULTS,
+    OWNER,
+    REGISTRY,
+    compiled_at_import,
+    layer_entries,
+    make_room,
+    run_cli,
+)
 
 pytestmark = [pytest.mark.docker, pytest.mark.cu124]
 
@@ -32,6 +42,7 @@ def built_cu124(client, tmp_path_factory):
     # This module runs last (conftest orders it): the local variant's build stages are no longer needed, and the
     # CUDA image's build adds about 25 GB. Disk is shared: keep only the most recently used part of the cache.
     client.api.prune_builds(keep_storage=BUILD_CACHE_KEPT)
+    make_room(client, CU124_MODULE_DISK, "the cu124 module")
     report = tmp_path_factory.mktemp("cu124") / "build.json"
     started = time.monotonic()
     # flash-attn's CUDA kernels take hours of nvcc on 2 cores: left out here, as the README's command leaves it out
