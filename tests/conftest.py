@@ -360,7 +360,7 @@ def layer_entries(client, ref: str) -> list[LayerEntry]:
     diff_ids = attrs["RootFS"]["Layers"]
     dirs = _overlay2_layer_dirs(attrs)
     if dirs is None:
-        return _saved_layer_entries(client, ref, len(diff_ids))
+        return saved_layer_entries(client, ref, len(diff_ids))
     # One directory per layer, bottom up, or the image is not read whole.
     assert len(dirs) == len(diff_ids), (ref, len(dirs), len(diff_ids))
     entries = []
@@ -387,7 +387,7 @@ def _overlay2_layer_dirs(attrs: dict) -> list[Path] | None:
     return dirs if all(d.is_dir() for d in dirs) else None
 
 
-def _saved_layer_entries(client, ref: str, layers: int) -> list[LayerEntry]:
+def saved_layer_entries(client, ref: str, layers: int) -> list[LayerEntry]:
     import tarfile
 
     entries, seen = [], 0

@@ -23,7 +23,16 @@ from pathlib import Path
 import pytest
 
 # the session's engine fixture, `client`, is in conftest too
-from conftest import OWNER, REPO, TEST_REPO, compiled_at_import, image_files_that_differ, layer_entries, run_cli
+from conftest import (
+    OWNER,
+    REPO,
+    TEST_REPO,
+    compiled_at_import,
+    image_files_that_differ,
+    layer_entries,
+    run_cli,
+    saved_layer_entries,
+)
 
 pytestmark = pytest.mark.docker
 docker = pytest.importorskip("docker")
@@ -184,8 +193,6 @@ def scan_layers(client, ref: str) -> list[str]:
 def test_the_layer_scan_reads_what_docker_save_ships(client):
     """The scans read the engine's layer directories (no export on a shared disk); they must see what a `docker
     save` of the same image ships, layer by layer: a deletion (a whiteout), a symlink to a directory, the base."""
-    from conftest import _saved_layer_entries
-
     dockerfile = (b"FROM vlmbuild-local/debian:bookworm\n"
                   b"RUN mkdir -p /opt/a && echo x > /opt/a/f && ln -s /opt/a /opt/l\n"
                   b"RUN rm /opt/a/f && rm -rf /usr/share/doc\n")
@@ -198,7 +205,7 @@ def test_the_layer_scan_reads_what_docker_save_ships(client):
             return sorted(sorted(layer) for layer in layers.values())
 
         read = layer_entries(client, image.id)
-        saved = _saved_layer_entries(client, image.id, len(image.attrs["RootFS"]["Layers"]))
+        saved = saved_layer_entries(client, image.id, len(image.attrs["RootFS"]["Layers"]))
         assert per_layer(read) == per_layer(saved)
         assert {("opt/a/.wh.f", False), ("usr/share/.wh.doc", False), ("opt/l", False)} <= {
             (e.path, e.is_dir) for e in read}
