@@ -69,6 +69,10 @@ class Check:
     # DeepSpeed was built with the ops this mode's accelerator loads; "cuda_ops": an image with CUDA ops compiled
     # in (any mode: the check needs no GPU)
     when: str = "any"
+    # A rank check that ends in other processes: "module:attribute" of ``fn(launch, record) -> record``, which the
+    # launcher calls once the ranks ended and the rank half passed (trainer_resume: fresh ranks resume the run the
+    # smoke's ranks saved). Its record is the check's.
+    finish: str = ""
 
 
 REGISTRY: dict[str, Check] = {}
@@ -78,6 +82,8 @@ _WHEN = ("any", "gpu", "repeat", "image", "cuda_ops")
 def register(check: Check) -> Check:
     if check.runs_in not in ("launcher", "ranks") or check.when not in _WHEN:
         raise ValueError(f"check {check.name}: runs_in launcher|ranks, when one of {_WHEN}")
+    if check.finish and check.runs_in != "ranks":
+        raise ValueError(f"check {check.name}: only a rank check has a finish")
     unknown = [n for n in check.needs if n not in REGISTRY]
     if unknown:
         raise ValueError(f"check {check.name} needs {unknown}, which are not registered before it")
@@ -152,6 +158,17 @@ register(Check("optimizer_offload", "one GRPO step with the recipe's zero3_offlo
                                     "partitions, the moments and the parameter shards are on the CPU",
                "ranks", f"{RANKS}:Smoke.check_optimizer_offload", f"{DETAIL}:detail_optimizer_offload",
                needs=("grpo",)))
+register(Check("lora", "the recipe's LoRA run (peft on every linear layer outside the vision tower, vision frozen) "
+                       "under its zero2.json (DeepSpeed's AdamW) and under ZeRO-3, 2 GRPO steps each: only the LoRA "
+                       "parameters trainable, every one moved, every base weight bit-identical to the checkpoint, the "
+                       "saved adapter on a fresh base model gives the trained model's logits",
+               "ranks", "vlmbuild.smoke.lora:check_lora", f"{DETAIL}:detail_lora", needs=("grpo",)))
+register(Check("trainer_resume", "the HF Trainer's own resume under ZeRO-3 (the recipe's zero3 config): a run saved "
+                                 "at step 2, resumed in fresh processes with train(resume_from_checkpoint=...), equals "
+                                 "the run that never stopped: step count, learning rate, data order, sampled tokens, "
+                                 "Adam moments and parameters (bit for bit on the CPU)",
+               "ranks", "vlmbuild.smoke.trainer_resume:check_trainer_resume", f"{DETAIL}:detail_trainer_resume",
+               needs=("grpo",), finish="vlmbuild.smoke.trainer_resume:finish_trainer_resume"))
 register(Check("attention", "flash_attention_2 against sdpa in bf16, vision tower and language model",
                "ranks", f"{RANKS}:Smoke.check_attention", f"{DETAIL}:detail_attention", needs=("zero3_load",),
                when="gpu"))
@@ -159,15 +176,16 @@ register(Check("zero3_repeat", "the ZeRO-3 load again in fresh processes (--repe
                                "to the checkpoint",
                "launcher", f"{LAUNCHER}:repeat_zero3_load", f"{DETAIL}:detail_zero3_repeat", needs=("zero3_load",),
                when="repeat"))
-# prebuilt_ops needs the checks that load the ops: train_step (fused_adam on GPU) and optimizer_offload (cpu_adam);
-# the CPU accelerator's deepspeed_shm_comm is loaded when the ranks start.
+# prebuilt_ops needs the checks that load the ops: train_step (fused_adam on GPU), optimizer_offload (cpu_adam) and
+# lora (fused_adam, on the CPU accelerator too: zero2.json's optimizer block); the CPU accelerator's
+# deepspeed_shm_comm is loaded when the ranks start.
 register(Check("prebuilt_ops", "every DeepSpeed op the image was built with was loaded by the checks that use it, "
                                "on every rank, from DeepSpeed's package, and nothing was compiled while they ran",
                "launcher", f"{LAUNCHER}:check_prebuilt_ops", f"{DETAIL}:detail_prebuilt_ops",
-               needs=("train_step", "optimizer_offload"), when="image"))
+               needs=("train_step", "optimizer_offload", "lora"), when="image"))
 
 # Which part of the smoke loads each DeepSpeed op an image may carry (for the prebuilt_ops check's messages).
-OP_LOADED_BY = {"fused_adam": "train_step (GPU)", "cpu_adam": "optimizer_offload",
+OP_LOADED_BY = {"fused_adam": "train_step (GPU) and lora (zero2.json's DeepSpeed AdamW)", "cpu_adam": "optimizer_offload",
                 "deepspeed_shm_comm": "the ranks' start (deepspeed.init_distributed, CPU accelerator)"}
 
 # A check's status. A check that passed only with a workaround the recipe applies (the attention check with

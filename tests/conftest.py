@@ -4,6 +4,7 @@ transformers into a venv made here with uv; the docker tests talk to a real engi
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
@@ -148,9 +149,15 @@ def stack_python() -> Path:
     from vlmbuild.lockfile import read_lockfile
     from vlmbuild.spec import load_spec
 
+    from vlmbuild.render import deepspeed_build_env
+
     variant = load_spec(REPO / "images" / "vlm-r1.yaml").variant("local")
     lock = read_lockfile(variant.lockfile_path)
-    venv = CACHE / f"stack-{lock.sha256[:16]}"
+    # Keyed by the lockfile and by how DeepSpeed is built (its ops): a venv kept from before an op was added to the
+    # spec would lack it, and only a fresh machine would see the smoke compile it.
+    build = sorted(deepspeed_build_env(variant, "-").items())
+    key = hashlib.sha256(f"{lock.sha256}\n{build}".encode()).hexdigest()[:16]
+    venv = CACHE / f"stack-{key}"
     python = venv / "bin" / "python"
     marker = venv / ".complete"
     if not marker.is_file():

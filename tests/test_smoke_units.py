@@ -69,8 +69,9 @@ def test_a_rank_that_dies_after_its_last_result_fails_the_run():
 
 def test_the_checks_each_mode_runs():
     assert contract.checks_for("cpu", flash_attention=True) == (
-        "stack", "zero3_load", "train_step", "checkpoint_resume", "grpo", "optimizer_offload")
-    assert contract.checks_for("gpu", flash_attention=False)[-1] == "optimizer_offload"
+        "stack", "zero3_load", "train_step", "checkpoint_resume", "grpo", "optimizer_offload", "lora",
+        "trainer_resume")
+    assert contract.checks_for("gpu", flash_attention=False)[-1] == "trainer_resume"
     assert contract.checks_for("gpu", flash_attention=True)[-1] == "attention"
 
 
@@ -188,7 +189,8 @@ def test_a_subset_of_checks_needs_what_it_depends_on():
         select_checks(applicable, "attention,zero3_load", "cpu")
     with pytest.raises(UsageProblem, match="unknown check"):
         select_checks(applicable, "nope", "cpu")
-    with pytest.raises(UsageProblem, match="prebuilt_ops needs train_step; prebuilt_ops needs optimizer_offload"):
+    with pytest.raises(UsageProblem, match="prebuilt_ops needs train_step; prebuilt_ops needs optimizer_offload; "
+                                           "prebuilt_ops needs lora"):
         select_checks(applicable, "prebuilt_ops", "cpu")
 
 

@@ -177,13 +177,14 @@ class Ranks:
     any rank starts (seconds, on every smoke). As torchrun does, when one rank fails the others are stopped."""
 
     def __init__(self, args: argparse.Namespace, mode: str, world: int, workdir: Path, checks: tuple[str, ...],
-                 extensions: Path, results: str = "results", model_dir: Path | None = None) -> None:
+                 extensions: Path, results: str = "results", model_dir: Path | None = None,
+                 extra: tuple[str, ...] = ()) -> None:
         self.args, self.world, self.checks = args, world, checks
         self.results_dir = workdir / results
         self.results_dir.mkdir()
         cmd = [sys.executable, "-m", "vlmbuild.smoke.worker", "--device", mode, "--workdir", str(workdir),
                "--results-dir", str(self.results_dir), "--timeout", str(max(60, int(args.timeout))),
-               "--checks", ",".join(checks)]
+               "--checks", ",".join(checks), *extra]
         model_dir = model_dir or (Path(args.model_dir) if args.model_dir else None)
         if model_dir:
             cmd += ["--model-dir", str(model_dir)]
@@ -242,9 +243,10 @@ class Ranks:
 
 
 def run_workers(args: argparse.Namespace, mode: str, world: int, workdir: Path, checks: tuple[str, ...],
-                extensions: Path, results: str = "results",
-                model_dir: Path | None = None) -> list[dict[str, Any]]:
-    return Ranks(args, mode, world, workdir, checks, extensions, results, model_dir).wait()
+                extensions: Path, results: str = "results", model_dir: Path | None = None,
+                extra: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Fresh ranks that run ``checks`` (``extra``: more worker arguments) and end; their merged records."""
+    return Ranks(args, mode, world, workdir, checks, extensions, results, model_dir, extra).wait()
 
 
 def read_rank_files(results_dir: Path, world: int) -> list[dict[str, Any] | None]:
@@ -389,6 +391,14 @@ def run_launcher_check(launch: Launch, name: str) -> dict[str, Any]:
     return contract.entry_point(contract.REGISTRY[name].run)(launch)
 
 
+def finish_rank_checks(launch: Launch) -> None:
+    """Each rank check with a ``finish`` whose rank half passed is completed by it (in processes of its own)."""
+    for index, record in enumerate(launch.records):
+        finish = contract.REGISTRY[record["name"]].finish
+        if finish and contract.check_passed(record):
+            launch.records[index] = contract.entry_point(finish)(launch, record)
+
+
 def run_planned(launch: Launch, planned: tuple[str, ...]) -> list[dict[str, Any]]:
     """The planned checks in the registry's order. The ranks start first (they import and load for a while);
     the launcher checks that come before the rank checks run here meanwhile, those after them once they ended."""
@@ -406,6 +416,7 @@ def run_planned(launch: Launch, planned: tuple[str, ...]) -> list[dict[str, Any]
     if ranks:
         launch.records += ranks.wait()
         launch.facts = ranks.facts
+        finish_rank_checks(launch)
     for name in planned[first_rank:]:
         if contract.REGISTRY[name].runs_in == "launcher":
             launch.records.append(run_launcher_check(launch, name))

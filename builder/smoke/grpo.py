@@ -25,6 +25,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,7 @@ def answer_reward(completions: list[str], answer: list[str], **_: Any) -> list[f
 def make_trainer_class() -> type:
     """``SmokeGRPOTrainer``, made at run time: trl is imported only when the check runs."""
     import torch
-    from accelerate.utils import gather
+    from accelerate.utils import gather, is_peft_model
     from transformers import AutoModelForCausalLM, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from trl import GRPOTrainer
     from trl.models import unwrap_model_for_generation
@@ -89,6 +90,9 @@ def make_trainer_class() -> type:
             self.completion_lengths: list[int] = []
             self.losses: list[float] = []
             self.rewards: list[list[float]] = []
+            # What each optimizer step of this process took, as the run saw it: the step's number, the learning
+            # rate it ran with, the dataset rows it got and the tokens it sampled (trainer_resume compares them).
+            self.step_log: list[dict[str, Any]] = []
 
         # -- generation and scoring (trl's _generate_and_score_completions, with images)
 
@@ -108,6 +112,9 @@ def make_trainer_class() -> type:
             self.generation_calls += 1
             prompt_len = encoded["input_ids"].size(1)
             completion_ids = out[:, prompt_len:]
+            self.step_log.append({"step": self.state.global_step + 1, "rows": [x["row"] for x in inputs],
+                                  "learning_rate": self.optimizer.param_groups[0]["lr"],
+                                  "completions": completion_ids.tolist()})
             if completion_ids.size(1) == 0:
                 # Every completion empty: nothing to score and no token to take a gradient on.
                 raise GrpoProblem(f"generation under ZeRO-3 returned no new token for any of {len(inputs)} prompt(s) "
@@ -139,9 +146,14 @@ def make_trainer_class() -> type:
                 "completion_mask": completion_mask,
                 "advantages": advantages,
             }
-            if self.ref_model is not None:
-                with torch.no_grad():
+            with torch.no_grad():
+                if self.ref_model is not None:
                     batch["ref_logps"] = self.completion_logps(self.ref_model, batch)
+                elif is_peft_model(self.model):
+                    # A LoRA run has no reference model of its own: the base model is the policy with its adapter
+                    # disabled (what trl and VLM-R1 do).
+                    with self.accelerator.unwrap_model(self.model).disable_adapter():
+                        batch["ref_logps"] = self.completion_logps(self.model, batch)
             return batch
 
         def completion_logps(self, model: Any, batch: dict[str, Any]) -> Any:
@@ -176,14 +188,21 @@ def prompt_dataset(count: int) -> Any:
 
     images = tiny_model.tiny_images(count)
     return Dataset.from_list([
-        {"prompt": tiny_model.chat_prompt(QUESTIONS[i % len(QUESTIONS)]), "image": images[i],
+        {"row": i, "prompt": tiny_model.chat_prompt(QUESTIONS[i % len(QUESTIONS)]), "image": images[i],
          "answer": ANSWERS[i % len(ANSWERS)]}
         for i in range(count)
     ])
 
 
+# Gradient checkpointing as the smoke's full fine-tuning runs it. A LoRA run takes the recipe's own (VLM-R1 passes no
+# gradient_checkpointing_kwargs: transformers 4.49's default, reentrant), the one PEFT under ZeRO-3 needs before
+# DeepSpeed 0.19.3 (non-reentrant recomputes partitioned frozen weights as [0]: huggingface/transformers#47254).
+NON_REENTRANT = {"use_reentrant": False}
+
+
 def training_args(output_dir: Path, config_name: str, steps: int, world: int, gpu: bool, bf16: bool,
-                  seed: int) -> Any:
+                  seed: int, checkpointing: dict[str, Any] | None = NON_REENTRANT, save_steps: int = 0) -> Any:
+    """The run's GRPOConfig; ``save_steps`` > 0 saves a Trainer checkpoint every that many steps (else none)."""
     from trl import GRPOConfig
 
     return GRPOConfig(
@@ -199,11 +218,12 @@ def training_args(output_dir: Path, config_name: str, steps: int, world: int, gp
         beta=BETA,
         bf16=bf16,
         gradient_checkpointing=True,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        gradient_checkpointing_kwargs=checkpointing,
         remove_unused_columns=False,
         logging_steps=1,
         report_to=[],
-        save_strategy="no",
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
         disable_tqdm=True,
         dataloader_num_workers=0,
         seed=seed,
@@ -212,9 +232,6 @@ def training_args(output_dir: Path, config_name: str, steps: int, world: int, gp
         # set up; the Accelerator still runs DeepSpeed because the TrainingArguments carry its plugin.
         **({} if gpu else {"use_cpu": True, "ddp_backend": "gloo"}),
     )
-
-
-
 
 
 def load_model(model_dir: Path, dtype: Any) -> Any:
@@ -252,21 +269,29 @@ def optimizer_name(trainer: Any) -> str:
 
 
 def train_grpo(model_dir: Path, processor: Any, output_dir: Path, config_name: str, steps: int, world: int,
-               gpu: bool, dtype: Any, seed: int = 42) -> tuple[Any, dict[str, Any]]:
-    """Train ``steps`` GRPO steps: (trainer, the gathered parameter digests before training)."""
+               gpu: bool, dtype: Any, seed: int = 42, wrap: Callable[[Any], Any] | None = None,
+               checkpointing: dict[str, Any] | None = NON_REENTRANT, save_steps: int = 0,
+               resume_from: Path | None = None) -> tuple[Any, dict[str, Any]]:
+    """Train ``steps`` GRPO steps: (trainer, the gathered parameter digests before training). ``wrap`` turns the
+    loaded model into the one trained (the LoRA run's ``get_peft_model``); ``resume_from`` is a Trainer checkpoint
+    that ``train`` resumes from, as the recipe's ``train(resume_from_checkpoint=...)`` does."""
     import torch
 
     from .weights import gathered_param_digests
 
-    args = training_args(output_dir, config_name, steps, world, gpu, dtype == torch.bfloat16, seed)
+    args = training_args(output_dir, config_name, steps, world, gpu, dtype == torch.bfloat16, seed, checkpointing,
+                         save_steps)
     model = load_model(model_dir, dtype)
+    if wrap is not None:
+        model = wrap(model)
     initial = gathered_param_digests(model)
     trainer = make_trainer_class()(
         model=model, processor=processor, args=args,
         reward_funcs=[format_reward, answer_reward],
         train_dataset=prompt_dataset(max(4, steps * NUM_GENERATIONS)),
     )
-    trainer.smoke_train_loss = float(trainer.train().training_loss)
+    resume = str(resume_from) if resume_from is not None else None
+    trainer.smoke_train_loss = float(trainer.train(resume_from_checkpoint=resume).training_loss)
     return trainer, initial
 
 

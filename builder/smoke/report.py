@@ -128,6 +128,23 @@ def detail_optimizer_offload(check: dict[str, Any]) -> str:
             f"{off.get('adam_step')}, {(off.get('adam_moments') or {}).get('count')} moments written); {where}")
 
 
+def detail_lora(check: dict[str, Any]) -> str:
+    legs = (check.get("details") or {}).get("legs") or {}
+    return "; ".join(
+        f"{d.get('config')}.json: {d.get('lora_parameters')} LoRA tensors on {d.get('targets')} layers moved, "
+        f"{d.get('base_parameters')} base weights unchanged, adapter reloaded to "
+        f"{(d.get('adapter') or {}).get('logits_relative_error', 0):.1e} of the logits"
+        for d in legs.values())
+
+
+def detail_trainer_resume(check: dict[str, Any]) -> str:
+    d = check.get("details") or {}
+    run, resume = d.get("run") or {}, d.get("resume") or {}
+    return (f"saved at {run.get('checkpoint')}, resumed in fresh processes to step {resume.get('global_step')}: "
+            f"learning rate, data rows, samples, {resume.get('optimizer_tensors_compared')} optimizer tensors and "
+            f"{resume.get('parameters_compared')} parameters equal to the uninterrupted run ({resume.get('compared')})")
+
+
 def detail_zero3_repeat(check: dict[str, Any]) -> str:
     d = check.get("details") or {}
     return f"{d.get('runs')} loads in fresh processes, every one bit-identical to the checkpoint"

@@ -185,18 +185,23 @@ class Smoke:
 
     # -- check 2: zero3_load
 
-    def make_tiny_checkpoint(self) -> None:
+    def make_tiny_checkpoint(self, directory: Path) -> Path:
         import torch
         import torch.distributed as dist
         from transformers import Qwen2_5_VLForConditionalGeneration
 
         # A repeated load (--repeat) reads the checkpoint the first run saved, in fresh processes.
-        if self.rank == 0 and not (self.model_dir / "config.json").is_file():
+        if self.rank == 0 and not (directory / "config.json").is_file():
             torch.manual_seed(0)
             model = Qwen2_5_VLForConditionalGeneration(tiny_model.tiny_config()).to(self.dtype)
-            model.save_pretrained(self.model_dir, safe_serialization=True)
+            model.save_pretrained(directory, safe_serialization=True)
             del model
         dist.barrier()
+        return directory
+
+    def tiny_model_dir(self) -> Path:
+        """The tiny checkpoint of this run (made when missing), also where --model-dir names a real one."""
+        return self.make_tiny_checkpoint(self.workdir / "tiny-model" if self.real_model else self.model_dir)
 
     def load_under_zero3(self, dtype: Any = None) -> Any:
         from transformers import Qwen2_5_VLForConditionalGeneration
@@ -222,7 +227,7 @@ class Smoke:
         import hashlib
 
         if not self.real_model:
-            self.make_tiny_checkpoint()
+            self.make_tiny_checkpoint(self.model_dir)
         reference = checkpoint_digests(self.model_dir)
         load_dtype = self.load_dtype()
         self.model = self.load_under_zero3(load_dtype)
@@ -269,9 +274,13 @@ class Smoke:
         return engine
 
     def batch(self) -> dict[str, Any]:
-        # A real checkpoint gets a short sequence; its own token ids (vision start, image) are used.
+        return self.batch_for(self.model.config)
+
+    def batch_for(self, config: Any) -> dict[str, Any]:
+        """The smoke's image+text sample for a model of ``config``. A real checkpoint gets a short sequence; its own
+        token ids (vision start, image) are used."""
         text_tokens = 8 if self.real_model else 12
-        return tiny_model.image_text_batch(self.device, self.dtype, config=self.model.config, text_tokens=text_tokens)
+        return tiny_model.image_text_batch(self.device, self.dtype, config=config, text_tokens=text_tokens)
 
     def train_steps(self, engine: Any, steps: int) -> list[float]:
         losses = []
@@ -404,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny-model", action="store_true", help="--model-dir holds the tiny model a first run saved")
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--checks", required=True, help="comma-separated check names, in the contract's order")
+    parser.add_argument("--resume-run", action="store_true",
+                        help="trainer_resume's second half: resume the Trainer run the smoke's ranks saved")
     args = parser.parse_args(argv)
 
     rank = int(os.environ.get("RANK", "0"))
