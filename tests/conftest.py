@@ -147,9 +147,8 @@ def stack_python() -> Path:
     $VLMBUILD_TEST_CACHE, since 5 GB of torch per test run would not fit the CI budget.
     """
     from vlmbuild.lockfile import read_lockfile
-    from vlmbuild.spec import load_spec
-
     from vlmbuild.render import deepspeed_build_env
+    from vlmbuild.spec import load_spec
 
     variant = load_spec(REPO / "images" / "vlm-r1.yaml").variant("local")
     lock = read_lockfile(variant.lockfile_path)

@@ -47,7 +47,6 @@ def end_state(trainer: Any) -> dict[str, Any]:
     """What a run ended with, on this rank: its steps as it saw them, its ZeRO-3 optimizer share (fp32 partitions
     and Adam moments) and every parameter, gathered."""
     from .weights import gathered
-
     from .worker import optimizer_snapshot
 
     module = trainer.model_wrapped.module
