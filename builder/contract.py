@@ -162,13 +162,13 @@ register(Check("lora", "the recipe's LoRA run (peft on every linear layer outsid
                        "under its zero2.json (DeepSpeed's AdamW) and under ZeRO-3, 2 GRPO steps each: only the LoRA "
                        "parameters trainable, every one moved, every base weight bit-identical to the checkpoint, the "
                        "saved adapter on a fresh base model gives the trained model's logits",
-               "ranks", "vlmbuild.smoke.lora:check_lora", f"{DETAIL}:detail_lora", needs=("grpo",)))
+               "ranks", "vlmbuild.smoke.lora:check_lora", f"{DETAIL}:detail_lora", needs=("zero3_load",)))
 register(Check("trainer_resume", "the HF Trainer's own resume under ZeRO-3 (the recipe's zero3 config): a run saved "
                                  "at step 2, resumed in fresh processes with train(resume_from_checkpoint=...), equals "
                                  "the run that never stopped: step count, learning rate, data order, sampled tokens, "
                                  "Adam moments and parameters (bit for bit on the CPU)",
                "ranks", "vlmbuild.smoke.trainer_resume:check_trainer_resume", f"{DETAIL}:detail_trainer_resume",
-               needs=("grpo",), finish="vlmbuild.smoke.trainer_resume:finish_trainer_resume"))
+               needs=("zero3_load",), finish="vlmbuild.smoke.trainer_resume:finish_trainer_resume"))
 register(Check("attention", "flash_attention_2 against sdpa in bf16, vision tower and language model",
                "ranks", f"{RANKS}:Smoke.check_attention", f"{DETAIL}:detail_attention", needs=("zero3_load",),
                when="gpu"))

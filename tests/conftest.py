@@ -111,9 +111,9 @@ def repo_copy(tmp_path: Path) -> Path:
 
 
 def build_deepspeed_with_ops(python: Path, variant, lock, uv: str) -> Path:
-    """DeepSpeed's wheel with the ops the CPU smoke loads compiled in (cpu_adam, deepspeed_shm_comm), by the helper
-    and environment the image build uses (build_files/build-sdist-wheel.sh): the smoke then compiles nothing at run
-    time, so no test waits minutes for a JIT compile or loads one that another environment left in a shared
+    """DeepSpeed's wheel with the ops the CPU smoke loads compiled in (cpu_adam, deepspeed_shm_comm, fused_adam), by
+    the helper and environment the image build uses (build_files/build-sdist-wheel.sh): the smoke then compiles nothing
+    at run time, so no test waits minutes for a JIT compile or loads one that another environment left in a shared
     cache. The wheel is kept under CACHE by its inputs, as the image build keeps it in a cache mount."""
     from vlmbuild.render import BUILD_FILES, deepspeed_build_env
 

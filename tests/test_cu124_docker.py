@@ -74,6 +74,7 @@ def test_the_release_variant_is_built_and_smoked_here(client, built_cu124):
     assert labels["org.opencontainers.image.base.name"] == LOCAL_TRIXIE
     checks = json.loads(labels["io.vlmbuild.smoke.checks"])
     assert checks["cuda_ops"] == "passed" and checks["prebuilt_ops"] == "passed", checks
+    assert checks["lora"] == "passed" and checks["trainer_resume"] == "passed", checks
     assert "attention" not in checks  # GPU only, and flash-attn is left out
     report = evidence(client, built_cu124["ref"])["passes"][0]
     by_name = {c["name"]: c for c in report["checks"]}
@@ -87,7 +88,8 @@ def test_the_release_variant_is_built_and_smoked_here(client, built_cu124):
     assert by_name["stack"]["details"]["deepspeed"]["built_for"] == "cpu"
     prebuilt = by_name["prebuilt_ops"]["details"]
     assert prebuilt["package"].startswith("/opt/deepspeed-cpu/") and prebuilt["compiled_at_run_time"] == []
-    assert set(prebuilt["loaded"]) == {"cpu_adam", "deepspeed_shm_comm"}
+    # fused_adam too: the CPU build carries the CPU accelerator's DeepSpeed AdamW, which lora's zero2.json leg trains with
+    assert set(prebuilt["loaded"]) == {"cpu_adam", "deepspeed_shm_comm", "fused_adam"}
 
 
 def test_the_released_image_compiles_no_module_at_import(client, built_cu124):

@@ -92,7 +92,8 @@ def test_build_tags_the_tested_image_with_its_evidence(client, built_local):
     assert json.loads(labels["io.vlmbuild.versions"])["torch"] == "2.6.0"
     assert json.loads(labels["io.vlmbuild.smoke.checks"]) == {
         "stack": "passed", "zero3_load": "passed", "train_step": "passed", "checkpoint_resume": "passed",
-        "grpo": "passed", "optimizer_offload": "passed", "zero3_repeat": "passed", "prebuilt_ops": "passed"}
+        "grpo": "passed", "optimizer_offload": "passed", "lora": "passed", "trainer_resume": "passed",
+        "zero3_repeat": "passed", "prebuilt_ops": "passed"}
     # the evidence file inside the image is the report the labels vouch for; the SBOM too
     import hashlib
 
@@ -119,12 +120,13 @@ def test_build_tags_the_tested_image_with_its_evidence(client, built_local):
 def test_deepspeed_ops_are_built_in_for_a_portable_cpu(client, built_local):
     """ds_report shows the CPU ops installed; cpu_adam holds no AVX-512 instruction although the build machine
     has AVX-512 (portable-cxx), and the image records the built wheel's sha256."""
-    script = ("DS_ACCELERATOR=cpu ds_report 2>/dev/null | grep -E '^(cpu_adam|deepspeed_shm_comm) ' | grep -c YES; "
+    script = ("DS_ACCELERATOR=cpu ds_report 2>/dev/null | grep -E '^(cpu_adam|deepspeed_shm_comm|fused_adam) ' "
+              "| grep -c YES; "
               "objdump -d /opt/venv/lib/python3.11/site-packages/deepspeed/ops/adam/cpu_adam_op.*.so | grep -c zmm; "
               "cat /opt/vlmbuild/built-wheels.sha256")
     out = client.containers.run(f"{TEST_REPO}:{built_local['tag']}", ["bash", "-c", script], remove=True,
                                 network_mode="none", labels={OWNER: "test"}).decode().split("\n")
-    assert out[0].strip() == "2", out
+    assert out[0].strip() == "3", out
     assert out[1].strip() == "0", out  # no zmm register: AVX2 code only
     assert re.match(r"^[0-9a-f]{64}  \./deepspeed-0\.19\.8-cp311-cp311-linux_x86_64\.whl$", out[2]), out
 

@@ -71,10 +71,93 @@ def test_an_offload_that_did_not_happen_fails_optimizer_offload(cli, stack_pytho
     assert '"adam_step": 0' in offload["error"] or fault == "offload-dropped"  # what was observed is in the message
 
 
+# ------------------------------------------------------------------ lora
+
+# Each fault's own findings (the check lists every one it makes, in one message).
+LORA_FAULTS = {
+    "lora-wrong-targets": ["LoRA under zero2.json: 1 of the recipe's 15 LoRA targets have no adapter, first: lm_head",
+                           "2 LoRA parameter(s) in the vision tower, first: base_model.model.visual.blocks.0.attn.qkv",
+                           "2 LoRA parameter(s) were not trained",
+                           "2 of 30 LoRA parameter(s) did not move in 2 steps"],
+    "lora-trains-base": ["LoRA under zero2.json: 1 parameter(s) besides the LoRA ones were trained, first: "
+                         "base_model.model.model.layers.0.mlp.up_proj.base_layer.weight",
+                         "1 base weight(s) changed in a LoRA run (not bit-identical to the checkpoint as loaded)"],
+    # ZeRO-3 only, as huggingface/peft#2450 was: the zero2 leg passes, the ZeRO-3 leg's reload gives other logits
+    "adapter-saved-empty": ["LoRA under zero3.json: the saved adapter loaded onto a fresh base model does not give the "
+                            "trained model's logits"],
+    "adapter-drops-tensor": ["LoRA under zero2.json: 1 of 30 LoRA parameter(s) are not in the adapter save_model "
+                             "wrote", "first: base_model.model.lm_head.lora_A.default.weight"],
+}
+
+
+@pytest.mark.parametrize("fault", sorted(LORA_FAULTS))
+def test_each_broken_part_of_the_lora_run_fails_lora_with_its_own_message(cli, stack_python, tmp_path, fault):
+    result, report = smoke(cli, stack_python, tmp_path, "--checks", "zero3_load,lora", env=faulty(fault))
+    assert result.code == 1, result.out[-3000:]
+    lora = by_name(report)["lora"]
+    assert lora["status"] == "failed", lora
+    for message in LORA_FAULTS[fault]:
+        assert message in lora["error"], (message, lora["error"])
+    others = {m for f, ms in LORA_FAULTS.items() if f != fault for m in ms[:1]}
+    assert not [m for m in others if m in lora["error"]], lora["error"]
+    assert lora.get("traceback") is None  # the check's finding, not a crash
+
+
+# ------------------------------------------------------------------ trainer_resume
+
+# Each fault's own finding. A resume that went wrong also ends with other Adam moments and parameters (and, where
+# the optimizer's state was not loaded, another learning rate: it lives in the optimizer's param groups): those are
+# consequences, allowed beside it; another fault's own finding is not.
+RESUME_FAULTS = {
+    "resume-no-optimizer": "the optimizer state is not the uninterrupted run's (8 of 8 entries)",
+    "resume-restarts-step": "the step count was not restored: the resumed run took steps [1, 2, 3] and ended at global "
+                            "step 3; the uninterrupted run took [3] after step 2 and ended at 3",
+    "resume-restarts-scheduler": "the scheduler was not restored: after step 3 it set learning rate 0.000666667 for the "
+                                 "next step, the uninterrupted run's 0",
+    "resume-no-skip": "the data order was not restored: step 3 took dataset rows [0], the uninterrupted run's [2]",
+    "resume-no-rng": "the random state was not restored: step 3 sampled other completions",
+    # the first half's own findings: the run that is to be resumed
+    "checkpoint-no-rng": "the Trainer's checkpoint at step 2 lacks rng_state_0.pth",
+    "trainer-sgd": "the run's optimizer (torch.optim.sgd.SGD) holds no Adam moments: resuming its state would prove "
+                   "nothing",
+    "trainer-stops-early": "the uninterrupted run took 1 steps, expected 3; the Trainer's checkpoint at step 2 lacks",
+}
+# The words that open each fault's own finding, where no other fault's run makes them too (the optimizer state and
+# the parameters differ after any resume that went another way: resume-no-optimizer's finding has none of its own).
+OPENINGS = {"resume-restarts-step": "the step count was not restored", "resume-no-skip": "the data order was not",
+            "resume-restarts-scheduler": "the scheduler was not restored", "resume-no-rng": "the random state was not",
+            "checkpoint-no-rng": "lacks rng_state", "trainer-sgd": "holds no Adam moments",
+            "trainer-stops-early": "steps, expected 3"}
+# A step count that restarted also takes the first rows again.
+ALSO_SEEN = {"resume-restarts-step": {"resume-no-skip"}}
+
+
+@pytest.mark.parametrize("fault", sorted(RESUME_FAULTS))
+def test_each_part_of_the_resume_that_does_not_happen_fails_trainer_resume(cli, stack_python, tmp_path, fault):
+    result, report = smoke(cli, stack_python, tmp_path, "--checks", "zero3_load,trainer_resume", env=faulty(fault))
+    assert result.code == 1, result.out[-3000:]
+    resume = by_name(report)["trainer_resume"]
+    assert resume["status"] == "failed" and RESUME_FAULTS[fault] in resume["error"], resume["error"]
+    allowed = ALSO_SEEN.get(fault, set()) | {fault}
+    assert not [m for f, m in OPENINGS.items() if f not in allowed and m in resume["error"]], resume["error"]
+    assert resume.get("traceback") is None
+
+
+def test_a_resume_with_torch_loads_weights_only_default_turned_off_fails_trainer_resume(cli, stack_python, tmp_path):
+    """torch 2.6's weights_only default is the path users' resumes take (and where DeepSpeed 0.15 broke): a run with
+    it turned off (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD) resumes fine and proves nothing of it, so it fails."""
+    result, report = smoke(cli, stack_python, tmp_path, "--checks", "zero3_load,trainer_resume",
+                           env={"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})
+    assert result.code == 1, result.out[-3000:]
+    error = by_name(report)["trainer_resume"]["error"]
+    assert "loaded a pickled object with torch.load's defaults: weights_only is off in this run" in error, error
+    assert "not restored" not in error and "not the uninterrupted run's" not in error
+
+
 # ------------------------------------------------------------------ prebuilt_ops
 
 
-PREBUILT_RUN = ("--checks", "zero3_load,train_step,grpo,optimizer_offload,prebuilt_ops")
+PREBUILT_RUN = ("--checks", "zero3_load,train_step,grpo,optimizer_offload,lora,prebuilt_ops")
 
 
 def test_an_op_deepspeed_silently_goes_without_fails_prebuilt_ops(stack_python, tmp_path):

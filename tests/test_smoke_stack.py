@@ -82,7 +82,7 @@ def test_good_stack_passes_every_check(good_run):
     assert report["passed"] is True
     checks = by_name(report)
     assert list(checks) == ["stack", "zero3_load", "train_step", "checkpoint_resume", "grpo", "optimizer_offload",
-                            "prebuilt_ops"]
+                            "lora", "trainer_resume", "prebuilt_ops"]
     for name, check in checks.items():  # every check says where it ran and on how many ranks
         assert (check["device"], check["world_size"]) == ("cpu", 1 if name == "stack" else 2), name
     stack = checks["stack"]["details"]
@@ -97,7 +97,7 @@ def test_good_stack_passes_every_check(good_run):
     assert checks["checkpoint_resume"]["details"]["optimizer_tensors_compared"] >= 2
     # the ops the image declares, each loaded on both ranks from DeepSpeed's own package, nothing compiled
     ops = checks["prebuilt_ops"]["details"]
-    assert set(ops["loaded"]) == {"cpu_adam", "deepspeed_shm_comm"} and ops["compiled_at_run_time"] == []
+    assert set(ops["loaded"]) == {"cpu_adam", "deepspeed_shm_comm", "fused_adam"} and ops["compiled_at_run_time"] == []
     for op, ranks in ops["loaded"].items():
         assert set(ranks) == {"0", "1"} and all(f.startswith(ops["package"] + "/ops/") for f in ranks.values()), op
     assert "RESULT: PASS on CPU (CPU only: not a GPU validation)" in result.out

@@ -10,7 +10,8 @@ vision keywords (``visual`` for Qwen2.5-VL) and is not an embedding, and wraps t
 from trl's own reference model under ZeRO-3 (what users combine with ``--use_peft`` when the model does not fit).
 
 Judged from what happened, each leg:
-- the trainable parameters are exactly the LoRA ones, on exactly the recipe's targets, none in the vision tower;
+- the parameters DeepSpeed's optimizer updates are exactly the LoRA ones, on exactly the recipe's targets, none in
+  the vision tower;
 - every LoRA parameter moved in the steps;
 - every base weight, gathered, is bit-identical to the weights as loaded from the checkpoint (zero3_load proves that
   load bit-exact; comparing with the loaded model rather than the file's names keeps a transformers that renames
@@ -22,7 +23,6 @@ Judged from what happened, each leg:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,10 +75,24 @@ def is_lora(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
 
 
+def optimized_names(engine: Any) -> list[str]:
+    """The parameters DeepSpeed's optimizer updates, by name: what trained, read from the engine (ZeRO-1/2 keep
+    them as ``bit16_groups``, ZeRO-3 as ``fp16_groups``). Not ``requires_grad`` after the run: peft's
+    ``disable_adapter``, which the reference log-probabilities go through, turns it back on for every adapter
+    parameter (``enable_adapters`` -> ``set_adapter``), trained or not."""
+    zero = engine.optimizer
+    groups = getattr(zero, "bit16_groups", None) or getattr(zero, "fp16_groups", None)
+    if groups is None:
+        raise CheckProblem(f"cannot tell which parameters {type(zero).__name__} updates (no bit16_groups or "
+                           "fp16_groups): nothing to judge the LoRA run's trainable parameters by")
+    ids = {id(p) for group in groups for p in group}
+    return [name for name, param in engine.module.named_parameters() if id(param) in ids]
+
+
 def lora_problems(targets: list[str], initial: dict[str, Any], trained: dict[str, Any],
                   trainable: list[str]) -> list[str]:
-    """What is wrong with a LoRA run, from the parameters before and after it (gathered digests) and the names that
-    required a gradient while it trained."""
+    """What is wrong with a LoRA run, from the parameters before and after it (gathered digests) and the ones the
+    optimizer updated."""
     problems = []
     lora = sorted(n for n in trained if is_lora(n))
     adapted = {n.split(".lora_")[0] for n in lora}
@@ -91,11 +105,11 @@ def lora_problems(targets: list[str], initial: dict[str, Any], trained: dict[str
         problems.append(f"{len(vision)} LoRA parameter(s) in the vision tower, first: {', '.join(vision[:5])}")
     extra = sorted(set(trainable) - set(lora))
     if extra:
-        problems.append(f"{len(extra)} parameter(s) besides the LoRA ones were trainable, first: "
+        problems.append(f"{len(extra)} parameter(s) besides the LoRA ones were trained, first: "
                         f"{', '.join(extra[:5])}")
     frozen = sorted(set(lora) - set(trainable))
     if frozen:
-        problems.append(f"{len(frozen)} LoRA parameter(s) were not trainable, first: {', '.join(frozen[:5])}")
+        problems.append(f"{len(frozen)} LoRA parameter(s) were not trained, first: {', '.join(frozen[:5])}")
     still = [n for n in lora if n in initial and initial[n]["sha256"] == trained[n]["sha256"]]
     if still:
         problems.append(f"{len(still)} of {len(lora)} LoRA parameter(s) did not move in {STEPS} steps, first: "
@@ -134,23 +148,33 @@ def logits(model: Any, batch: dict[str, Any]) -> Any:
         model.train(was_training)
 
 
-def adapter_problems(trainer: Any, adapter_dir: Path, model_dir: Path, batch: dict[str, Any], dtype: Any,
-                     lora: list[str]) -> tuple[list[str], dict[str, Any]]:
-    """Save the adapter as the recipe's Trainer does, load it onto a fresh base model, compare the logits."""
-    import torch
+def save_adapter(trainer: Any, adapter_dir: Path, lora: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """Save the adapter as the recipe's Trainer does (``save_model``); what is wrong with what it wrote."""
     import torch.distributed as dist
-    from peft import PeftModel
 
     from .weights import safetensors_digests
 
     trainer.save_model(str(adapter_dir))
     dist.barrier()
     weights = adapter_dir / "adapter_model.safetensors"
-    if not (adapter_dir / "adapter_config.json").is_file() or not weights.is_file():
-        present = sorted(p.name for p in adapter_dir.iterdir()) if adapter_dir.is_dir() else []
-        return [f"save_model wrote no adapter (adapter_config.json, adapter_model.safetensors) into {adapter_dir}; "
-                f"found {present}"], {}
-    saved = safetensors_digests(weights)
+    saved = safetensors_digests(weights) if weights.is_file() else {}
+    files = sorted(p.name for p in adapter_dir.iterdir()) if adapter_dir.is_dir() else []
+    # peft names a saved tensor without the adapter's name; with lm_head among the targets it saves lm_head's base
+    # weight beside them ("save_embedding_layers"), which is not a LoRA tensor.
+    unsaved = [n for n in lora if n.replace(".default.", ".") not in saved]
+    problems = []
+    if unsaved or not (adapter_dir / "adapter_config.json").is_file():
+        problems.append(f"{len(unsaved)} of {len(lora)} LoRA parameter(s) are not in the adapter save_model wrote "
+                        f"into {adapter_dir} (found {files}), first: {', '.join(unsaved[:5])}")
+    return problems, {"files": files, "tensors": len(saved)}
+
+
+def logits_problems(trainer: Any, adapter_dir: Path, model_dir: Path, batch: dict[str, Any],
+                    dtype: Any) -> tuple[list[str], dict[str, Any]]:
+    """The saved adapter, loaded onto a fresh base model outside DeepSpeed, against the trained model's logits."""
+    import torch
+    from peft import PeftModel
+
     trained_logits = logits(trainer.model_wrapped.module, batch)
     with outside_zero3(trainer.args):
         base = grpo.load_model(model_dir, dtype).to(batch["input_ids"].device)
@@ -158,44 +182,40 @@ def adapter_problems(trainer: Any, adapter_dir: Path, model_dir: Path, batch: di
     scale = float(trained_logits.abs().max()) or 1.0
     error = float((reloaded - trained_logits).abs().max()) / scale
     dtype_name = str(dtype).removeprefix("torch.")
-    facts = {"files": sorted(p.name for p in adapter_dir.iterdir()), "tensors": len(saved),
-             "logits_relative_error": error, "tolerance": LOGITS_TOLERANCE[dtype_name], "dtype": dtype_name,
-             "target_modules": len(json.loads((adapter_dir / "adapter_config.json").read_text())["target_modules"])}
-    problems = []
-    # peft names a saved tensor without the adapter's name; with lm_head among the targets it saves lm_head's base
-    # weight beside them ("save_embedding_layers"), which is not a LoRA tensor.
-    unsaved = [n for n in lora if n.replace(".default.", ".") not in saved]
-    if unsaved:
-        problems.append(f"{len(unsaved)} of {len(lora)} LoRA parameter(s) are not in the saved adapter, first: "
-                        f"{', '.join(unsaved[:5])}")
-    if not error <= LOGITS_TOLERANCE[dtype_name] or not torch.isfinite(reloaded).all():
-        problems.append(f"the saved adapter loaded onto a fresh base model does not give the trained model's logits: "
-                        f"largest difference {error:.3g} of the largest logit (tolerance "
-                        f"{LOGITS_TOLERANCE[dtype_name]:g} in {dtype_name})")
-    return problems, facts
+    tolerance = LOGITS_TOLERANCE[dtype_name]
+    facts = {"logits_relative_error": error, "tolerance": tolerance, "dtype": dtype_name}
+    if error <= tolerance and bool(torch.isfinite(reloaded).all()):
+        return [], facts
+    return [f"the saved adapter loaded onto a fresh base model does not give the trained model's logits: largest "
+            f"difference {error:.3g} of the largest logit (tolerance {tolerance:g} in {dtype_name})"], facts
 
 
 def train_leg(smoke: Any, leg: str, config: str) -> dict[str, Any]:
+    """One leg: train, save the adapter, then judge what the run left (a save that touched the weights counts)."""
     from .weights import gathered_param_digests
 
     output = smoke.workdir / f"lora-{leg}"
     trainer, initial = grpo.train_grpo(smoke.model_dir, smoke.processor(), output, config, STEPS, smoke.world,
                                        smoke.gpu, smoke.dtype, wrap=lambda m: wrap_with_lora(m, 42), checkpointing=None)
     module = trainer.model_wrapped.module
-    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    lora = [n for n, _ in module.named_parameters() if is_lora(n)]
+    problems, adapter = save_adapter(trainer, output / "adapter", lora)
+    trainable = optimized_names(trainer.model_wrapped)
     trained = gathered_param_digests(module)
-    problems = lora_problems(module.smoke_lora_targets, initial, trained, trainable)
-    saved, facts = adapter_problems(trainer, output / "adapter", smoke.model_dir, smoke.batch_for(module.config),
-                                    smoke.dtype, [n for n in trained if is_lora(n)])
-    problems += saved
+    problems += lora_problems(module.smoke_lora_targets, initial, trained, trainable)
+    if not problems:
+        wrong, facts = logits_problems(trainer, output / "adapter", smoke.model_dir, smoke.batch_for(module.config),
+                                       smoke.dtype)
+        problems += wrong
+        adapter.update(facts)
     if problems:
         raise CheckProblem(f"LoRA under {config}.json: " + "; ".join(problems))
     return {"config": config, "stage": grpo.resolved_config_facts(trainer)["stage"],
             "optimizer": grpo.optimizer_name(trainer), "steps": trainer.state.global_step,
-            "targets": len(module.smoke_lora_targets), "lora_parameters": sum(1 for n in trained if is_lora(n)),
-            "base_parameters": sum(1 for n in trained if not is_lora(n)), "trainable": len(trainable),
+            "targets": len(module.smoke_lora_targets), "lora_parameters": len(lora),
+            "base_parameters": len(trained) - len(lora), "trainable": len(trainable),
             "reference": "trl's reference model" if trainer.ref_model is not None else "the adapter disabled",
-            "losses": trainer.losses, "adapter": facts}
+            "losses": trainer.losses, "adapter": adapter}
 
 
 def check_lora(smoke: Any) -> dict[str, Any]:

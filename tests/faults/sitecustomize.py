@@ -36,6 +36,27 @@ Faults of the offload (check optimizer_offload) and of the prebuilt ops (check p
 - ``shm-incompatible``: DeepSpeed finds its ``deepspeed_shm_comm`` op incompatible and silently goes without it.
 - ``shm-jit``: DeepSpeed's build metadata says ``deepspeed_shm_comm`` is not built in: it is JIT-compiled.
 
+Faults of the LoRA run (check lora), each what a broken peft or a broken save does:
+
+- ``lora-wrong-targets``: peft puts the adapter on the vision tower's first linear layer in place of the first of
+  the targets it was given.
+- ``lora-trains-base``: peft leaves one base weight of the language model trainable beside the adapter.
+- ``adapter-saved-empty``: under ZeRO-3 only, the adapter is saved with every ``lora_B`` zero (what
+  huggingface/peft#2450 did to ``modules_to_save`` under ZeRO-3): files and names are all there, the trained update
+  is not.
+- ``adapter-drops-tensor``: the saved adapter lacks one LoRA tensor.
+
+Faults of the Trainer's resume (check trainer_resume), each a part of the resume that does not happen:
+
+- ``resume-no-optimizer``: the DeepSpeed checkpoint is loaded without its optimizer state (the weights are).
+- ``resume-restarts-step``: the trainer state loaded from the checkpoint starts again at step 0.
+- ``resume-restarts-scheduler``: a learning-rate scheduler's ``load_state_dict`` does nothing.
+- ``resume-no-skip``: the batches the run already took are not skipped (accelerate's ``skip_first_batches``).
+- ``resume-no-rng``: the checkpoint's RNG states are not loaded (what the Trainer does, silently, when a rank's
+  ``rng_state_<rank>.pth`` is missing).
+- ``checkpoint-no-rng``: the Trainer's checkpoint is saved without the RNG states.
+- ``trainer-sgd``: the HF Trainer makes SGD instead of the AdamW its arguments name (no Adam moments to resume).
+
 A fault of the ranks' end:
 
 - ``teardown-abort``: a rank (a process with ``RANK`` set) that imported torch.distributed aborts (SIGABRT) in
@@ -45,8 +66,8 @@ A fault of the ranks' end:
 Also ``VLMBUILD_FAULT_MISSING=mod1,mod2``: those modules cannot be imported (as in an environment that lacks
 them), whatever else is installed.
 
-Each fault fails loudly when what it patches is missing (transformers 4.49, DeepSpeed 0.19, trl 0.17), so a
-test cannot pass because the fault silently did nothing.
+Each fault fails loudly when what it patches is missing (transformers 4.49, DeepSpeed 0.19, trl 0.17, peft 0.14,
+accelerate 1.x), so a test cannot pass because the fault silently did nothing.
 """
 
 from __future__ import annotations
@@ -245,6 +266,117 @@ def _shm_jit(info):
     info.installed_ops["deepspeed_shm_comm"] = False
 
 
+def _lora_wrong_targets(mapping):
+    _require(mapping, "get_peft_model")
+    original = mapping.get_peft_model
+
+    def get_peft_model(model, peft_config, *args, **kwargs):
+        import torch
+
+        vision = next(n for n, m in model.named_modules() if "visual" in n and isinstance(m, torch.nn.Linear))
+        targets = sorted(peft_config.target_modules)
+        peft_config.target_modules = [vision, *targets[1:]]
+        return original(model, peft_config, *args, **kwargs)
+
+    mapping.get_peft_model = get_peft_model
+
+
+def _lora_trains_base(mapping):
+    _require(mapping, "get_peft_model")
+    original = mapping.get_peft_model
+
+    def get_peft_model(model, peft_config, *args, **kwargs):
+        wrapped = original(model, peft_config, *args, **kwargs)
+        _, param = next((n, p) for n, p in wrapped.named_parameters()
+                           if n.endswith("mlp.up_proj.base_layer.weight") and "visual" not in n)
+        param.requires_grad = True
+        return wrapped
+
+    mapping.get_peft_model = get_peft_model
+
+
+def _adapter_state(change):
+    """A fault of the adapter's state dict as peft saves it (get_peft_model_state_dict, which save_pretrained
+    calls)."""
+    def patch(save_and_load):
+        _require(save_and_load, "get_peft_model_state_dict")
+        original = save_and_load.get_peft_model_state_dict
+
+        def get_peft_model_state_dict(*args, **kwargs):
+            return change(dict(original(*args, **kwargs)))
+
+        save_and_load.get_peft_model_state_dict = get_peft_model_state_dict
+
+    return patch
+
+
+def _zero_lora_b_under_zero3(state):
+    import torch
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return state
+    return {k: (torch.zeros_like(v) if ".lora_B." in k else v) for k, v in state.items()}
+
+
+def _drop_one_lora_tensor(state):
+    state.pop(sorted(k for k in state if ".lora_A." in k)[0])
+    return state
+
+
+def _resume_no_optimizer(integration):
+    _require(integration, "deepspeed_load_checkpoint")
+    original = integration.deepspeed_load_checkpoint
+
+    def deepspeed_load_checkpoint(engine, checkpoint_path, *args, **kwargs):
+        load = engine.load_checkpoint
+        engine.load_checkpoint = lambda path, **kw: load(path, **{**kw, "load_optimizer_states": False})
+        try:
+            return original(engine, checkpoint_path, *args, **kwargs)
+        finally:
+            del engine.load_checkpoint
+
+    integration.deepspeed_load_checkpoint = deepspeed_load_checkpoint
+
+
+def _resume_restarts_step(callbacks):
+    _require(callbacks, "TrainerState")
+    original = callbacks.TrainerState.load_from_json.__func__
+
+    def load_from_json(cls, json_path):
+        state = original(cls, json_path)
+        state.global_step = 0
+        return state
+
+    callbacks.TrainerState.load_from_json = classmethod(load_from_json)
+
+
+def _resume_restarts_scheduler(schedulers):
+    _require(schedulers, "LambdaLR", "LRScheduler")
+    for cls in (schedulers.LRScheduler, schedulers.LambdaLR):
+        cls.load_state_dict = lambda self, state_dict: None
+
+
+def _resume_no_skip(data_loader):
+    _require(data_loader, "skip_first_batches")
+    data_loader.skip_first_batches = lambda dataloader, num_batches=0: dataloader
+
+
+def _trainer_method(name, replacement):
+    def patch(trainer):
+        _require(trainer, "Trainer")
+        _require(trainer.Trainer, name)
+        setattr(trainer.Trainer, name, replacement)
+
+    return patch
+
+
+def _sgd(args, model=None):
+    import torch
+
+    return torch.optim.SGD, {"lr": args.learning_rate}
+
+
 def _teardown_abort(_dist):
     if "RANK" in os.environ:
         atexit.register(os.abort)
@@ -264,7 +396,18 @@ FAULTS = {"zero3-no-gather": (LOADER, _no_gather), "silent-corruption": (LOADER,
           "cpu-adam-no-step": ("deepspeed.ops.adam.cpu_adam", _cpu_adam_no_step),
           "shm-incompatible": ("deepspeed.ops", _shm_incompatible),
           "shm-jit": ("deepspeed.git_version_info", _shm_jit),
-          "teardown-abort": ("torch.distributed", _teardown_abort)}
+          "teardown-abort": ("torch.distributed", _teardown_abort),
+          "lora-wrong-targets": ("peft.mapping", _lora_wrong_targets),
+          "lora-trains-base": ("peft.mapping", _lora_trains_base),
+          "adapter-saved-empty": ("peft.utils.save_and_load", _adapter_state(_zero_lora_b_under_zero3)),
+          "adapter-drops-tensor": ("peft.utils.save_and_load", _adapter_state(_drop_one_lora_tensor)),
+          "resume-no-optimizer": ("transformers.integrations.deepspeed", _resume_no_optimizer),
+          "resume-restarts-step": ("transformers.trainer_callback", _resume_restarts_step),
+          "resume-restarts-scheduler": ("torch.optim.lr_scheduler", _resume_restarts_scheduler),
+          "resume-no-skip": ("accelerate.data_loader", _resume_no_skip),
+          "resume-no-rng": ("transformers.trainer", _trainer_method("_load_rng_state", lambda self, checkpoint: None)),
+          "checkpoint-no-rng": ("transformers.trainer", _trainer_method("_save_rng_state", lambda self, output_dir: None)),
+          "trainer-sgd": ("transformers.trainer", _trainer_method("get_optimizer_cls_and_kwargs", staticmethod(_sgd)))}
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
