@@ -10,7 +10,7 @@ SEED_ERROR = (
     "\tsize mismatch for visual.blocks.3.mlp.up_proj.bias: copying a param with shape torch.Size([3420]) from "
     "checkpoint, the shape in current model is torch.Size([0])."
 )
-RECIPE = ["zero3", "bf16", "generation", "resume", "gpu_less_host"]
+RECIPE = ["zero3", "bf16", "generation", "resume", "lora", "gradient_checkpointing", "optimizer_offload", "gpu_less_host"]
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +99,86 @@ def test_pep440_bound_gotcha_is_handled_by_the_data(rules):
     assert not SpecifierSet("<4.50.0").contains("4.50.0.dev0", prereleases=True)
     rule = rules.get("tf-main-zero3-load-no-gather")
     assert rule.matches({"transformers": "4.50.0.dev0"}, ["zero3"]) == {"transformers": "4.50.0.dev0"}
+
+
+# ------------------------------------------------------------------ the recipe's LoRA, resume and offload paths
+# Each rule's matcher against the error text users reported upstream, and its version range against the release that
+# fixed it (read from the released packages, see known_bad.yaml): the last bad release matches, the fix does not.
+
+UPSTREAM_ERRORS = {
+    # deepspeedai/DeepSpeed#7615
+    "ds-zero3-peft-modules-to-save-grads-remaining": "AttributeError: 'Linear' object has no attribute "
+                                                     "'ds_grads_remaining'",
+    # huggingface/transformers#47254
+    "ds-zero3-peft-non-reentrant-checkpointing": (
+        "torch.utils.checkpoint.CheckpointError: torch.utils.checkpoint: Recomputed values for the following tensors "
+        "have different metadata than during the forward pass.\ntensor at position 4:\nsaved metadata: {'shape': "
+        "torch.Size([1024]), 'dtype': torch.bfloat16, 'device': device(type='cuda', index=0)}\nrecomputed metadata: "
+        "{'shape': torch.Size([0]), 'dtype': torch.bfloat16, 'device': device(type='cuda', index=0)}"),
+    # deepspeedai/DeepSpeed#7830
+    "ds-0.18-zero3-checkpointing-cpu-offload-next-functions": "AttributeError: 'NoneType' object has no attribute "
+                                                              "'next_functions'",
+    # huggingface/trl#4098
+    "tf-4.56.0-accelerate-1.10-parallelism-config": "AttributeError: 'Accelerator' object has no attribute "
+                                                    "'parallelism_config'",
+    # Liger-Kernel's monkey_patch.py, logged
+    "liger-0.6-qwen2.5-vl-needs-transformers-4.52.4": "Qwen2.5-VL support is only compatible with transformers >= "
+                                                      "4.52.4",
+}
+
+
+@pytest.mark.parametrize("rule_id", sorted(UPSTREAM_ERRORS))
+def test_each_new_rule_recognises_the_upstream_error_text_and_only_it(rules, rule_id):
+    assert [r.id for r in rules.match_error(UPSTREAM_ERRORS[rule_id])] == [rule_id]
+
+
+def ids(rules, versions, conditions):
+    return {v.rule.id for v in rules.evaluate(versions, conditions)}
+
+
+LORA_ZERO3 = ["zero3", "lora", "gradient_checkpointing"]
+
+
+@pytest.mark.parametrize("rule_id, conditions, bad, good", [
+    ("ds-zero3-peft-modules-to-save-grads-remaining", LORA_ZERO3 + ["modules_to_save"],
+     [{"deepspeed": "0.16.5", "peft": "0.14.0"}, {"deepspeed": "0.19.2", "peft": "0.17.1"}],
+     [{"deepspeed": "0.16.4", "peft": "0.14.0"}, {"deepspeed": "0.19.3", "peft": "0.17.1"}]),
+    ("peft-0.15.0-zero3-modules-to-save-empty", LORA_ZERO3 + ["modules_to_save"],
+     [{"peft": "0.15.0"}], [{"peft": "0.14.0"}, {"peft": "0.15.1"}]),
+    ("ds-zero3-peft-non-reentrant-checkpointing", LORA_ZERO3 + ["non_reentrant_checkpointing"],
+     [{"deepspeed": "0.15.3", "peft": "0.14.0"}, {"deepspeed": "0.19.2", "peft": "0.19.1"}],
+     [{"deepspeed": "0.19.3", "peft": "0.19.1"}, {"deepspeed": "0.19.8", "peft": "0.14.0"}]),
+    ("ds-0.18-zero3-checkpointing-cpu-offload-next-functions", ["zero3", "gradient_checkpointing", "optimizer_offload"],
+     [{"deepspeed": "0.18.5"}, {"deepspeed": "0.18.6"}], [{"deepspeed": "0.18.4"}, {"deepspeed": "0.19.8"}]),
+    ("tf-4.51.0-zero3-quantized-load", ["zero3", "quantized"],
+     [{"transformers": "4.51.0"}], [{"transformers": "4.51.1"}, {"transformers": "4.49.0"}]),
+    ("tf-4.56.0-accelerate-1.10-parallelism-config", [],
+     [{"transformers": "4.56.0", "accelerate": "1.9.0"}],
+     [{"transformers": "4.56.0", "accelerate": "1.10.0"}, {"transformers": "4.56.1", "accelerate": "1.9.0"}]),
+    ("liger-0.6-qwen2.5-vl-needs-transformers-4.52.4", ["liger_kernel"],
+     [{"liger-kernel": "0.6.0", "transformers": "4.49.0"}, {"liger-kernel": "0.8.5", "transformers": "4.52.3"}],
+     [{"liger-kernel": "0.5.2", "transformers": "4.49.0"}, {"liger-kernel": "0.6.0", "transformers": "4.52.4"}]),
+])
+def test_each_new_rule_covers_its_releases_up_to_the_fix(rules, rule_id, conditions, bad, good):
+    for versions in bad:
+        assert rule_id in ids(rules, versions, conditions), versions
+    for versions in good:
+        assert rule_id not in ids(rules, versions, conditions), versions
+
+
+@pytest.mark.parametrize("rule_id, bad, needs", [
+    ("ds-zero3-peft-modules-to-save-grads-remaining", {"deepspeed": "0.18.0", "peft": "0.14.0"}, "modules_to_save"),
+    ("ds-zero3-peft-non-reentrant-checkpointing", {"deepspeed": "0.18.0", "peft": "0.14.0"},
+     "non_reentrant_checkpointing"),
+    ("tf-4.51.0-zero3-quantized-load", {"transformers": "4.51.0"}, "quantized"),
+])
+def test_the_recipes_own_paths_do_not_meet_the_rules_of_the_paths_it_does_not_take(rules, rule_id, bad, needs):
+    """VLM-R1's LoRA run has no modules_to_save, checkpoints reentrant and quantizes nothing: the recipe's conditions
+    (the spec's) do not flag those rows; naming the condition does."""
+    from conftest import REPO
+    from vlmbuild.spec import load_spec
+
+    recipe = list(load_spec(REPO / "images" / "vlm-r1.yaml").conditions)
+    assert needs not in recipe and "lora" in recipe and "optimizer_offload" in recipe
+    assert rule_id not in ids(rules, bad, recipe)
+    assert rule_id in ids(rules, bad, recipe + [needs])

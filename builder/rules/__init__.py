@@ -20,9 +20,13 @@ from packaging.version import InvalidVersion, Version
 
 RULES_FILE = "known_bad.yaml"
 SEVERITIES = ("error", "warning")
-KNOWN_CONDITIONS = frozenset({"zero3", "bf16", "flash_attention_2", "generation", "resume", "gpu_less_host"})
-# The VLM-R1 recipe's training path, when nobody names the conditions (`check --env`, a smoke outside an image).
-RECIPE_CONDITIONS = ("zero3", "bf16", "generation", "resume")
+KNOWN_CONDITIONS = frozenset({"zero3", "bf16", "flash_attention_2", "generation", "resume", "gpu_less_host", "lora",
+                              "modules_to_save", "gradient_checkpointing", "non_reentrant_checkpointing",
+                              "optimizer_offload", "quantized", "liger_kernel"})
+# The VLM-R1 recipe's training paths, when nobody names the conditions (`check --env`, a smoke outside an image): its
+# zero3/zero3_offload/zero2 configs, LoRA (run_grpo_rec_lora.sh), gradient checkpointing (reentrant: transformers
+# 4.49's default, which it keeps), generation and the Trainer's resume.
+RECIPE_CONDITIONS = ("zero3", "bf16", "generation", "resume", "lora", "gradient_checkpointing", "optimizer_offload")
 RULE_KEYS = {"id", "severity", "title", "packages", "when", "symptom", "patterns", "fix", "sources"}
 
 
