@@ -68,7 +68,8 @@ def built_local(client, tmp_path_factory):
     assert result.code == 0, result.out[-6000:] + result.err[-3000:]
     tag, lock_sha = local_tag()
     build = json.loads(report.read_text())["builds"][0]
-    return {"result": result, "report": json.loads(report.read_text()), "tag": tag, "lock_sha": lock_sha,
+    return {"result": result, "report": json.loads(report.read_text()), "report_path": report, "tag": tag,
+            "lock_sha": lock_sha,
             "immutable": build["immutable_tag"], "image_id": build["image_id"], "seconds": time.monotonic() - started}
 
 
@@ -94,6 +95,9 @@ def test_build_tags_the_tested_image_with_its_evidence(client, built_local):
         "stack": "passed", "zero3_load": "passed", "train_step": "passed", "checkpoint_resume": "passed",
         "grpo": "passed", "optimizer_offload": "passed", "lora": "passed", "trainer_resume": "passed",
         "zero3_repeat": "passed", "prebuilt_ops": "passed"}
+    # the CI job summary of this build names them too
+    summary = run_cli("summary", str(built_local["report_path"]))
+    assert summary.code == 0 and "lora passed, trainer_resume passed" in summary.out, summary.out
     # the evidence file inside the image is the report the labels vouch for; the SBOM too
     import hashlib
 

@@ -1,6 +1,10 @@
-"""What every check of the smoke shares: the failure type and the collectives all ranks take part in."""
+"""What every check of the smoke shares: the failure type, the collectives all ranks take part in, and a way out of
+the ZeRO-3 model construction transformers follows."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class CheckProblem(Exception):
@@ -37,3 +41,23 @@ def mean_over_ranks(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return float(t.item()) / dist.get_world_size()
+
+
+@contextmanager
+def outside_zero3() -> Iterator[None]:
+    """Build or load models as a plain program would: not inside ``deepspeed.zero.Init``, whose collectives would
+    hang a model made on one rank alone, and as a user loads an adapter afterwards. transformers follows the
+    HfDeepSpeedConfig that the newest TrainingArguments (or the smoke) made, through a weak reference; it is taken
+    away here and put back afterwards."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    # transformers keeps no public getter of the object, only of its config dict; the weak reference it holds is
+    # read to put it back (absent: nothing was set, nothing to restore).
+    reference = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    held = reference() if reference is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if held is not None:
+            hf_deepspeed.set_hf_deepspeed_config(held)

@@ -23,13 +23,11 @@ Judged from what happened, each leg:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from . import grpo
-from .common import CheckProblem
+from .common import CheckProblem, outside_zero3
 
 # run_grpo_rec_lora.sh's flags, as peft's LoraConfig takes them
 LORA_SETTINGS = {"r": 64, "lora_alpha": 128, "lora_dropout": 0.05, "task_type": "CAUSAL_LM"}
@@ -121,21 +119,6 @@ def lora_problems(targets: list[str], initial: dict[str, Any], trained: dict[str
     return problems
 
 
-@contextmanager
-def outside_zero3(args: Any) -> Iterator[None]:
-    """Load models as a user does with an adapter afterwards: not built inside ``deepspeed.zero.Init``. The
-    TrainingArguments made the run's HfDeepSpeedConfig the one transformers follows; it is put back afterwards."""
-    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        held = getattr(args, "hf_deepspeed_config", None)
-        if held is not None:
-            set_hf_deepspeed_config(held)
-
-
 def logits(model: Any, batch: dict[str, Any]) -> Any:
     import torch
 
@@ -176,7 +159,7 @@ def logits_problems(trainer: Any, adapter_dir: Path, model_dir: Path, batch: dic
     from peft import PeftModel
 
     trained_logits = logits(trainer.model_wrapped.module, batch)
-    with outside_zero3(trainer.args):
+    with outside_zero3():
         base = grpo.load_model(model_dir, dtype).to(batch["input_ids"].device)
         reloaded = logits(PeftModel.from_pretrained(base, str(adapter_dir)), batch)
     scale = float(trained_logits.abs().max()) or 1.0

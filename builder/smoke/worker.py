@@ -25,7 +25,7 @@ from typing import Any, NoReturn
 
 from .. import contract
 from . import tiny_model
-from .common import CheckProblem, all_ranks_ok, mean_over_ranks, set_comm_device
+from .common import CheckProblem, all_ranks_ok, mean_over_ranks, outside_zero3, set_comm_device
 from .model_dir import checkpoint_dtype
 from .weights import checkpoint_digests, diff_params, gathered_param_digests
 
@@ -193,8 +193,9 @@ class Smoke:
         # A repeated load (--repeat) reads the checkpoint the first run saved, in fresh processes.
         if self.rank == 0 and not (directory / "config.json").is_file():
             torch.manual_seed(0)
-            model = Qwen2_5_VLForConditionalGeneration(tiny_model.tiny_config()).to(self.dtype)
-            model.save_pretrained(directory, safe_serialization=True)
+            with outside_zero3():  # made by rank 0 alone: no ZeRO-3 collective may run in it
+                model = Qwen2_5_VLForConditionalGeneration(tiny_model.tiny_config()).to(self.dtype)
+                model.save_pretrained(directory, safe_serialization=True)
             del model
         dist.barrier()
         return directory
