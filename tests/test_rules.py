@@ -182,3 +182,14 @@ def test_the_recipes_own_paths_do_not_meet_the_rules_of_the_paths_it_does_not_ta
     assert needs not in recipe and "lora" in recipe and "optimizer_offload" in recipe
     assert rule_id not in ids(rules, bad, recipe)
     assert rule_id in ids(rules, bad, recipe + [needs])
+
+
+def test_deepspeed_0_19_3_to_0_19_7_cannot_be_imported_without_a_gpu_either(rules):
+    """Measured here (each release from PyPI imported on this GPU-less host with torch 2.6 / triton 3.2): 0.19.3
+    brought row 5's symptom back, 0.19.8 took it away again."""
+    def flagged(deepspeed):
+        return "ds-0.16.3-triton-3.2-no-gpu-import" in ids(rules, {"deepspeed": deepspeed, "triton": "3.2.0"},
+                                                            ["gpu_less_host"])
+
+    assert [v for v in ("0.16.3", "0.16.4", "0.19.2", "0.19.3", "0.19.7", "0.19.8") if flagged(v)] == [
+        "0.16.3", "0.19.3", "0.19.7"]

@@ -126,6 +126,39 @@ def test_grpo_runs_the_recipe_path_under_zero3(good_run):
     assert offload["placement"].startswith("not judged on the CPU")
 
 
+def test_lora_runs_the_recipes_lora_on_its_zero2_config_and_under_zero3(good_run):
+    """What the lora check ran, read from its report: the recipe's targets and settings, ZeRO-2 with DeepSpeed's own
+    AdamW from zero2.json's optimizer block (its CPU fused_adam, prebuilt) and the adapter disabled as the reference,
+    ZeRO-3 with torch's AdamW and trl's reference model; reentrant checkpointing as the recipe runs; the adapter
+    reproduced the trained logits exactly on the CPU."""
+    result, report = good_run
+    lora = by_name(report)["lora"]
+    assert lora["status"] == "passed" and (lora["device"], lora["world_size"]) == ("cpu", 2)
+    assert lora["details"]["settings"] == {"r": 64, "lora_alpha": 128, "lora_dropout": 0.05, "task_type": "CAUSAL_LM"}
+    zero2, zero3 = lora["details"]["legs"]["zero2"], lora["details"]["legs"]["zero3"]
+    assert (zero2["stage"], zero2["optimizer"]) == (2, "deepspeed.ops.adam.fused_adam.FusedAdam")
+    assert (zero3["stage"], zero3["optimizer"]) == (3, "torch.optim.adamw.AdamW")
+    assert zero2["reference"] == "the adapter disabled" and zero3["reference"] == "trl's reference model"
+    for leg in (zero2, zero3):
+        # 2 layers x 7 projections + lm_head; A and B of each; the base model's 56 tensors untouched
+        assert (leg["targets"], leg["lora_parameters"], leg["trainable"], leg["base_parameters"]) == (15, 30, 30, 56)
+        assert leg["use_reentrant"] is True and leg["steps"] == 2
+        assert leg["adapter"]["logits_relative_error"] == 0.0 and "adapter_model.safetensors" in leg["adapter"]["files"]
+
+
+def test_trainer_resume_resumes_in_fresh_processes_to_the_uninterrupted_run(good_run):
+    result, report = good_run
+    resume = by_name(report)["trainer_resume"]
+    assert resume["status"] == "passed" and (resume["device"], resume["world_size"]) == ("cpu", 2)
+    run, resumed = resume["details"]["run"], resume["details"]["resume"]
+    assert run["checkpoint"] == "checkpoint-2" and {"rng_state_0.pth", "rng_state_1.pth", "scheduler.pt",
+                                                    "trainer_state.json", "global_step2"} <= set(run["checkpoint_files"])
+    assert run["optimizer"] == "torch.optim.adamw.AdamW"
+    assert resumed["resumed_steps"] == [3] and resumed["global_step"] == 3 and resumed["compared"] == "bit for bit"
+    assert resumed["optimizer_tensors_compared"] >= 4 and resumed["parameters_compared"] == 56
+    assert resumed["torch_load_weights_only_by_default"] is True
+
+
 def test_a_finished_smoke_leaves_no_deepspeed_buffers_in_dev_shm(good_run):
     """DeepSpeed's CPU comm leaves a 32-70 MB buffer per rank in /dev/shm after a run that passed; in Docker's
     default 64 MB /dev/shm the next run segfaults. The launcher removes the ones its ranks made."""
@@ -258,6 +291,32 @@ def test_seed_stack_fails_where_it_really_breaks_on_cpu(cli, stack_python, tmp_p
     assert checks["train_step"]["status"] == "skipped"
     ids = [e["id"] for e in checks["zero3_load"]["explanations"]]
     assert ids == ["ds-0.16.3-triton-3.2-no-gpu-import"]
+
+
+def test_deepspeed_0_19_7_cannot_even_be_imported_without_a_gpu_and_the_rule_says_why(cli, stack_python, tmp_path):
+    """DeepSpeed 0.19.3-0.19.7 import triton's inference kernels whenever triton is installed, and triton 3.2's
+    autotune decorator asks for a GPU driver at import (rule row 5 again, measured for each release)."""
+    result, report = smoke(cli, stack_python, tmp_path, "--checks", "stack,zero3_load",
+                           env={"PYTHONPATH": str(overlay("deepspeed==0.19.7"))})
+    assert result.code == 1
+    checks = by_name(report)
+    assert "import deepspeed failed: RuntimeError: 0 active drivers" in checks["stack"]["error"]
+    assert "ds-0.16.3-triton-3.2-no-gpu-import" in checks["stack"]["error"]  # the stack check's own rule finding
+    assert [e["id"] for e in checks["zero3_load"]["explanations"]] == ["ds-0.16.3-triton-3.2-no-gpu-import"]
+    assert "triton_matmul_kernel" in checks["zero3_load"]["traceback"]  # where it broke, by running
+
+
+def test_peft_under_zero3_with_non_reentrant_checkpointing_trains_on_deepspeed_0_19_8(cli, stack_python, tmp_path):
+    """The good side of rule ds-zero3-peft-non-reentrant-checkpointing, measured: with every checkpointing asked to
+    be non-reentrant (what later trl made its default), the recipe's LoRA run passes on the image's DeepSpeed, which
+    releases no frozen weight during a recompute since 0.19.3. (Its bad side cannot be run on the CPU: every
+    DeepSpeed before 0.19.3 corrupts ZeRO-3 partitions on the CPU accelerator, measured 0.16.4 to 0.19.2, so the
+    smoke stops at zero3_load; the rule's matcher is tested on the upstream error text.)"""
+    env = {"PYTHONPATH": str(FAULTS), "VLMBUILD_FAULT": "non-reentrant-checkpointing"}
+    result, report = smoke(cli, stack_python, tmp_path, "--checks", "zero3_load,lora", env=env)
+    assert result.code == 0, result.out[-3000:]
+    legs = by_name(report)["lora"]["details"]["legs"]
+    assert legs["zero3"]["stage"] == 3 and legs["zero3"]["use_reentrant"] is False  # the fault took: it ran so
 
 
 def test_gpu_mode_without_a_gpu_is_a_usage_error(cli, stack_python, tmp_path):

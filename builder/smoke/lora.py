@@ -173,6 +173,16 @@ def logits_problems(trainer: Any, adapter_dir: Path, model_dir: Path, batch: dic
             f"difference {error:.3g} of the largest logit (tolerance {tolerance:g} in {dtype_name})"], facts
 
 
+def use_reentrant(model: Any) -> bool | None:
+    """How the run's gradient checkpointing recomputed, as transformers set it on the model's layers (the partial of
+    torch's checkpoint it calls); None when nothing is checkpointed."""
+    for module in model.modules():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if getattr(module, "gradient_checkpointing", False) and func is not None:
+            return bool(getattr(func, "keywords", {}).get("use_reentrant", True))
+    return None
+
+
 def train_leg(smoke: Any, leg: str, config: str) -> dict[str, Any]:
     """One leg: train, save the adapter, then judge what the run left (a save that touched the weights counts)."""
     from .weights import gathered_param_digests
@@ -198,6 +208,7 @@ def train_leg(smoke: Any, leg: str, config: str) -> dict[str, Any]:
             "targets": len(module.smoke_lora_targets), "lora_parameters": len(lora),
             "base_parameters": len(trained) - len(lora), "trainable": len(trainable),
             "reference": "trl's reference model" if trainer.ref_model is not None else "the adapter disabled",
+            "use_reentrant": use_reentrant(module),
             "losses": trainer.losses, "adapter": adapter}
 
 

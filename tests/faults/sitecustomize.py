@@ -46,6 +46,10 @@ Faults of the LoRA run (check lora), each what a broken peft or a broken save do
   is not.
 - ``adapter-drops-tensor``: the saved adapter lacks one LoRA tensor.
 
+- ``non-reentrant-checkpointing``: every ``gradient_checkpointing_enable`` asks for non-reentrant checkpointing (what
+  trl made its default later; VLM-R1's own runs are reentrant): not broken by itself, it meets DeepSpeed before 0.19.3
+  under ZeRO-3 with PEFT (rule ds-zero3-peft-non-reentrant-checkpointing).
+
 Faults of the Trainer's resume (check trainer_resume), each a part of the resume that does not happen:
 
 - ``resume-no-optimizer``: the DeepSpeed checkpoint is loaded without its optimizer state (the weights are).
@@ -324,6 +328,17 @@ def _drop_one_lora_tensor(state):
     return state
 
 
+def _non_reentrant_checkpointing(modeling):
+    _require(modeling, "PreTrainedModel")
+    original = modeling.PreTrainedModel.gradient_checkpointing_enable
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        return original(self, gradient_checkpointing_kwargs={**(gradient_checkpointing_kwargs or {}),
+                                                              "use_reentrant": False})
+
+    modeling.PreTrainedModel.gradient_checkpointing_enable = gradient_checkpointing_enable
+
+
 def _resume_no_optimizer(integration):
     _require(integration, "deepspeed_load_checkpoint")
     original = integration.deepspeed_load_checkpoint
@@ -401,6 +416,7 @@ FAULTS = {"zero3-no-gather": (LOADER, _no_gather), "silent-corruption": (LOADER,
           "lora-trains-base": ("peft.mapping", _lora_trains_base),
           "adapter-saved-empty": ("peft.utils.save_and_load", _adapter_state(_zero_lora_b_under_zero3)),
           "adapter-drops-tensor": ("peft.utils.save_and_load", _adapter_state(_drop_one_lora_tensor)),
+          "non-reentrant-checkpointing": (LOADER, _non_reentrant_checkpointing),
           "resume-no-optimizer": ("transformers.integrations.deepspeed", _resume_no_optimizer),
           "resume-restarts-step": ("transformers.trainer_callback", _resume_restarts_step),
           "resume-restarts-scheduler": ("torch.optim.lr_scheduler", _resume_restarts_scheduler),
