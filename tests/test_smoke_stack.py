@@ -319,6 +319,52 @@ def test_peft_under_zero3_with_non_reentrant_checkpointing_trains_on_deepspeed_0
     assert legs["zero3"]["stage"] == 3 and legs["zero3"]["use_reentrant"] is False  # the fault took: it ran so
 
 
+RESUME_COMPARISON = """
+import json, torch
+from vlmbuild.smoke.trainer_resume import resume_problems
+
+def state(scale=1.0, shape=(4, 4), extra=False):
+    torch.manual_seed(0)
+    weight = torch.randn(shape)
+    optimizer = {"fp32_partition.0": weight.flatten() * scale, "adam.0.exp_avg": weight.flatten() * 0.1 * scale,
+                 "adam.0.step": 3}
+    if extra:
+        optimizer["adam.1.exp_avg"] = torch.zeros(2)
+    return {"global_step": 3, "next_learning_rate": 0.0, "optimizer": optimizer, "parameters": {"w": weight * scale},
+            "steps": [{"step": 3, "learning_rate": 3e-4, "rows": [2], "completions": [[5, 6]]}]}
+
+straight = state()
+out = {}
+for name, resumed in {"same": state(), "last_bits": state(1 + 1e-4), "far": state(1.05), "shape": state(shape=(2, 8)),
+                      "one_run_only": state(extra=True)}.items():
+    out[name] = {"cpu": resume_problems(straight, resumed, exact=True),
+                 "gpu": resume_problems(straight, resumed, exact=False)}
+print(json.dumps(out))
+"""
+
+
+def test_the_resume_comparison_is_exact_on_the_cpu_and_within_its_stated_tolerance_on_a_gpu(stack_python, tmp_path):
+    """trainer_resume's comparison itself, on states made here (no GPU here: the GPU pass's tolerance is reached this
+    way only): bit for bit on the CPU; on a GPU within 1e-2 of each tensor's largest value, so a last-bits difference
+    passes there and a 5% one does not; a tensor of another shape, or one only one run has, fails on both."""
+    from vlmbuild.render import stage_smoke_sources
+
+    stage_smoke_sources(tmp_path / "src")
+    proc = subprocess.run([str(stack_python), "-c", RESUME_COMPARISON], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path / "src" / "lib")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found["same"] == {"cpu": [], "gpu": []}
+    assert found["last_bits"]["gpu"] == [] and "adam.0.exp_avg: not bit-identical" in found["last_bits"]["cpu"][0]
+    assert "w: not bit-identical to the uninterrupted run" in found["last_bits"]["cpu"][1]
+    far = "; ".join(found["far"]["gpu"])
+    assert "adam.0.exp_avg: differs by 0.05 of its largest value" in far and "w: differs by 0.05 of" in far
+    for kind in ("cpu", "gpu"):
+        assert "fp32_partition.0: another shape or dtype after resume" not in "; ".join(found["shape"][kind])
+        assert "w: another shape or dtype after resume" in "; ".join(found["shape"][kind])
+        assert "adam.1.exp_avg: in one run only" in "; ".join(found["one_run_only"][kind])
+
+
 def test_gpu_mode_without_a_gpu_is_a_usage_error(cli, stack_python, tmp_path):
     result = cli("smoke", "--local", "--python", str(stack_python), "--device", "gpu")
     assert result.code == 2

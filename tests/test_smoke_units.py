@@ -387,3 +387,22 @@ def test_the_orphan_check_sees_this_sessions_ranks_only():
         for proc in (ours, theirs):
             proc.kill()
             proc.wait()
+
+
+# ---------------------------------------------------------------- lora and trainer_resume, the parts without torch
+
+def test_lora_cannot_judge_what_trained_when_deepspeed_no_longer_names_its_optimizer_groups():
+    """What trained is read from DeepSpeed's ZeRO optimizer (bit16_groups for ZeRO-1/2, fp16_groups for ZeRO-3). An
+    optimizer that holds neither (a DeepSpeed that renamed them) is a finding, not a vacuous pass. Stand-ins for the
+    engine: only what the function reads of it."""
+    import pytest
+    from vlmbuild.smoke.common import CheckProblem
+    from vlmbuild.smoke.lora import optimized_names
+
+    a, b = object(), object()
+    module = SimpleNamespace(named_parameters=lambda: [("x.lora_A.default.weight", a), ("x.base_layer.weight", b)])
+    zero2 = SimpleNamespace(optimizer=SimpleNamespace(bit16_groups=[[a]]), module=module)
+    zero3 = SimpleNamespace(optimizer=SimpleNamespace(fp16_groups=[[a]]), module=module)
+    assert optimized_names(zero2) == optimized_names(zero3) == ["x.lora_A.default.weight"]
+    with pytest.raises(CheckProblem, match="cannot tell which parameters SimpleNamespace updates"):
+        optimized_names(SimpleNamespace(optimizer=SimpleNamespace(), module=module))
