@@ -440,6 +440,14 @@ def run(args: argparse.Namespace) -> int:
             raise UsageProblem(str(exc)) from None
     if not 1 <= args.repeat <= 20:
         raise UsageProblem(f"--repeat {args.repeat}: expected 1 to 20")
+    # No warm pool of inductor compile workers in the launcher (the stack check imports the stack) or the ranks: every
+    # process that imports a transformers model imports torch._dynamo (transformers.pytorch_utils ->
+    # torch.distributed.tensor.parallel -> torch._dynamo.external_utils), and where triton is installed (torch's CUDA
+    # wheels bring it) torch._inductor.async_compile then starts compile_threads worker processes at import, each
+    # importing torch again. The smoke compiles nothing with inductor; on 2 cores the CPU smoke took 50-53 s with the
+    # pools and 37-48 s without (no zero3_repeat). TORCH_WARM_POOL is torch's own switch; a value the caller set is
+    # kept.
+    os.environ.setdefault("TORCH_WARM_POOL", "0")
     mode, world = resolve_mode(args.device)
     if mode == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"  # before the stack check imports deepspeed

@@ -33,8 +33,8 @@ from .common import CheckProblem, outside_zero3
 LORA_SETTINGS = {"r": 64, "lora_alpha": 128, "lora_dropout": 0.05, "task_type": "CAUSAL_LM"}
 # VLM-R1's Qwen module (vlm_modules/qwen_module.py: get_vision_modules_keywords)
 VISION_KEYWORDS = ("visual",)
-# (leg, the recipe config it trains with)
-LEGS = (("zero2", "zero2"), ("zero3", "zero3"))
+# The recipe configs the run trains with, one leg each: the LoRA script's own, and ZeRO-3
+LEGS = ("zero2", "zero3")
 STEPS = 2  # B starts at zero: step 1 moves every B, step 2 every A (whose gradient needs a non-zero B)
 # Largest difference between the trained model's logits and the reloaded adapter's, relative to the largest logit.
 # fp32: the same weights and the same kernels, only the order of a few reductions may differ (ZeRO-3's gathered
@@ -183,11 +183,11 @@ def use_reentrant(model: Any) -> bool | None:
     return None
 
 
-def train_leg(smoke: Any, leg: str, config: str) -> dict[str, Any]:
+def train_leg(smoke: Any, config: str) -> dict[str, Any]:
     """One leg: train, save the adapter, then judge what the run left (a save that touched the weights counts)."""
     from .weights import gathered_param_digests
 
-    output = smoke.workdir / f"lora-{leg}"
+    output = smoke.workdir / f"lora-{config}"
     trainer, initial = grpo.train_grpo(smoke.model_dir, smoke.processor(), output, config, STEPS, smoke.world,
                                        smoke.gpu, smoke.dtype, wrap=lambda m: wrap_with_lora(m, 42), checkpointing=None)
     module = trainer.model_wrapped.module
@@ -215,7 +215,7 @@ def train_leg(smoke: Any, leg: str, config: str) -> dict[str, Any]:
 def check_lora(smoke: Any) -> dict[str, Any]:
     """The registry's ``lora`` check (a rank check: ``fn(smoke) -> details``)."""
     try:
-        legs = {leg: train_leg(smoke, leg, config) for leg, config in LEGS}
+        legs = {config: train_leg(smoke, config) for config in LEGS}
     except grpo.GrpoProblem as exc:
         raise CheckProblem(str(exc)) from None
     return {"settings": LORA_SETTINGS, "vision_keywords": list(VISION_KEYWORDS), "legs": legs}
