@@ -48,6 +48,8 @@ LABEL_REPORT_SHA256 = f"{SMOKE_LABEL}.report-sha256"
 LABEL_SECONDS = f"{SMOKE_LABEL}.seconds"
 # Marks the containers we start, so that leftovers of an interrupted run can be found and removed.
 OWNER_LABEL = f"{LABEL_PREFIX}.owner"
+# ... and the process that started them (vlmbuild.owner.mark): a container whose process is gone is a leftover.
+OWNER_PROCESS_LABEL = f"{LABEL_PREFIX}.owner-process"
 
 # ---------------------------------------------------------------- checks
 

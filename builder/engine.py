@@ -20,7 +20,7 @@ import requests
 import urllib3
 from docker.utils import parse_repository_tag
 
-from . import buildkit, contract
+from . import buildkit, contract, owner
 from .bases import LOCAL_BASE_PREFIX, split_digest
 from .buildkit import BuildFailed  # noqa: F401 - re-exported: the gate catches it from here
 from .engine_api import Base, SmokeRun  # noqa: F401 - SmokeRun re-exported
@@ -31,6 +31,7 @@ from .progress import Progress
 CONTAINER_REPORT_DIR = "/tmp/vlmbuild-smoke"
 CONTAINER_MODEL_DIR = "/model"
 OWNER_LABEL = contract.OWNER_LABEL
+OWNER_PROCESS_LABEL = contract.OWNER_PROCESS_LABEL
 
 
 class EngineError(VlmbuildError):
@@ -61,6 +62,24 @@ def event_error(event: dict) -> str | None:
     return (event.get("errorDetail") or {}).get("message") or event.get("error") or "unknown error"
 
 
+def leftover(container) -> bool:
+    """A container of ours that nothing will remove: the process that made it is gone (vlmbuild.owner). Only the
+    process mark decides: the owner label alone is also on the containers users make from images built before
+    the evidence container went unlabelled (a commit keeps its container's labels), and those are theirs."""
+    mark = (container.labels or {}).get(OWNER_PROCESS_LABEL)
+    return mark is not None and owner.is_gone(mark)
+
+
+def remove_leftovers(client) -> list[str]:
+    """Remove the containers of ours that a killed run left (SIGKILL, OOM, a reboot): their short ids."""
+    removed = []
+    for container in client.containers.list(all=True, filters={"label": OWNER_LABEL}):
+        if leftover(container):
+            discard(container)
+            removed.append(container.short_id)
+    return removed
+
+
 def discard(container) -> None:
     """Remove a container of ours whatever state it is in; a daemon already gone leaves nothing to remove."""
     if container is None:
@@ -84,13 +103,19 @@ class Engine:
         self.api = self.client.api
 
     @contextmanager
-    def container(self, image: str, purpose: str, what: str, **kwargs) -> Iterator:
-        """A container of ours of ``image``, created (not started) and marked with ``purpose``; removed when the
-        block ends, whatever ends it (a failure, a timeout, Ctrl-C, SIGTERM)."""
+    def container(self, image: str, purpose: str, what: str, marked: bool = True, **kwargs) -> Iterator:
+        """A container of ours of ``image``, created (not started) and marked with ``purpose`` and this process;
+        removed when the block ends, whatever ends it (a failure, a timeout, Ctrl-C, SIGTERM). What no handler can
+        catch (SIGKILL) leaves it to the next run: the leftovers of dead runs go first.
+
+        ``marked=False`` for a container that is committed into an image: a commit keeps the container's labels,
+        and every container users make from that image would carry our marks (and look like our leftover)."""
         container = None
         try:
             with engine_errors(what):
-                container = self.client.containers.create(image, labels={OWNER_LABEL: purpose}, **kwargs)
+                remove_leftovers(self.client)
+                labels = {OWNER_LABEL: purpose, OWNER_PROCESS_LABEL: owner.mark()} if marked else {}
+                container = self.client.containers.create(image, labels=labels, **kwargs)
             yield container
         finally:
             discard(container)
@@ -214,7 +239,7 @@ class Engine:
                 tar.addfile(info, io.BytesIO(data))
         changes = [f"LABEL {json.dumps(k)}={json.dumps(v)}" for k, v in sorted(labels.items())]
         what = f"adding evidence to {image_id[:19]}"
-        with self.container(image_id, "evidence", what, command=["true"]) as container, engine_errors(what):
+        with self.container(image_id, "evidence", what, marked=False, command=["true"]) as container, engine_errors(what):
             if not container.put_archive("/", buf.getvalue()):
                 raise EngineError(f"the engine refused the evidence files for {image_id[:19]}")
             image = container.commit(changes=changes, message="vlmbuild: smoke evidence")

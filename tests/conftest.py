@@ -205,9 +205,30 @@ def make_room(c, needed: int, what: str) -> None:
               f"BuildKit's cache pruned, {after / 2**30:.1f} GB free now")
 
 
+def remove_test_state(c) -> None:
+    """What the tests make, also where a test failed before its own clean-up or an earlier run was killed: every
+    tag of our test repositories (TEST_REPO and its -bump, -changed, -race... siblings), containers of ours and
+    the test repositories in the local registry."""
+    from vlmbuild.engine_setup import purge_local_repository
+
+    for container in c.containers.list(all=True, filters={"label": OWNER}):
+        container.remove(force=True)
+    for image in c.images.list():
+        for tag in image.tags:
+            if tag.startswith(TEST_REPO):
+                c.images.remove(tag, force=True)
+    c.images.prune(filters={"dangling": True})
+    for repository in ("vlmbuild-test/vlm-r1", "vlmbuild-test/vlm-r1-signfail", "vlmbuild-test/vlm-r1-cu124"):
+        purge_local_repository(repository)
+
+
 @pytest.fixture(scope="session")
 def client():
-    """A real engine; the tests start one (and the registry) themselves when none answers."""
+    """A real engine; the tests start one (and the registry) themselves when none answers.
+
+    The suite starts from none of its own state: a run killed before its clean-up (CI's time limit, a machine
+    that went down) left images under the test tags, a pushed image in the registry and a container; the next
+    run would reuse the image instead of building it and find a container it never made."""
     from vlmbuild import engine_setup
 
     if not engine_setup.daemon_answers() or not engine_setup.registry_answers():
@@ -215,26 +236,14 @@ def client():
     import docker
 
     c = docker.from_env(timeout=900)
+    remove_test_state(c)
     make_room(c, DOCKER_SUITE_DISK, "the docker suite")
     yield c
-    # Clean up what the tests made, also where a test failed before its own clean-up: every tag of our test
-    # repositories (TEST_REPO and its -bump, -changed, -race... siblings) and stopped containers of ours.
-    for image in c.images.list():
-        for tag in image.tags:
-            if tag.startswith(TEST_REPO):
-                c.images.remove(tag, force=True)
-    for container in c.containers.list(all=True, filters={"label": OWNER}):
-        container.remove(force=True)
-    c.images.prune(filters={"dangling": True})
+    remove_test_state(c)
     # The tests build many variants of the image (changed smoke, bases, bumps): about 40 GB of BuildKit cache.
     # Disk is shared; keep the most recently used part (the local variant's layers, uv's and pip's downloads,
     # the DeepSpeed wheel), which the next run and `vlmbuild build` reuse.
     c.api.prune_builds(keep_storage=BUILD_CACHE_KEPT)
-    from vlmbuild.engine_setup import purge_local_repository
-
-    purge_local_repository("vlmbuild-test/vlm-r1")
-    purge_local_repository("vlmbuild-test/vlm-r1-signfail")
-    purge_local_repository("vlmbuild-test/vlm-r1-cu124")
 
 
 def pytest_collection_modifyitems(config, items):

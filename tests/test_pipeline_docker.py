@@ -85,6 +85,9 @@ def test_build_tags_the_tested_image_with_its_evidence(client, built_local):
     assert tag_id(client, f"{TEST_REPO}:latest") is None
     labels = client.images.get(image_id).labels
     assert labels["io.vlmbuild.smoke.result"] == "passed"
+    # a commit keeps its container's labels: the evidence container carries none of ours, or every container
+    # users make from the image would look like one of our leftovers
+    assert not {OWNER, "io.vlmbuild.owner-process"} & set(labels), labels
     assert labels["io.vlmbuild.smoke.device"] == "cpu" and labels["io.vlmbuild.smoke.world-size"] == "2"
     assert labels["io.vlmbuild.smoke.validated-on"].startswith("cpu-only")
     assert labels["io.vlmbuild.lock-sha256"] == lock_sha
@@ -519,6 +522,34 @@ def test_a_signal_during_the_smoke_removes_our_container_and_tags_nothing(client
     assert proc.returncode == code, out[-2000:]
     assert not our_containers(client)
     assert {t: tag_id(client, f"{TEST_REPO}:{t}") for t in before} == before
+
+
+def test_a_smoke_killed_with_sigkill_leaves_a_container_that_the_next_run_removes(client, built_local):
+    """SIGKILL reaches no handler: the smoke container stays (still running the ranks). It carries its maker's
+    process mark, and the next vlmbuild command that starts a container (here `inspect`) removes it; a container
+    whose maker lives (this test process's mark) is left alone, and so is one that is not ours to judge."""
+    from vlmbuild import owner
+    from vlmbuild.contract import OWNER_PROCESS_LABEL
+
+    image = f"{TEST_REPO}:{built_local['tag']}"
+    alive = client.containers.create(image, ["true"], labels={OWNER: "test", OWNER_PROCESS_LABEL: owner.mark()})
+    elsewhere = client.containers.create(image, ["true"], labels={OWNER: "test",
+                                                                  OWNER_PROCESS_LABEL: "another-host/b/1/2"})
+    try:
+        proc = start_build("--rebuild")
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline and not client.containers.list(filters={"label": f"{OWNER}=smoke"}):
+            time.sleep(0.5)
+        assert client.containers.list(filters={"label": f"{OWNER}=smoke"}), "the smoke never started"
+        proc.kill()
+        proc.communicate(timeout=60)
+        left = client.containers.list(all=True, filters={"label": f"{OWNER}=smoke"})
+        assert len(left) == 1 and owner.is_gone(left[0].labels[OWNER_PROCESS_LABEL])
+        assert run_cli("inspect", image).code == 0
+        assert {c.id for c in our_containers(client)} == {alive.id, elsewhere.id}
+    finally:
+        alive.remove(force=True)
+        elsewhere.remove(force=True)
 
 
 def test_sigterm_during_the_build_cancels_it_and_leaves_nothing(client, built_local):
