@@ -12,6 +12,7 @@ Progress is reported per stage (started, done in N s, cached), not one line per 
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from .errors import CheckFailed, VlmbuildError
 from .progress import Progress
+from .smoke.rank_processes import die_with_parent
 
 PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy",
               "all_proxy")
@@ -250,8 +252,11 @@ def build(context: Path, progress: Progress, nocache: bool = False, cache_from: 
         if target:
             cmd += ["--target", target]
         cmd.append(str(context))
+        # SIGINT to the CLI if vlmbuild dies without unwinding (SIGKILL, OOM): the CLI then cancels the build in
+        # BuildKit as on Ctrl-C, instead of building on and leaving an untagged candidate nobody removes.
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                                env={**os.environ, **extra_env}, start_new_session=True)
+                                env={**os.environ, **extra_env}, start_new_session=True,
+                                preexec_fn=functools.partial(die_with_parent, os.getpid(), signal.SIGINT))
         try:
             assert proc.stdout is not None
             for line in proc.stdout:

@@ -363,6 +363,8 @@ def smoke(ctx: Context, image_ref: str | None, local: bool, python: str | None, 
               help="Write a JSON build report (tags, digests, smoke reports) here.")
 @click.option("--ignore-rules", is_flag=True, help="Build a variant the rules reject (the smoke still judges it).")
 @click.option("--no-cache", "nocache", is_flag=True, help="Build without BuildKit's layer cache.")
+@click.option("--no-disk-check", is_flag=True, help="Start the build even when the engine's free disk is below what "
+              "a cold build of the variant takes (its build_disk_gb): for a rebuild whose layers are cached.")
 @click.option("--cache-from", multiple=True, envvar="VLMBUILD_CACHE_FROM", metavar="REF",
               help="Reuse layers, and the compiled wheels, from the build cache at REF (pushed by --cache-to on any "
                    "machine; repeatable; env VLMBUILD_CACHE_FROM, space-separated).")
@@ -374,7 +376,8 @@ def smoke(ctx: Context, image_ref: str | None, local: bool, python: str | None, 
 def build(ctx: Context, image: str, variants: tuple[str, ...], smoke_device: str | None, base_image: str | None,
           repository: str | None, push: bool, push_flags: PushFlags, keep_failed: bool, smoke_timeout: int | None,
           repeat: int | None, model_dir: Path | None, rebuild: bool, report: Path | None, ignore_rules: bool,
-          nocache: bool, cache_from: tuple[str, ...], cache_to: str | None, leave_out: tuple[str, ...]) -> None:
+          nocache: bool, no_disk_check: bool, cache_from: tuple[str, ...], cache_to: str | None,
+          leave_out: tuple[str, ...]) -> None:
     """Build, smoke and tag variants of IMAGE; an image that fails the smoke is never tagged."""
     from .build_cache import BuildCache
     from .gate import GateFailed
@@ -389,7 +392,8 @@ def build(ctx: Context, image: str, variants: tuple[str, ...], smoke_device: str
     options = build_options(selected[0].image, smoke_device=smoke_device, smoke_timeout=smoke_timeout, repeat=repeat,
                             model_dir=model_dir, base_image=base_image, push=push, keep_failed=keep_failed,
                             ignore_rules=ignore_rules, repository=repository, push_policy=policy,
-                            cache=BuildCache(tuple(r for r in cache_from if r), cache_to or None), nocache=nocache, rebuild=rebuild)
+                            cache=BuildCache(tuple(r for r in cache_from if r), cache_to or None), nocache=nocache, rebuild=rebuild,
+                            disk_check=not no_disk_check)
     outcomes, failures, push_errors = [], [], []
     for variant in selected:
         try:
@@ -456,6 +460,7 @@ def plan(ctx: Context, image: str, variants: tuple[str, ...], repository: str | 
     from .resolve import resolve_for_tags
 
     engine = Engine()
+    disk = engine.disk()
     for variant in ctx.variants(image, variants, include_rejected=False, leave_out=[n for n in leave_out if n]):
         r = resolve_for_tags(variant, engine, base_image, repository)
         existing = validated_image(engine, r)
@@ -465,7 +470,48 @@ def plan(ctx: Context, image: str, variants: tuple[str, ...], repository: str | 
             "base_image_id": r.base.image_id, "base_digest": r.base.digest, "lock_sha256": r.lock.sha256,
             "left_out": sorted(variant.left_out),
             "built": existing,
+            "disk": room(disk, variant),
         }, indent=2))
+
+
+def room(disk, variant) -> dict:
+    """The engine's disk against what a cold build of ``variant`` takes."""
+    need = int(variant.build_disk_gb * 1e9)
+    return {**disk.as_dict(), "needed_for_a_cold_build": need, "enough": disk.free >= need}
+
+
+@main.command()
+@click.argument("image", required=False)
+@click.option("--variant", "variants", multiple=True, help="This variant (repeatable). Default: all buildable.")
+@click.option("--json", "as_json", is_flag=True, help="The findings as JSON.")
+@pass_ctx
+@guarded
+def doctor(ctx: Context, image: str | None, variants: tuple[str, ...], as_json: bool) -> None:
+    """The build host's health: the engine's storage on disk against what the engine accounts for (the bytes no
+    image, container or build-cache record owns, which no prune reaches), our leftover containers, and whether
+    the free disk holds a cold build of each variant. Exit 1 when a variant would not fit."""
+    from .engine import OWNER_LABEL, Engine, leftover
+    from .engine_disk import describe
+
+    engine = Engine()
+    disk = engine.disk()
+    ours = engine.client.containers.list(all=True, filters={"label": OWNER_LABEL})
+    leftovers = sorted(c.short_id for c in ours if leftover(c))
+    fits = [{"image": v.image.name, "variant": v.name, **room(disk, v)} for v in ctx.variants(image, variants,
+                                                                                            include_rejected=False)]
+    if as_json:
+        click.echo(json.dumps({"disk": disk.as_dict(), "leftover_containers": leftovers,
+                               "variants": [{k: f[k] for k in ("image", "variant", "needed_for_a_cold_build", "enough")}
+                                            for f in fits]}, indent=2))
+    else:
+        click.echo(describe(disk))
+        click.echo(f"containers of ours whose process is gone: {', '.join(leftovers) or 'none'} "
+                   "(the next build removes them)")
+        for f in fits:
+            click.echo(f"{f['image']}/{f['variant']}: a cold build takes {f['needed_for_a_cold_build'] / 1e9:.0f} GB, "
+                       + ("fits" if f["enough"] else "DOES NOT FIT"))
+    if not all(f["enough"] for f in fits):
+        sys.exit(1)
 
 
 @main.command()

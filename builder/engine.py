@@ -20,7 +20,7 @@ import requests
 import urllib3
 from docker.utils import parse_repository_tag
 
-from . import buildkit, contract, owner
+from . import buildkit, contract, engine_disk, owner
 from .bases import LOCAL_BASE_PREFIX, split_digest
 from .buildkit import BuildFailed  # noqa: F401 - re-exported: the gate catches it from here
 from .engine_api import Base, SmokeRun  # noqa: F401 - SmokeRun re-exported
@@ -119,6 +119,11 @@ class Engine:
             yield container
         finally:
             discard(container)
+
+    def disk(self) -> engine_disk.EngineDisk:
+        """The engine's storage: what it holds on disk, what it accounts for, what is free."""
+        with engine_errors("measuring the engine's disk"):
+            return engine_disk.measure(self.client)
 
     # ------------------------------------------------------------ images
 

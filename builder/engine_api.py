@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 from . import contract
+from .engine_disk import EngineDisk
 from .progress import Progress
 
 
@@ -56,7 +57,8 @@ class EngineAPI(Protocol):
     def run_in_image(self, image: str, command: list[str], timeout: int = 300) -> tuple[int, str]: ...
     def remove_image(self, image_id: str) -> None: ...
 
-    # building on a checked base
+    # building on a checked base, with room for it
+    def disk(self) -> EngineDisk: ...
     def resolve_base(self, ref: str, progress: Progress | None = None) -> Base: ...
     def build(self, context: Path, progress: Progress, nocache: bool = False, cache_from: tuple[str, ...] = (),
               inline_cache: bool = False, target: str | None = None) -> str: ...

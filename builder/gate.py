@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import build_cache
+from . import build_cache, engine_disk
 from .build_cache import BuildCache
 from .buildkit import BuildFailed
 from .engine_api import EngineAPI, SmokeRun
@@ -75,6 +75,34 @@ def export_cache(engine: EngineAPI, resolved: Resolved, cache: BuildCache, candi
         outcome.warnings.append(warning)
         progress.say(f"warning: {warning}")
         progress.annotate(warning, title="build cache not pushed", level="warning")
+
+
+class NotEnoughDisk(VlmbuildError):
+    """The engine's disk cannot hold the build: refused before it starts (exit 2), nothing built or tagged."""
+
+
+def check_room(engine: EngineAPI, resolved: Resolved, options: BuildOptions, progress: Progress) -> None:
+    """A build that would run out of disk fails in the middle of a layer, hours in for a CUDA variant, with an
+    error that names no cause. Refuse it before it starts, with the numbers, and name the leak when there is one.
+
+    The variant's build_disk_gb is what a cold build takes. What BuildKit's cache holds may serve part of it (a
+    warm rebuild takes next to nothing), so the free disk must hold the rest; with --no-cache, all of it. This
+    errs towards starting a build whose cache is of something else: it never refuses one that would fit."""
+    disk = engine.disk()
+    variant = resolved.variant
+    need = int(variant.build_disk_gb * 1e9)
+    required = need if options.nocache else max(0, need - disk.build_cache)
+    progress.info(engine_disk.describe(disk))
+    if not options.disk_check or disk.free >= required:
+        return
+    cache = ("" if options.nocache else f"; BuildKit's cache of {engine_disk.gb(disk.build_cache)} may serve part "
+             f"of it, so at least {engine_disk.gb(required)} must be free")
+    leak = (f" {engine_disk.gb(disk.unaccounted)} of the engine's storage belongs to no image, container or cache "
+            "record (`vlmbuild doctor` shows it; no prune reaches it)." if (disk.unaccounted or 0) > 1e9 else "")
+    raise NotEnoughDisk(
+        f"{variant.image.name}/{variant.name}: a cold build takes about {variant.build_disk_gb:g} GB of free disk "
+        f"({variant.image.path}, key build_disk_gb){cache}; {disk.storage} has {engine_disk.gb(disk.free)} free. "
+        f"The build was not started and nothing was tagged.{leak} Free some, or pass --no-disk-check to try anyway.")
 
 
 def resolve_device(engine: EngineAPI, requested: str) -> str:
@@ -160,6 +188,7 @@ def run_gate(engine: EngineAPI, resolved: Resolved, options: BuildOptions, outco
     device = resolve_device(engine, options.smoke_device)
     model_dir = options.model_dir
     candidate = None
+    check_room(engine, resolved, options, progress)
     try:
         progress.info(f"building {spec.name}/{variant.name} on {resolved.base.ref} ({resolved.base.image_id[:19]}), "
                       f"identity {resolved.identity[:12]}, candidate untagged")

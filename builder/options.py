@@ -32,6 +32,7 @@ class BuildOptions:
     rebuild: bool = False
     ignore_rules: bool = False
     model_dir: Path | None = None  # a checked Qwen2.5-VL checkpoint, absolute
+    disk_check: bool = True  # refuse to start a build the engine's free disk cannot hold (vlmbuild.gate.check_room)
 
 
 def checked_model_dir(model_dir: Path | None) -> Path | None:

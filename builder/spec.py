@@ -29,7 +29,7 @@ TOP_KEYS = {"schema", "name", "description", "repository", "template", "default_
             "labels", "defaults", "groups", "layers", "deepspeed_build", "variants"}
 REQUIRED_TOP = {"schema", "name", "repository", "template", "default_variant", "defaults", "layers", "variants"}
 VARIANT_KEYS = {"description", "expect", "base_image", "base_family", "python", "cuda", "platform", "tag", "packages",
-                "wheels", "imports", "cuda_archs", "source_builds"}
+                "wheels", "imports", "cuda_archs", "source_builds", "build_disk_gb"}
 SOURCE_BUILD_KEYS = {"why", "build_requires", "env"}
 ENV_NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 NAME_OF_PACKAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -45,6 +45,9 @@ EXPECTS = ("pass", "rejected")
 DEVICES = ("auto", "gpu", "cpu")
 # The smoke's settings when the spec says nothing (the CLI's flags default to the spec's value, never to their own).
 DEFAULT_SMOKE_DEVICE, DEFAULT_SMOKE_TIMEOUT, DEFAULT_SMOKE_REPEAT = "auto", contract.DEFAULT_SMOKE_TIMEOUT, 1
+# A variant that says nothing of its disk: what a cold build of the `local` variant took here (torch's CPU-less CUDA
+# wheels unpacked, BuildKit's snapshot of each stage, uv's cache mount), rounded up; see benchmarks/engine_disk.py.
+DEFAULT_BUILD_DISK_GB = 20.0
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 PYTHON_RE = re.compile(r"^3\.\d{1,2}$")
@@ -146,6 +149,9 @@ class Variant:
     source_builds: dict[str, SourceBuild] = field(default_factory=dict)
     # the source builds this build goes without (--leave-out): named as left out like a wheel without its sha256
     leave_out: frozenset[str] = frozenset()
+    # the free disk a cold build takes on the engine's storage (layers, BuildKit's snapshots and cache mounts):
+    # a build that finds less fails before it starts (vlmbuild.gate.check_room)
+    build_disk_gb: float = DEFAULT_BUILD_DISK_GB
 
     @property
     def family(self) -> BaseFamily:
@@ -518,12 +524,16 @@ def _load_variant(c: _Checker, image: ImageSpec, name: str, raw: Any, defaults: 
     imports = c.modules(raw_imports or [], key)
     for group in image.groups.values():
         imports += tuple(m for m in group.imports if m not in imports)
+    build_disk_gb, key = pick("build_disk_gb")
+    build_disk_gb = DEFAULT_BUILD_DISK_GB if build_disk_gb is None else build_disk_gb
+    if not isinstance(build_disk_gb, (int, float)) or isinstance(build_disk_gb, bool) or build_disk_gb <= 0:
+        raise c.fail(key, f"expected the GB of free disk a cold build takes, a positive number, got {build_disk_gb!r}")
 
     return Variant(
         name=name, image=image, description=str(raw.get("description") or ""), expect=expect,
         base_image=base_image, python=python, cuda=cuda, platform=platform, tag_template=tag,
         packages=packages, wheels=wheels, imports=imports, cuda_archs=cuda_archs, base_family=base_family,
-        source_builds=source_builds,
+        source_builds=source_builds, build_disk_gb=float(build_disk_gb),
     )
 
 

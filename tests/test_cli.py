@@ -17,7 +17,8 @@ def assert_clean_error(result, *fragments: str) -> None:
 
 
 def test_every_command_has_help(cli):
-    for cmd in ((), ("matrix",), ("check",), ("lock",), ("render",), ("smoke",), ("build",), ("push",), ("summary",)):
+    for cmd in ((), ("matrix",), ("check",), ("lock",), ("render",), ("smoke",), ("build",), ("push",), ("summary",),
+                ("doctor",), ("plan",), ("inspect",)):
         result = cli(*cmd, "--help")
         assert result.code == 0 and "Usage:" in result.out, cmd
 

@@ -14,10 +14,12 @@ from types import SimpleNamespace
 import pytest
 from vlmbuild import contract
 from vlmbuild.engine import EngineError, SmokeRun
+from vlmbuild.engine_disk import EngineDisk
 from vlmbuild.errors import CheckFailed
 from vlmbuild.gate import (
     BuildOutcome,
     GateFailed,
+    NotEnoughDisk,
     describe_failure,
     explain_build_failure,
     run_gate,
@@ -109,6 +111,9 @@ class GateEngine(OneGpuEngine):
     def gpu_available(self) -> bool:
         return True
 
+    def disk(self) -> EngineDisk:
+        return EngineDisk("/var/lib/docker/overlay2", 40 * 10**9, 10**9, 0, 5 * 10**9, 200 * 10**9)
+
     def build(self, context, progress, nocache=False, cache_from=(), inline_cache=False, target=None) -> str:
         return "sha256:candidate"
 
@@ -125,12 +130,18 @@ class GateEngine(OneGpuEngine):
         return SmokeRun(1, smoke_report("cpu", 2, failed="zero3_load"), "", 30.0, False, device)
 
 
+def gate_inputs(build_disk_gb: float = 20.0):
+    spec = SimpleNamespace(name="vlm-r1", smoke_device="gpu", smoke_timeout=600, smoke_repeat=1,
+                           path=Path("images/vlm-r1.yaml"))
+    return spec, SimpleNamespace(variant=SimpleNamespace(name="cu124", image=spec, build_disk_gb=build_disk_gb),
+                                 identity="f" * 64, context=None,
+                                 base=SimpleNamespace(ref="debian:trixie-slim", image_id="sha256:" + "b" * 64),
+                                 rendered=SimpleNamespace(wheel_stages=["deepspeed-wheel"]))
+
+
 def test_a_failing_cpu_pass_fails_the_gate():
     engine = GateEngine()
-    spec = SimpleNamespace(name="vlm-r1", smoke_device="gpu", smoke_timeout=600, smoke_repeat=1)
-    resolved = SimpleNamespace(variant=SimpleNamespace(name="cu124", image=spec), identity="f" * 64, context=None,
-                               base=SimpleNamespace(ref="debian:trixie-slim", image_id="sha256:" + "b" * 64),
-                               rendered=SimpleNamespace(wheel_stages=["deepspeed-wheel"]))
+    spec, resolved = gate_inputs()
     outcome = BuildOutcome("vlm-r1", "cu124", False, "vlmbuild/vlm-r1")
     with pytest.raises(GateFailed, match=r"the smoke failed on CPU \(zero3_load\); nothing was tagged"):
         run_gate(engine, resolved, BuildOptions(spec.smoke_device, spec.smoke_timeout, spec.smoke_repeat), outcome,
@@ -138,6 +149,52 @@ def test_a_failing_cpu_pass_fails_the_gate():
     assert engine.calls == ["gpu", "cpu"] and engine.removed == ["sha256:candidate"]
     assert not outcome.passed and outcome.failing_checks == ["zero3_load"] and outcome.tags == []
     assert outcome.passes == ["gpu x1", "cpu x2"]
+
+
+class FullDiskEngine(GateEngine):
+    """A host whose disk has 6 GB free, 25 of its storage's 40 GB owned by nothing (the leak of issue 29)."""
+
+    def disk(self) -> EngineDisk:
+        return EngineDisk("/var/lib/docker/overlay2", 40 * 10**9, 10**9, 0, 14 * 10**9, 6 * 10**9)
+
+    def build(self, *args, **kwargs) -> str:
+        self.calls.append("build")
+        return super().build(*args, **kwargs)
+
+
+def test_a_build_the_disk_cannot_hold_is_refused_before_it_starts():
+    engine = FullDiskEngine()
+    spec, resolved = gate_inputs(build_disk_gb=30)
+    outcome = BuildOutcome("vlm-r1", "cu124", False, "vlmbuild/vlm-r1")
+    with pytest.raises(NotEnoughDisk) as info:
+        run_gate(engine, resolved, BuildOptions(spec.smoke_device, spec.smoke_timeout, spec.smoke_repeat), outcome,
+                 Silent())
+    message = str(info.value)
+    assert info.value.exit_code == 2 and engine.calls == [] and engine.removed == [] and not outcome.tags
+    for needed in ("about 30 GB", "images/vlm-r1.yaml, key build_disk_gb", "6.0 GB free", "25.0 GB of the engine's "
+                   "storage belongs to no image", "BuildKit's cache of 14.0 GB may serve part of it, so at least 16.0 "
+                   "GB must be free", "--no-disk-check"):
+        assert needed in message, message
+
+
+def test_the_cache_counts_towards_a_build_unless_it_is_not_used():
+    """6 GB free and 14 GB of cache: a 19 GB build may fit (5 GB left to find); with --no-cache it cannot."""
+    spec, resolved = gate_inputs(build_disk_gb=19)
+    with pytest.raises(GateFailed):  # it was built: the stand-in's CPU pass fails it
+        run_gate(FullDiskEngine(), resolved, BuildOptions("gpu", 600, 1), BuildOutcome("v", "c", False, "r"),
+                 Silent())
+    with pytest.raises(NotEnoughDisk, match="takes about 19 GB of free disk"):
+        run_gate(FullDiskEngine(), resolved, BuildOptions("gpu", 600, 1, nocache=True),
+                 BuildOutcome("v", "c", False, "r"), Silent())
+
+
+def test_no_disk_check_and_a_disk_that_holds_the_build_both_build():
+    for engine, options in ((FullDiskEngine(), {"disk_check": False}), (GateEngine(), {})):
+        spec, resolved = gate_inputs(build_disk_gb=30)
+        with pytest.raises(GateFailed):  # GateEngine's CPU pass fails: the build ran, and the smoke judged it
+            run_gate(engine, resolved, BuildOptions(spec.smoke_device, spec.smoke_timeout, spec.smoke_repeat,
+                                                    **options), BuildOutcome("vlm-r1", "cu124", False, "r"), Silent())
+        assert engine.removed == ["sha256:candidate"]
 
 
 def test_a_passing_report_with_a_bad_exit_status_fails():

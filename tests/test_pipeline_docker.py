@@ -552,6 +552,35 @@ def test_a_smoke_killed_with_sigkill_leaves_a_container_that_the_next_run_remove
         elsewhere.remove(force=True)
 
 
+def test_a_build_the_disk_cannot_hold_is_refused_before_it_starts(client, built_local, repo_copy):
+    """The spec says a cold build takes more than this disk has free: exit 2 before BuildKit is asked anything,
+    the message names the spec file, the key and the numbers; no image made, no tag moved. `doctor` says the same
+    (exit 1) with the engine's storage as du sees it against what the engine accounts for."""
+    spec = repo_copy / "images" / "vlm-r1.yaml"
+    spec.write_text(spec.read_text().replace("  local:\n", "  local:\n    build_disk_gb: 100000\n", 1))
+    before = {t: tag_id(client, f"{TEST_REPO}:{t}") for t in (built_local["tag"], built_local["immutable"])}
+    images = images_of(client)
+    result = run_cli("--root", str(repo_copy), "build", "vlm-r1", "--variant", "local", "--smoke-device", "cpu",
+                     "--repository", TEST_REPO, "--rebuild")
+    assert result.code == 2, result.out[-2000:] + result.err
+    message = " ".join(result.err.split())
+    for needed in ("a cold build takes about 100000 GB of free disk", f"{spec}, key build_disk_gb", "GB free",
+                   "The build was not started and nothing was tagged"):
+        assert needed in message, message
+    assert "Traceback" not in result.err and "building vlm-r1/local" not in result.out
+    assert images_of(client) == images
+    assert {t: tag_id(client, f"{TEST_REPO}:{t}") for t in before} == before
+
+    doctor = run_cli("--root", str(repo_copy), "doctor", "vlm-r1", "--json")
+    assert doctor.code == 1, doctor.out + doctor.err
+    found = json.loads(doctor.out)
+    enough = {v["variant"]: v["enough"] for v in found["variants"]}
+    assert enough["local"] is False and set(enough) == {"local", "cu124"}
+    disk = found["disk"]
+    assert disk["images"] >= client.images.get(f"{TEST_REPO}:{built_local['tag']}").attrs["Size"] > 0
+    assert disk["on_disk"] is not None and disk["unaccounted"] == max(0, disk["on_disk"] - disk["accounted"])
+
+
 def test_sigterm_during_the_build_cancels_it_and_leaves_nothing(client, built_local):
     """Killed while BuildKit builds (from scratch, so it is still building): exit 143, no candidate, no tag moved,
     no container, and the BuildKit CLI gone with it."""
@@ -574,6 +603,26 @@ def test_sigterm_during_the_build_cancels_it_and_leaves_nothing(client, built_lo
     assert not our_containers(client)
     cli_left = subprocess.run(["pgrep", "-f", "docker build --progress=plain"], capture_output=True, text=True)
     assert cli_left.stdout.strip() == "", "the BuildKit CLI outlived the build"
+
+
+def test_sigkill_during_the_build_cancels_it_too(client, built_local):
+    """SIGKILL reaches no handler of ours: the BuildKit CLI gets SIGINT from the kernel when vlmbuild dies (its
+    parent-death signal) and cancels the build as on Ctrl-C, instead of building on into an untagged candidate."""
+    images = images_of(client)
+    proc = start_build("--rebuild", "--no-cache")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if "running" in proc.stdout.readline():
+            break
+    proc.kill()
+    proc.communicate(timeout=60)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and subprocess.run(["pgrep", "-f", "docker build --progress=plain"],
+                                                         capture_output=True).returncode == 0:
+        time.sleep(1)
+    left = subprocess.run(["pgrep", "-f", "docker build --progress=plain"], capture_output=True, text=True)
+    assert left.stdout.strip() == "", "the BuildKit CLI outlived a SIGKILLed vlmbuild"
+    assert images_of(client) <= images, "an image (a candidate?) was made after the SIGKILL"
 
 
 def test_rebuilding_an_unchanged_variant_builds_nothing_and_moves_no_tag(client, built_local):

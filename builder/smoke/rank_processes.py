@@ -35,12 +35,12 @@ def _load_prctl():
 _PRCTL = _load_prctl()
 
 
-def die_with_parent(launcher: int) -> None:
-    """preexec_fn of a rank (``functools.partial(die_with_parent, os.getpid())``): SIGKILL it when its launcher,
-    pid ``launcher``, ends. Linux only; elsewhere a no-op."""
+def die_with_parent(launcher: int, sig: int = signal.SIGKILL) -> None:
+    """preexec_fn of a rank (``functools.partial(die_with_parent, os.getpid())``): SIGKILL it (or send ``sig``) when
+    its launcher, pid ``launcher``, ends. Linux only; elsewhere a no-op."""
     if _PRCTL is None:
         return
-    _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
+    _PRCTL(PR_SET_PDEATHSIG, sig)
     if os.getppid() != launcher:  # the launcher died before the signal was armed
         os._exit(1)
 
