@@ -10,7 +10,9 @@ were not there before (BuildKit's snapshots have 25-character ids, the layer sto
 Shapes: cold (BuildKit's cache ignored: --no-cache), warm (--rebuild on a warm cache), prune (BuildKit's whole
 cache pruned after a build), sigterm and sigkill (a cold build killed mid-install), keep-failed (a smoke killed at
 its timeout, the candidate kept, then removed as a user would), two (two builds at once), cache-to (the build
-cache exported to the local registry), smoke-timeout (a smoke killed at its timeout).
+cache exported to the local registry), smoke-timeout (a smoke killed at its timeout), prune-under-image (a build,
+BuildKit's cache pruned while its image is still tagged, the image removed after), two-cold (two --no-cache
+builds at once), cache-from (BuildKit's cache pruned, a build importing the cache cache-to pushed).
 
 Images it makes go to throwaway repositories and are removed after each shape.
 """
@@ -34,7 +36,8 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH_REPO = "vlmbuild-bench/leak"
 REGISTRY = os.environ.get("VLMBUILD_REGISTRY", "127.0.0.1:5000")
 LOCAL_BASE = "vlmbuild-local/debian:bookworm"
-SHAPES = ("cold", "warm", "prune", "sigterm", "sigkill", "keep-failed", "two", "cache-to", "smoke-timeout")
+SHAPES = ("cold", "warm", "prune", "sigterm", "sigkill", "keep-failed", "two", "cache-to", "smoke-timeout",
+          "prune-under-image", "two-cold", "cache-from")
 
 lines: list[str] = []
 
@@ -133,6 +136,23 @@ def run_shape(name: str, client) -> str:
         return f"exit {build('--cache-to', f'{REGISTRY}/vlmbuild-bench/cache:local')}"
     if name == "smoke-timeout":
         return f"exit {build('--smoke-timeout', '20')}"
+    if name == "two-cold":
+        # two builds of the same new layers at once (moby/moby#46136: parallel builds leak; fixed in moby 23.0.11,
+        # 24.0.10 and 25.0.4 by moby/moby#47523, never in 20.10)
+        procs = [subprocess.Popen(build_cmd("--no-cache", repository=f"{BENCH_REPO}-{n}"), cwd=REPO,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for n in (1, 2)]
+        return "exits " + ", ".join(str(p.wait()) for p in procs)
+    if name == "cache-from":
+        # a new machine: BuildKit's cache pruned, the layers imported from the cache cache-to pushed
+        client.api.prune_builds(all=True)
+        return f"exit {build('--cache-from', f'{REGISTRY}/vlmbuild-bench/cache:local')}"
+    if name == "prune-under-image":
+        # what the suite and a release runner do: BuildKit's cache pruned while an image built from it is still
+        # tagged, the image removed afterwards
+        code = build()
+        freed = client.api.prune_builds(all=True).get("SpaceReclaimed", 0)
+        remove_bench_images(client)
+        return f"exit {code}, BuildKit reports {freed / 1e9:.1f} GB reclaimed with the image still there"
     raise SystemExit(f"unknown shape {name!r}; known: {', '.join(SHAPES)}")
 
 
