@@ -15,6 +15,9 @@ locked torch layer, the build requirements, the ops and arch flags), so a second
 finds the wheel by that key and compiles nothing. The cache tags are caches, never releases: ``REF`` names the
 candidate as built, before its smoke (a cache of layers is as good whether the smoke passed or not; nothing is
 tagged or pushed as a release from it, and nothing is signed).
+
+The engine pulls each cache image it lacks before the build and removes it after (Engine.pull_caches): dockerd
+20.10's BuildKit, importing a cache straight from the registry, keeps the layers it took past every prune.
 """
 
 from __future__ import annotations

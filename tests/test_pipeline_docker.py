@@ -977,8 +977,8 @@ def test_a_second_machine_builds_from_the_registry_cache_and_compiles_nothing(cl
     """`build --cache-to` pushes the image's inline cache and each wheel stage's beside it; with BuildKit's whole
     cache and its cache mounts pruned (a new machine: no layer, no uv download, no DeepSpeed wheel), a build with
     `--cache-from` runs no step: no op compiled, no package installed, the same layers, the same identity."""
-    from vlmbuild import buildkit
     from vlmbuild.build_cache import BuildCache, stage_ref
+    from vlmbuild.engine import Engine
     from vlmbuild.progress import Progress
     from vlmbuild.render import render
     from vlmbuild.spec import load_spec
@@ -1002,8 +1002,13 @@ def test_a_second_machine_builds_from_the_registry_cache_and_compiles_nothing(cl
     cache = BuildCache((cache_ref,))
     client.api.prune_builds(all=True)
     capsys.readouterr()
-    image_id = buildkit.build(rendered.context, Progress("second machine"),
-                              cache_from=cache.import_refs(rendered.wheel_stages))
+    if tag_id(client, cache_ref):  # a second machine has no local image of the cache
+        client.images.remove(cache_ref)
+    engine = Engine()
+    image_id = engine.build(rendered.context, Progress("second machine"),
+                            cache_from=cache.import_refs(rendered.wheel_stages))
+    # the cache images were pulled for the build (the remote route leaks on dockerd 20.10) and are gone after it
+    assert not [t for image in client.images.list() for t in image.tags if t.startswith(cache_ref)]
     said = capsys.readouterr().out
     try:
         assert "running" not in said, said  # every stage came from the registry's cache: nothing ran, nothing compiled
@@ -1017,11 +1022,27 @@ def test_a_second_machine_builds_from_the_registry_cache_and_compiles_nothing(cl
     # that step mounts the wheel) finds in the registry instead of compiling
     client.api.prune_builds(all=True)
     capsys.readouterr()
-    wheel = buildkit.build(rendered.context, Progress("wheel"), cache_from=(stage_ref(cache_ref, "deepspeed-wheel"),),
-                           target="deepspeed-wheel")
+    wheel = engine.build(rendered.context, Progress("wheel"), cache_from=(stage_ref(cache_ref, "deepspeed-wheel"),),
+                         target="deepspeed-wheel")
     said = capsys.readouterr().out
     client.images.remove(wheel, force=True)
     assert "stage deepspeed-wheel: cached" in said and "running" not in said, said
+
+
+def test_a_cache_image_is_pulled_only_when_missing_and_a_missing_one_is_left_to_buildkit(client, capsys):
+    """Engine.pull_caches: an image the engine has is not pulled (and so never removed after the build); one the
+    registry does not have is said and skipped (BuildKit then builds without it), never an error."""
+    from vlmbuild.engine import Engine
+    from vlmbuild.progress import Progress
+
+    present = "vlmbuild-local/debian:bookworm"
+    Engine().resolve_base(present)  # made when missing
+    missing = f"{TEST_REPO}:no-such-cache"
+    capsys.readouterr()
+    assert Engine().pull_caches((present, missing), Progress("cache", tty=False, github=False)) == []
+    said = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert f"cache {missing}: not pulled" in said and "BuildKit looks it up itself" in said, said
+    assert client.images.get(present)
 
 
 def test_the_same_inputs_give_the_same_layers_after_the_build_cache_is_pruned(client, built_local, tmp_path):
