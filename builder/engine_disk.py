@@ -67,6 +67,14 @@ def measure(client) -> EngineDisk:
     return EngineDisk(str(storage), du_bytes(storage), images, containers, build_cache, free)
 
 
+def required_free(disk: EngineDisk, cold_build: int, nocache: bool = False) -> int:
+    """The free bytes a build needs: a cold build's, less what BuildKit's cache holds (it may serve part of the
+    build: a warm rebuild takes next to nothing), unless the build ignores the cache. Errs towards starting a
+    build whose cache is of something else: it never refuses one that would fit. `vlmbuild doctor`, `plan` and
+    the gate all ask this one question."""
+    return cold_build if nocache else max(0, cold_build - disk.build_cache)
+
+
 def gb(n: int | None) -> str:
     return "unknown" if n is None else f"{n / 1e9:.1f} GB"
 

@@ -52,9 +52,39 @@ def daemon_answers() -> bool:
         return False
 
 
+def data_root() -> Path:
+    """Where the dockerd we start keeps its storage: daemon.json's data-root, else dockerd's default."""
+    config = Path("/etc/docker/daemon.json")
+    if config.is_file():
+        root = json.loads(config.read_text() or "{}").get("data-root")
+        if root:
+            return Path(root)
+    return Path("/var/lib/docker")
+
+
+def reclaim_orphans(root: Path) -> None:
+    """Before dockerd starts: remove the storage directories nothing references (vlmbuild.engine_orphans; left by
+    dockerd's BuildKit when a build re-makes a layer an image already holds, moby/moby#45939). The one moment they
+    can be removed safely is this one, with the engine at rest."""
+    from .engine_orphans import reclaim
+    from .errors import VlmbuildError
+
+    if not (root / "overlay2").is_dir():
+        return
+    try:
+        removed = reclaim(root)
+    except VlmbuildError as e:  # a dockerd that lives but does not answer yet: leave its storage alone
+        log(f"storage left as it is: {e}")
+        return
+    if removed:
+        log(f"removed {len(removed)} storage directories nothing referenced under {root / 'overlay2'}: "
+            f"{sum(o.size or 0 for o in removed) / 1e9:.1f} GB")
+
+
 def start_dockerd() -> None:
     apt_install("docker.io")
     STATE.mkdir(parents=True, exist_ok=True)
+    reclaim_orphans(data_root())
     log(f"starting dockerd (log: {DOCKERD_LOG})")
     with open(DOCKERD_LOG, "ab") as out:
         subprocess.Popen(["dockerd"], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

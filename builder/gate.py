@@ -86,12 +86,12 @@ def check_room(engine: EngineAPI, resolved: Resolved, options: BuildOptions, pro
     error that names no cause. Refuse it before it starts, with the numbers, and name the leak when there is one.
 
     The variant's build_disk_gb is what a cold build takes. What BuildKit's cache holds may serve part of it (a
-    warm rebuild takes next to nothing), so the free disk must hold the rest; with --no-cache, all of it. This
-    errs towards starting a build whose cache is of something else: it never refuses one that would fit."""
+    warm rebuild takes next to nothing), so the free disk must hold the rest; with --no-cache, all of it
+    (engine_disk.required_free)."""
     disk = engine.disk()
     variant = resolved.variant
     need = int(variant.build_disk_gb * 1e9)
-    required = need if options.nocache else max(0, need - disk.build_cache)
+    required = engine_disk.required_free(disk, need, options.nocache)
     progress.info(engine_disk.describe(disk))
     if not options.disk_check or disk.free >= required:
         return

@@ -1045,10 +1045,37 @@ def test_a_cache_image_is_pulled_only_when_missing_and_a_missing_one_is_left_to_
     assert client.images.get(present)
 
 
+REBUILT = f"{TEST_REPO}:rebuilt"  # the rebuild of the test below, which the bump test after it compares with
+
+
+def remove_images_holding(client, layers: list[str]) -> None:
+    """Remove every image that holds one of ``layers`` (all of them ours: the test repositories' tags, and the
+    untagged candidates below them), tags first: a tagged image takes its untagged parents with it."""
+    for _ in range(5):
+        holders = [i for i in client.images.list(all=True) if set(i.attrs["RootFS"]["Layers"]) & set(layers)]
+        if not holders:
+            return
+        foreign = [t for i in holders for t in i.tags if not t.startswith(TEST_REPO)]
+        assert not foreign, f"images not made by the tests hold these layers: {foreign}"
+        for image in holders:
+            for ref in image.tags or [image.id]:
+                try:
+                    client.images.remove(ref, force=True)
+                except docker.errors.APIError:
+                    pass  # a parent with a child still there: the next round
+    raise AssertionError("images holding the layers could not all be removed")
+
+
 def test_the_same_inputs_give_the_same_layers_after_the_build_cache_is_pruned(client, built_local, tmp_path):
     """Reproducible layers: with BuildKit's whole cache pruned (layers, uv's and pip's downloads, the DeepSpeed wheel:
     a new machine), the same inputs build to the same bytes in every layer above the base, the compiled ops
-    included. So a registry, or a puller, that holds the image keeps every layer of a rebuild."""
+    included. So a registry, or a puller, that holds the image keeps every layer of a rebuild.
+
+    The first image is removed before the rebuild, its layer list kept: dockerd's BuildKit, re-making a layer an
+    image in the engine still holds, leaves a copy of it that nothing references and no prune reaches
+    (vlmbuild.engine_orphans, moby/moby#45939); in this test that was the whole image, 7 GB a run. The
+    suite's own bound (conftest, engine_leak_measured) holds this test to it. It is the last test to use the
+    built_local image."""
     from vlmbuild import buildkit
     from vlmbuild.progress import Progress
     from vlmbuild.render import render
@@ -1057,30 +1084,31 @@ def test_the_same_inputs_give_the_same_layers_after_the_build_cache_is_pruned(cl
     tagged = client.images.get(f"{TEST_REPO}:{built_local['tag']}")
     base = tagged.labels["org.opencontainers.image.base.name"]
     assert client.images.get(base).id == tagged.labels["io.vlmbuild.base.image-id"]  # the very base it was built on
+    first = tagged.attrs["RootFS"]["Layers"]
+    base_layers = len(client.images.get(base).attrs["RootFS"]["Layers"])
+    remove_images_holding(client, first[base_layers:])
     client.api.prune_builds(all=True)
     variant = load_spec(REPO / "images" / "vlm-r1.yaml").variant("local")
     rendered = render(variant, tmp_path / "context", base_image=base)
     image_id = buildkit.build(rendered.context, Progress("rebuild"))
-    try:
-        again = client.images.get(image_id).attrs["RootFS"]["Layers"]
-        first = tagged.attrs["RootFS"]["Layers"]
-        base_layers = len(client.images.get(base).attrs["RootFS"]["Layers"])
-        # the tagged image is this candidate plus its evidence layer on top
-        assert len(first) == len(again) + 1, (len(first), len(again))
-        differ = [i for i in range(base_layers, len(again)) if again[i] != first[i]]
-        assert differ == [], (f"layers {differ} of {len(again)} differ after a rebuild of the same inputs; "
-                              + image_files_that_differ(client, tagged.id, image_id))
-    finally:
-        if not client.images.get(image_id).tags:
-            client.images.remove(image_id, force=True)
+    client.images.get(image_id).tag(REBUILT)
+    again = client.images.get(image_id).attrs["RootFS"]["Layers"]
+    # the tagged image was this candidate plus its evidence layer on top
+    assert len(first) == len(again) + 1, (len(first), len(again))
+    differ = [i for i in range(base_layers, len(again)) if again[i] != first[i]]
+    assert differ == [], f"layers {differ} of {len(again)} differ after a rebuild of the same inputs"
 
 
-def test_bumping_one_package_reships_its_layer_alone(client, built_local, tmp_path):
+def test_bumping_one_package_reships_its_layer_alone(client, tmp_path):
     """A package layer is rebuilt from its own stage; every other layer comes out byte-identical (the same
-    diffID), so a registry or a puller already holding them gets them for free. It runs after the test above has
-    pruned BuildKit's cache: the layers below the bump are not the ones the first build left in the cache."""
+    diffID), so a registry or a puller already holding them gets them for free. It compares with the rebuild of
+    the test above (a candidate: no evidence layer), whose layers BuildKit's cache now holds: had that cache been
+    pruned, the layers below the bump would run again and, the rebuild being there, leave copies no prune reaches
+    (moby/moby#45939)."""
     import shutil
 
+    if tag_id(client, REBUILT) is None:
+        pytest.skip(f"{REBUILT} is made by the test above")
     root = tmp_path / "repo"
     shutil.copytree(REPO / "images", root / "images")
     shutil.copytree(REPO / "lockfiles", root / "lockfiles")
@@ -1092,16 +1120,17 @@ def test_bumping_one_package_reships_its_layer_alone(client, built_local, tmp_pa
         result = run_cli("build", "vlm-r1", "--variant", "local", "--smoke-device", "cpu", "--repository",
                          f"{TEST_REPO}-bump", "--report", str(report), root=root, timeout=1800)
         assert result.code == 0, result.out[-3000:] + result.err[-2000:]
-        before = client.images.get(f"{TEST_REPO}:{built_local['tag']}")
+        before = client.images.get(REBUILT)
         after = client.images.get(json.loads(report.read_text())["builds"][0]["image_id"])
-        old, new = before.attrs["RootFS"]["Layers"], after.attrs["RootFS"]["Layers"]
+        old, new = before.attrs["RootFS"]["Layers"], after.attrs["RootFS"]["Layers"][:-1]  # less the evidence
         changed = [i for i, layer in enumerate(new) if layer not in old]
         assert len(new) == len(old)
-        # the accelerate layer, then only what sits on top of every package: the smoke's files and the evidence
+        # the accelerate layer, then only what sits on top of every package: the smoke's files
         # (benchmarks/bench_build.py prints the bytes: a few MB)
-        assert changed[0] < len(new) - 3 and all(i >= len(new) - 3 for i in changed[1:]), (
+        assert changed[0] < len(new) - 2 and all(i >= len(new) - 2 for i in changed[1:]), (
             f"{changed}; " + image_files_that_differ(client, before.id, after.id))
         # the wheel stage builds on the torch layer and DeepSpeed's own build requirements: no op compiled again
         assert "stage deepspeed-wheel: cached" in result.out + result.err
     finally:
         remove_images(client, f"{TEST_REPO}-bump")
+        client.images.remove(REBUILT, force=True)
