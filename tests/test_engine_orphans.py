@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 from conftest import TEST_REPO, run_cli
-
 from vlmbuild.engine_orphans import dockerd_running, find_orphans, reclaim, remove_orphans
 from vlmbuild.errors import VlmbuildError
 
