@@ -12,7 +12,11 @@ cache pruned after a build), sigterm and sigkill (a cold build killed mid-instal
 its timeout, the candidate kept, then removed as a user would), two (two builds at once), cache-to (the build
 cache exported to the local registry), smoke-timeout (a smoke killed at its timeout), prune-under-image (a build,
 BuildKit's cache pruned while its image is still tagged, the image removed after), two-cold (two --no-cache
-builds at once), cache-from (BuildKit's cache pruned, a build importing the cache cache-to pushed).
+builds at once), cache-from (BuildKit's cache pruned, a build importing the cache cache-to pushed),
+rebuild-under-image (a build, then a --no-cache build of the same inputs while the first image is tagged, then
+BuildKit's cache pruned: moby/moby#45939, vlmbuild.engine_orphans), reclaim (dockerd stopped, and started again by
+vlmbuild.engine_setup, which first removes the storage directories nothing references; only for the dockerd
+engine_setup started).
 
 Images it makes go to throwaway repositories and are removed after each shape.
 """
@@ -30,14 +34,14 @@ import time
 from pathlib import Path
 
 import docker
-from vlmbuild import engine_disk
+from vlmbuild import engine_disk, engine_orphans
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_REPO = "vlmbuild-bench/leak"
 REGISTRY = os.environ.get("VLMBUILD_REGISTRY", "127.0.0.1:5000")
 LOCAL_BASE = "vlmbuild-local/debian:bookworm"
 SHAPES = ("cold", "warm", "prune", "sigterm", "sigkill", "keep-failed", "two", "cache-to", "smoke-timeout",
-          "prune-under-image", "two-cold", "cache-from")
+          "prune-under-image", "two-cold", "cache-from", "rebuild-under-image", "reclaim")
 
 lines: list[str] = []
 
@@ -64,7 +68,7 @@ def buildkit_cli_running() -> bool:
 def killed_build(sig: int) -> int:
     """A cold build killed with ``sig`` once BuildKit has been installing for 30 s."""
     proc = subprocess.Popen(build_cmd("--no-cache"), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=False)
+                            text=True)
     assert proc.stdout is not None
     for line in proc.stdout:
         if "uv pip install" in line or "running" in line:
@@ -123,8 +127,11 @@ def run_shape(name: str, client) -> str:
     if name == "sigkill":
         return f"exit {killed_build(signal.SIGKILL)}"
     if name == "keep-failed":
+        # the kept candidate is untagged and carries none of the evidence labels (those come with the evidence
+        # layer, after a smoke that passed): it is the untagged image the build left
+        before = {i.id for i in client.images.list(all=True)}
         code = build("--keep-failed", "--smoke-timeout", "20")
-        kept = [i for i in client.images.list(all=True) if not i.tags and i.labels.get("io.vlmbuild.identity")]
+        kept = [i for i in client.images.list(all=True) if not i.tags and i.id not in before]
         for image in kept:
             client.images.remove(image.id, force=True)
         return f"exit {code}, {len(kept)} kept candidate(s) then removed"
@@ -153,6 +160,24 @@ def run_shape(name: str, client) -> str:
         freed = client.api.prune_builds(all=True).get("SpaceReclaimed", 0)
         remove_bench_images(client)
         return f"exit {code}, BuildKit reports {freed / 1e9:.1f} GB reclaimed with the image still there"
+    if name == "rebuild-under-image":
+        first = build()
+        again = build("--no-cache")
+        freed = client.api.prune_builds(all=True).get("SpaceReclaimed", 0)
+        orphans = engine_orphans.find_orphans(Path(engine_disk.measure(client).storage).parent)
+        return (f"exits {first}, {again}, BuildKit reports {freed / 1e9:.1f} GB reclaimed; {len(orphans)} directories "
+                f"nothing references, {sum(o.size or 0 for o in orphans) / 1e9:.2f} GB")
+    if name == "reclaim":
+        pids = [p for p in engine_orphans.dockerd_running()
+                if Path(f"/proc/{p}/cmdline").read_bytes() == b"dockerd\x00"]
+        if not pids:
+            return "skipped: this dockerd was not started by vlmbuild.engine_setup"
+        os.kill(pids[0], signal.SIGTERM)
+        while Path(f"/proc/{pids[0]}").exists():
+            time.sleep(0.5)
+        setup = subprocess.run([sys.executable, "-m", "vlmbuild.engine_setup"], capture_output=True, text=True)
+        said = [line for line in setup.stdout.splitlines() if "removed" in line]
+        return f"exit {setup.returncode}; {said[0].removeprefix('[engine] ') if said else 'nothing removed'}"
     raise SystemExit(f"unknown shape {name!r}; known: {', '.join(SHAPES)}")
 
 
@@ -173,6 +198,7 @@ def main() -> None:
         started = time.monotonic()
         watcher = LeastFree(disk.storage)
         outcome = run_shape(name, client)
+        client = docker.from_env(timeout=900)  # a new connection: the reclaim shape restarts the daemon
         seconds = time.monotonic() - started
         least = watcher.stop()
         remove_bench_images(client)

@@ -101,6 +101,7 @@ class Engine:
             raise EngineError(f"no Docker daemon answers ({exc}). Start one (`bash .ci/setup` installs and starts "
                               "dockerd) or point DOCKER_HOST at one.") from None
         self.api = self.client.api
+        self.leftovers_removed = False  # a killed run's containers are looked for once per Engine, not per container
 
     @contextmanager
     def container(self, image: str, purpose: str, what: str, marked: bool = True, **kwargs) -> Iterator:
@@ -113,7 +114,9 @@ class Engine:
         container = None
         try:
             with engine_errors(what):
-                remove_leftovers(self.client)
+                if not self.leftovers_removed:
+                    remove_leftovers(self.client)
+                    self.leftovers_removed = True
                 labels = {OWNER_LABEL: purpose, OWNER_PROCESS_LABEL: owner.mark()} if marked else {}
                 container = self.client.containers.create(image, labels=labels, **kwargs)
             yield container
