@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from . import __version__
+from . import __version__, repo_layout
 from .contract import DEFAULT_SMOKE_TIMEOUT, HEADLINE_PACKAGES
 from .errors import CheckFailed, VlmbuildError
 from .spec import ImageSpec, Variant, all_spec_paths, find_spec_path, load_spec
@@ -32,7 +32,7 @@ def default_root() -> Path:
     if env:
         return Path(env)
     source_root = PACKAGE_DIR.parent  # an editable install: the repository
-    if (source_root / "images").is_dir():
+    if repo_layout.images_dir(source_root).is_dir():
         return source_root
     return Path.cwd()
 
@@ -88,7 +88,7 @@ class Context:
             return [self.spec(image)]
         paths = all_spec_paths(self.root)
         if not paths:
-            raise VlmbuildError(f"{self.root / 'images'}: no image specs (*.yaml) found")
+            raise VlmbuildError(f"{repo_layout.images_dir(self.root)}: no image specs (*.yaml) found")
         return [load_spec(p) for p in paths]
 
     def variants(self, image: str | None, names: Iterable[str] = (), include_rejected: bool = True,
@@ -294,11 +294,15 @@ def render(ctx: Context, image: str, variant: str, output: Path, base_image: str
 
     The context holds no secret: `vlmbuild build` hands the build its CA bundle and network settings as BuildKit
     secrets `build-ca` and `build-env`; to build it by hand pass both with `--secret id=...,src=FILE`."""
-    from .render import render as render_variant
+    from .lock import load_variant_lock
+    from .plan import make_plan
+    from .render import render as render_plan
 
-    result = render_variant(ctx.variants(image, [variant], leave_out=leave_out)[0], output, base_image=base_image)
-    click.echo(f"rendered {image}/{variant} as tag {result.tag} into {result.context} "
-               f"({', '.join(f'{l.name} {l.count}' for l in result.layers)}, then {len(result.packages)} "
+    chosen = ctx.variants(image, [variant], leave_out=leave_out)[0]
+    plan = make_plan(chosen, load_variant_lock(chosen))
+    result = render_plan(plan, base_image, output)
+    click.echo(f"rendered {image}/{variant} as tag {plan.tag} into {result.context} "
+               f"({', '.join(f'{l.name} {l.count}' for l in plan.layers)}, then {len(plan.packages)} "
                "package layers)")
 
 

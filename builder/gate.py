@@ -172,7 +172,7 @@ def gate(engine: EngineAPI, resolved: Resolved, options: BuildOptions, progress:
     variant, spec = resolved.variant, resolved.variant.image
     outcome = BuildOutcome(spec.name, variant.name, False, resolved.repository, identity=resolved.identity,
                            immutable_tag=resolved.immutable_tag, base_image_id=resolved.base.image_id,
-                           warnings=resolved.warnings)
+                           warnings=list(resolved.warnings))
     for warning in resolved.warnings:
         progress.say(f"warning: a known-bad rule matches (a workaround exists):\n{warning}")
     existing = validated_image(engine, resolved)

@@ -18,8 +18,9 @@ from . import contract
 from .errors import VlmbuildError
 from .lockfile import LockfileError, read_lockfile
 from .options import checked_model_dir
+from .plan import make_plan
 from .progress import Progress
-from .render import stage_smoke_sources, variant_metadata
+from .render import stage_smoke_sources
 from .spec import all_spec_paths, find_spec_path, load_spec
 
 
@@ -34,7 +35,7 @@ def variant_for_lockfile(lockfile: Path, root: Path) -> str | None:
     if not image or not name:
         return None
     variant = load_spec(find_spec_path(image, root)).variant(name)
-    metadata = json.loads(variant_metadata(variant, lock, variant.tag(lock.pins)))
+    metadata = json.loads(make_plan(variant, lock).variant_json)
     # Not the image: this environment's DeepSpeed was not built with the image's ops.
     metadata.pop("deepspeed_builds", None)
     return json.dumps(metadata, indent=2) + "\n"

@@ -19,7 +19,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
-from . import contract
+from . import contract, repo_layout
 from .bases import DEFAULT_FAMILY, FAMILIES, LOCAL_BASE_PREFIX, BaseFamily, split_digest
 from .errors import SpecError
 from .rules import KNOWN_CONDITIONS
@@ -189,7 +189,7 @@ class Variant:
 
     @property
     def lockfile_path(self) -> Path:
-        return self.image.root / "lockfiles" / self.image.name / f"{self.name}.txt"
+        return repo_layout.variant_lockfile(self.image.root, self.image.name, self.name)
 
     @property
     def is_default(self) -> bool:
@@ -235,7 +235,7 @@ class ImageSpec:
     @property
     def build_tools_lockfile(self) -> Path:
         """The hash-locked build tools (uv, cyclonedx-py) every image of this repository builds with."""
-        return self.root / "lockfiles" / "build-tools.txt"
+        return repo_layout.build_tools_lockfile(self.root)
 
     def variant(self, name: str) -> Variant:
         if name not in self.variants:
@@ -652,12 +652,12 @@ def find_spec_path(image: str, root: Path) -> Path:
         if not candidate.is_file():
             raise SpecError(candidate, "", "no such spec file")
         return candidate
-    path = root / "images" / f"{image}.yaml"
+    path = repo_layout.spec_path(root, image)
     if not path.is_file():
-        names = sorted(p.stem for p in (root / "images").glob("*.yaml"))
+        names = sorted(p.stem for p in repo_layout.spec_paths(root))
         raise SpecError(path, "", f"no image spec named {image!r}; known: {names}")
     return path
 
 
 def all_spec_paths(root: Path) -> list[Path]:
-    return sorted((root / "images").glob("*.yaml"))
+    return repo_layout.spec_paths(root)
