@@ -139,11 +139,11 @@ class BuildPlan:
 
 def make_plan(variant: Variant, lock: Lockfile) -> BuildPlan:
     """The plan of ``variant`` with its lockfile ``lock`` (read once by the caller)."""
-    tag = variant.tag(lock.pins)
     chain, packages = plan_layers(variant, lock)
     torch_layer = torch_layer_of(variant, chain)
     deepspeed = deepspeed_builds(variant, lock, torch_layer)
     from_source = source_builds(variant, lock, torch_layer)
+    tag = variant.tag(lock.pins)
     toolkit = variant.family.cuda_toolkit(variant.cuda, SCRATCH) if variant.cuda else None
     held = key_versions(lock, variant.left_out)
     return BuildPlan(variant, lock, tag, chain, packages, tuple(deepspeed), tuple(from_source), toolkit,
@@ -304,8 +304,8 @@ def torch_layer_of(variant: Variant, chain) -> tuple[LayerFile, set[str]]:
     found = next(((layer, {r.name for r in reqs}) for layer, reqs in chain if any(r.name == "torch" for r in reqs)),
                  None)
     if found is None:
-        raise VlmbuildError(f"{variant.image.path}: layers: torch must be in a layer installed in place (DeepSpeed "
-                            "and every source build are built against it)")
+        raise VlmbuildError(f"{variant.lockfile_path}: torch is not locked, and DeepSpeed and every source build are "
+                            "built against it: run `vlmbuild lock`")
     return found
 
 
@@ -333,7 +333,8 @@ def source_builds(variant: Variant, lock: Lockfile, torch_layer: tuple[LayerFile
 
 
 def plan_layers(variant: Variant, lock: Lockfile):
-    """The lock cut into layers installed in place (in order) and per-package layers (in order)."""
+    """The lock cut into layers installed in place (in order) and per-package layers (in order). Where each
+    package may sit (torch in place, what is built from its sdist split) the spec checked on load."""
     chain: list[tuple[LayerFile, tuple[Requirement, ...]]] = []
     packages: list[tuple[PackageLayer, Requirement]] = []
     buckets: dict[str, list[Requirement]] = {layer.name: [] for layer in variant.image.layers}
@@ -350,10 +351,6 @@ def plan_layers(variant: Variant, lock: Lockfile):
                 packages.append((PackageLayer(req.name, req.version, f"pkg-{req.name}", f"lock/pkg-{req.name}.txt",
                                               built=built.get(req.name, "")), req))
             continue
-        in_place = sorted(set(built) & {r.name for r in reqs})
-        if in_place:
-            raise VlmbuildError(f"{variant.image.path}: layers: {in_place[0]} is built from its sdist in a stage of its "
-                                f"own and must sit in a split layer, not in {layer.name!r}")
         names = [r.name for r in reqs]
         summary = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
         stage = f"layer-{layer.name}"
@@ -362,7 +359,4 @@ def plan_layers(variant: Variant, lock: Lockfile):
         parent = stage
     if not chain:
         raise VlmbuildError(f"{variant.image.path}: layers: no layer installed in place holds a package (torch?)")
-    if not any(p.built == "deepspeed-wheel" for p, _ in packages):
-        raise VlmbuildError(f"{variant.image.path}: layers: deepspeed must sit in a split layer (it is built from "
-                            "its sdist with its ops in a stage of its own)")
     return tuple(chain), tuple(packages)

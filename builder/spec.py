@@ -394,7 +394,27 @@ def load_spec(path: Path) -> ImageSpec:
     if image.variants[default_variant].expected_rejected:
         raise c.fail("default_variant", f"{default_variant!r} is marked 'expect: rejected' and cannot be the default")
     image.default_variant = default_variant
+    _check_layering(c, image)
     return image
+
+
+def _check_layering(c: _Checker, image: ImageSpec) -> None:
+    """What the build's shape needs of the layers, on load (so `vlmbuild check` and `lock` see it, not only a
+    render): torch in a layer installed in place (every wheel is compiled against it), DeepSpeed and each package a
+    variant builds from its sdist in a split layer (each is built in a stage of its own)."""
+    if image.layer_of("torch").split:
+        raise c.fail("layers", "torch must be in a layer installed in place (DeepSpeed and every source build are "
+                     "built against it)")
+    if not image.layer_of("deepspeed").split:
+        raise c.fail("layers", "deepspeed must sit in a split layer (it is built from its sdist with its ops in a "
+                     "stage of its own)")
+    for variant in image.variants.values():
+        for name in variant.source_builds:
+            layer = image.layer_of(name)
+            if not layer.split:
+                raise c.fail(f"variants.{variant.name}.source_builds.{name}",
+                             f"{name} is built from its sdist in a stage of its own and must sit in a split layer, "
+                             f"not in {layer.name!r}")
 
 
 def _read_yaml(path: Path) -> Any:
