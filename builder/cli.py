@@ -22,7 +22,7 @@ from .errors import CheckFailed, VlmbuildError
 from .spec import ImageSpec, Variant, all_spec_paths, find_spec_path, load_spec
 
 if TYPE_CHECKING:
-    from .release import PushPolicy
+    from .options import PushPolicy
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -127,7 +127,7 @@ class PushFlags:
 
     def policy(self, pushing: bool = True) -> PushPolicy:
         """The push policy; its signer is chosen (exactly one of the three flags) only when something is pushed."""
-        from .release import PushPolicy
+        from .options import PushPolicy
         from .signing import signer_from_flags
 
         signer = signer_from_flags(self.sign_key, self.sign_keyless, self.unsigned) if pushing else None

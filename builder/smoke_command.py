@@ -110,7 +110,7 @@ def smoke_image(ref: str, device: str, report: Path | None, timeout: int, repeat
                 model_dir: Path | None = None, checks: str | None = None) -> int:
     """`vlmbuild smoke IMAGE_REF`: re-run the gate's smoke on any built image (with a real checkpoint, read-only)."""
     from .engine import Engine
-    from .gate import resolve_device, smoke_passes
+    from .gate import resolve_device, run_smoke_passes
     from .smoke import report as report_mod
 
     engine = Engine()
@@ -123,7 +123,7 @@ def smoke_image(ref: str, device: str, report: Path | None, timeout: int, repeat
     device = resolve_device(engine, device)
     progress = Progress(f"smoke {ref}")
     try:
-        runs = smoke_passes(engine, ref, device, timeout, repeat, model_dir, progress, checks)
+        runs = run_smoke_passes(engine, ref, device, timeout, repeat, model_dir, progress, checks)
     finally:
         progress.close()
     reports = [r.report for r in runs if r.report is not None]
