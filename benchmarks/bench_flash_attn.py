@@ -35,6 +35,8 @@ def main() -> int:
 
     from vlmbuild import buildkit
     from vlmbuild.engine import Engine
+    from vlmbuild.lock import load_variant_lock
+    from vlmbuild.plan import make_plan
     from vlmbuild.progress import Progress
     from vlmbuild.render import render
     from vlmbuild.spec import load_spec
@@ -63,7 +65,7 @@ def main() -> int:
     print(f"# benchmarks/bench_flash_attn.py on {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}: the "
           f"flash-attn-wheel stage for {args.minutes:.0f} min")
     with tempfile.TemporaryDirectory(prefix="vlmbuild-bench-fa-") as tmp:
-        rendered = render(variant, Path(tmp) / "ctx", base_image=base.ref)
+        rendered = render(make_plan(variant, load_variant_lock(variant)), base.ref, Path(tmp) / "ctx")
         assert "flash-attn-wheel" in rendered.wheel_stages
         signal.alarm(int(args.minutes * 60))
         t0 = time.monotonic()

@@ -35,7 +35,9 @@ from vlmbuild.build_cache import BuildCache, export  # noqa: E402
 from vlmbuild.engine import Engine  # noqa: E402
 from vlmbuild.engine_setup import purge_local_repository  # noqa: E402
 from vlmbuild.inspect_image import Inspection  # noqa: E402
+from vlmbuild.lock import load_variant_lock  # noqa: E402
 from vlmbuild.lockfile import read_lockfile  # noqa: E402
+from vlmbuild.plan import make_plan  # noqa: E402
 from vlmbuild.progress import Progress  # noqa: E402
 from vlmbuild.render import render  # noqa: E402
 from vlmbuild.signing import Signer, Verifier, cosign_binary, sign_and_attest  # noqa: E402
@@ -85,7 +87,7 @@ def drop(client, image: str) -> None:
 
 def second_machine(client, engine: Engine, variant_name: str, base: str, work: Path) -> list[str]:
     variant = load_spec(REPO / "images" / "vlm-r1.yaml").variant(variant_name)
-    rendered = render(variant, work / "context", base_image=base)
+    rendered = render(make_plan(variant, load_variant_lock(variant)), base, work / "context")
     cache = BuildCache(cache_from=(f"{BENCH}:cache",), cache_to=f"{BENCH}:cache")
     first = buildkit.build(rendered.context, Progress("first machine"), inline_cache=True)
     export(engine, rendered.context, cache, rendered.wheel_stages, first, Progress("cache export"))

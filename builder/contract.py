@@ -130,7 +130,7 @@ def failed_needs(name: str, earlier: list[Mapping[str, Any]]) -> list[str]:
     return [c["name"] for c in earlier if c["name"] in needs and not check_passed(c)]
 
 
-LAUNCHER, RANKS = "vlmbuild.smoke.__main__", "vlmbuild.smoke.worker"
+LAUNCHER, RANKS = "vlmbuild.smoke.launcher_checks", "vlmbuild.smoke.worker"
 DETAIL = "vlmbuild.smoke.report"
 register(Check("stack", "installed versions and every installed file equal the lockfile (RECORD hashes; nothing "
                         "unlocked, duplicated or from another URL); CUDA build, GPU arch, NCCL, bf16; rules; every "

@@ -133,7 +133,7 @@ def explain_build_failure(message: str) -> str:
         for rule in load_rules().match_error(message)])
 
 
-def smoke_passes(engine: EngineAPI, image: str, device: str, timeout: int, repeat: int, model_dir: Path | None,
+def run_smoke_passes(engine: EngineAPI, image: str, device: str, timeout: int, repeat: int, model_dir: Path | None,
                  progress: Progress, checks: str | None = None) -> list[SmokeRun]:
     """The smoke on ``device``; when it ran on one GPU only, a CPU pass of world size 2 in the same image, so that
     ZeRO-3 partitioning across ranks is proven on every image. Each pass is one fold of the output, with its
@@ -172,7 +172,7 @@ def gate(engine: EngineAPI, resolved: Resolved, options: BuildOptions, progress:
     variant, spec = resolved.variant, resolved.variant.image
     outcome = BuildOutcome(spec.name, variant.name, False, resolved.repository, identity=resolved.identity,
                            immutable_tag=resolved.immutable_tag, base_image_id=resolved.base.image_id,
-                           warnings=resolved.warnings)
+                           warnings=list(resolved.warnings))
     for warning in resolved.warnings:
         progress.say(f"warning: a known-bad rule matches (a workaround exists):\n{warning}")
     existing = validated_image(engine, resolved)
@@ -208,7 +208,7 @@ def run_gate(engine: EngineAPI, resolved: Resolved, options: BuildOptions, outco
             export_cache(engine, resolved, options.cache, candidate, outcome, progress)
         progress.info(f"built candidate {candidate[:19]} in {outcome.build_seconds:.0f}s; smoke on {device.upper()}"
                       + (f" with {model_dir}" if model_dir else ""))
-        runs = smoke_passes(engine, candidate, device, options.smoke_timeout, options.smoke_repeat, model_dir,
+        runs = run_smoke_passes(engine, candidate, device, options.smoke_timeout, options.smoke_repeat, model_dir,
                             progress)
         outcome.smoke_seconds = sum(r.seconds for r in runs)
         outcome.smoke_device, outcome.smoke_report = device, runs[0].report

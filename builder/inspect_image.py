@@ -65,7 +65,7 @@ def sha256(data: bytes | None) -> str | None:
     return hashlib.sha256(data).hexdigest() if data is not None else None
 
 
-def smoke_passes(evidence: dict[str, Any]) -> list[dict[str, Any]]:
+def passes_in_evidence(evidence: dict[str, Any]) -> list[dict[str, Any]]:
     """The smoke reports in an evidence file (an older image holds one report, not a list of passes)."""
     return list(evidence.get("passes") or ([evidence] if "checks" in evidence else []))
 
@@ -99,7 +99,7 @@ def check_report(result: Inspection, report_bytes: bytes | None, labels: dict[st
     evidence = parsed_json(result, report_bytes, "report")
     if evidence is None:
         return
-    passes = smoke_passes(evidence)
+    passes = passes_in_evidence(evidence)
     result.check(contract.evidence_passed({"passes": passes}), "every smoke pass in the report passed every check")
     statuses = contract.checks_label(passes)
     try:

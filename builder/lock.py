@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import repo_layout
 from .errors import CheckFailed, VlmbuildError
 from .lockfile import HEADER_PREFIX, Lockfile, LockfileError, parse_lockfile, read_lockfile
 from .spec import Variant
@@ -60,10 +61,6 @@ def inputs_hash(python: str, platform: str, requirements: list[str], wheels: lis
 def variant_inputs_hash(variant: Variant) -> str:
     wheels = [(w.name, w.url, w.sha256 or f"left out: {w.left_out}") for w in variant.wheels.values()]
     return inputs_hash(variant.python, variant.platform, variant.requirement_lines(), wheels)
-
-
-def build_tools_path(root: Path) -> Path:
-    return root / "lockfiles" / "build-tools.txt"  # ImageSpec.build_tools_lockfile, for a repository root
 
 
 def build_tools_inputs_hash() -> str:
@@ -158,11 +155,11 @@ def lock_variant(variant: Variant, upgrade: bool = False, upgrade_packages: tupl
 
 
 def lock_build_tools(root: Path, upgrade: bool = False, upgrade_packages: tuple[str, ...] = ()) -> Path:
-    body = _compile(list(BUILD_TOOLS), BUILD_TOOLS_PYTHON, "x86_64-manylinux_2_28", build_tools_path(root), upgrade,
+    body = _compile(list(BUILD_TOOLS), BUILD_TOOLS_PYTHON, "x86_64-manylinux_2_28", repo_layout.build_tools_lockfile(root), upgrade,
                     upgrade_packages)
     text = _header({"purpose": "tools that install the lock inside the image",
                     "inputs-sha256": build_tools_inputs_hash()}) + body
-    path = build_tools_path(root)
+    path = repo_layout.build_tools_lockfile(root)
     _write_atomically(path, text)
     return path
 
@@ -188,7 +185,7 @@ def variant_status(variant: Variant, lock: Lockfile | None = None) -> LockStatus
 
 
 def build_tools_status(root: Path) -> LockStatus:
-    return _status(build_tools_path(root), build_tools_inputs_hash())
+    return _status(repo_layout.build_tools_lockfile(root), build_tools_inputs_hash())
 
 
 def require_fresh(variant: Variant, lock: Lockfile | None = None) -> LockStatus:

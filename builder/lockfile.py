@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -52,24 +53,32 @@ class Requirement:
         return " \\\n    ".join(parts)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Lockfile:
+    """A lockfile as read once: its pins, name index and digest computed on first use, then kept."""
+
     path: Path | None
     header: dict[str, str] = field(default_factory=dict)
-    requirements: list[Requirement] = field(default_factory=list)
+    requirements: tuple[Requirement, ...] = ()
     text: str = ""
 
-    @property
+    @cached_property
+    def by_name(self) -> dict[str, Requirement]:
+        index: dict[str, Requirement] = {}
+        for r in self.requirements:
+            index.setdefault(r.name, r)
+        return index
+
+    @cached_property
     def pins(self) -> dict[str, str]:
         return {r.name: r.version for r in self.requirements}
 
-    @property
+    @cached_property
     def sha256(self) -> str:
         return hashlib.sha256(self.text.encode()).hexdigest()
 
     def get(self, name: str) -> Requirement | None:
-        cname = canonicalize_name(name)
-        return next((r for r in self.requirements if r.name == cname), None)
+        return self.by_name.get(canonicalize_name(name))
 
 
 def _logical_lines(text: str) -> list[str]:
@@ -129,7 +138,7 @@ def parse_lockfile(text: str, path: Path | None = None) -> Lockfile:
         if not hashes:
             raise LockfileError(f"{where}: requirement {body!r} has no --hash")
         reqs.append(Requirement(canonicalize_name(name), version, body, hashes, url))
-    return Lockfile(path=path, header=header, requirements=reqs, text=text)
+    return Lockfile(path=path, header=header, requirements=tuple(reqs), text=text)
 
 
 def read_lockfile(path: Path) -> Lockfile:

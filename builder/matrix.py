@@ -6,8 +6,8 @@ from typing import Any
 
 from .bases import LOCAL_BASE_PREFIX, split_digest
 from .checks import declared_versions
+from .contract import KEY_PACKAGES
 from .lockfile import LockfileError, read_lockfile
-from .render import KEY_PACKAGES
 from .spec import Variant
 
 

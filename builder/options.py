@@ -12,9 +12,19 @@ from packaging.utils import canonicalize_name
 
 from .build_cache import BuildCache
 from .errors import VlmbuildError
-from .release import PushPolicy
+from .signing import Signer
 from .smoke.model_dir import ModelDirProblem, validate_model_dir
 from .spec import ImageSpec, Variant
+
+
+@dataclass(frozen=True)
+class PushPolicy:
+    """What a push accepts beyond passing evidence of the current lockfile."""
+
+    allow_cpu: bool = False  # evidence from a CPU-only smoke (no GPU proved the CUDA path)
+    allow_left_out: bool = False  # an image that goes without something its spec names (io.vlmbuild.left-out)
+    # who signs the pushed digest and attests its report and SBOM; None: unsigned (--unsigned, said out loud)
+    signer: Signer | None = None
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,7 @@ def build_variant(variant: Variant, options: BuildOptions, engine: EngineAPI | N
                 outcome.digests = push_tags(engine, resolved, outcome.tags, options.push_policy, progress)
             except PushFailed as exc:
                 outcome.push_error = str(exc)
-                exc.outcome = outcome
-                raise
+                raise PushFailed(exc, outcome) from None
         return outcome
     finally:
         progress.close()

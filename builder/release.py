@@ -13,15 +13,15 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 from . import contract
 from .engine_api import EngineAPI, SmokeRun
 from .engine_setup import STATE
 from .errors import CheckFailed, VlmbuildError
+from .options import PushPolicy
 from .progress import Progress
 from .resolve import Resolved
-from .signing import Signer, sign_and_attest
+from .signing import sign_and_attest
 from .smoke import report as report_mod
 
 # Labels a passing build adds to the tested candidate, beside the report file (the contract names them).
@@ -170,10 +170,10 @@ def publish(engine: EngineAPI, resolved: Resolved, final: str) -> tuple[str, lis
 class PushFailed(VlmbuildError):
     """A push refused or failed (its exit code is the cause's); ``outcome``: the build it followed, when one did."""
 
-    def __init__(self, error: VlmbuildError) -> None:
+    def __init__(self, error: VlmbuildError, outcome=None) -> None:
         super().__init__(str(error))
         self.exit_code = error.exit_code
-        self.outcome = None
+        self.outcome = outcome
 
 
 def release_candidate(engine: EngineAPI, resolved: Resolved, candidate: str,
@@ -186,16 +186,6 @@ def release_candidate(engine: EngineAPI, resolved: Resolved, candidate: str,
     final = engine.add_evidence(candidate, files, labels)
     image_id, tags, tagged = publish(engine, resolved, final)
     return final, image_id, tags, tagged
-
-
-@dataclass(frozen=True)
-class PushPolicy:
-    """What a push accepts beyond passing evidence of the current lockfile."""
-
-    allow_cpu: bool = False  # evidence from a CPU-only smoke (no GPU proved the CUDA path)
-    allow_left_out: bool = False  # an image that goes without something its spec names (io.vlmbuild.left-out)
-    # who signs the pushed digest and attests its report and SBOM; None: unsigned (--unsigned, said out loud)
-    signer: Signer | None = None
 
 
 def push_tags(engine: EngineAPI, resolved: Resolved, tags: list[str], policy: PushPolicy,

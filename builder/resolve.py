@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .checks import check_variant
@@ -22,6 +22,7 @@ from .engine_api import Base, EngineAPI
 from .errors import CheckFailed
 from .lock import LockStatus, read_fresh_lock
 from .lockfile import Lockfile
+from .plan import BuildPlan, make_plan
 from .render import RenderResult, render
 from .spec import Variant
 
@@ -31,16 +32,26 @@ IDENTITY_CHARS = 12
 VOLATILE_LABELS = ("org.opencontainers.image.revision",)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Resolved:
-    variant: Variant
-    lock: Lockfile
-    tag: str
+    plan: BuildPlan
     repository: str
     base: Base
     rendered: RenderResult
     identity: str
-    warnings: list[str] = field(default_factory=list)
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def variant(self) -> Variant:
+        return self.plan.variant
+
+    @property
+    def lock(self) -> Lockfile:
+        return self.plan.lock
+
+    @property
+    def tag(self) -> str:
+        return self.plan.tag
 
     @property
     def immutable_tag(self) -> str:
@@ -92,31 +103,34 @@ def identity(lock: Lockfile, base: Base, context: Path) -> str:
 
 @dataclass(frozen=True)
 class CheckedInputs:
-    """A variant whose lockfile was read once, is fresh and passes the rules (or they were ignored)."""
+    """A variant whose lockfile was read once, is fresh and passes the rules (or they were ignored), planned."""
 
-    variant: Variant
-    lock: Lockfile
-    tag: str
-    warnings: list[str]
+    plan: BuildPlan
+    warnings: tuple[str, ...]
+
+    @property
+    def variant(self) -> Variant:
+        return self.plan.variant
 
     @property
     def base_ref(self) -> str:
-        return self.variant.base_image
+        return self.plan.variant.base_image
 
 
 def check_inputs(variant: Variant, ignore_rules: bool = False) -> CheckedInputs:
-    """The first step, before any engine call: the lockfile read once, refused when stale or against the rules."""
+    """The first step, before any engine call: the lockfile read once, refused when stale or against the rules, and
+    the build planned (a spec whose layers cannot hold the lock fails here, not after the base is made)."""
     lock, status = read_fresh_lock(variant)
     warnings = refuse_up_front(variant, lock, status, ignore_rules)
-    return CheckedInputs(variant, lock, variant.tag(lock.pins), warnings)
+    return CheckedInputs(make_plan(variant, lock), tuple(warnings))
 
 
 def resolve(inputs: CheckedInputs, base: Base, workdir: Path, repository: str | None = None) -> Resolved:
     """Everything a build needs, decided once, on the ``base`` the engine found (or made) and checked."""
-    variant, lock = inputs.variant, inputs.lock
-    rendered = render(variant, Path(workdir) / "context", base_image=base.ref, lock=lock, tag=inputs.tag)
-    return Resolved(variant, lock, inputs.tag, repository or variant.image.repository, base, rendered,
-                    identity(lock, base, rendered.context), inputs.warnings)
+    plan = inputs.plan
+    rendered = render(plan, base.ref, Path(workdir) / "context")
+    return Resolved(plan, repository or plan.variant.image.repository, base, rendered,
+                    identity(plan.lock, base, rendered.context), inputs.warnings)
 
 
 def resolve_for_tags(variant: Variant, engine: EngineAPI, base_override: str | None = None,

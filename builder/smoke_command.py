@@ -18,8 +18,9 @@ from . import contract
 from .errors import VlmbuildError
 from .lockfile import LockfileError, read_lockfile
 from .options import checked_model_dir
+from .plan import make_plan
 from .progress import Progress
-from .render import stage_smoke_sources, variant_metadata
+from .render import stage_smoke_sources
 from .spec import all_spec_paths, find_spec_path, load_spec
 
 
@@ -34,7 +35,7 @@ def variant_for_lockfile(lockfile: Path, root: Path) -> str | None:
     if not image or not name:
         return None
     variant = load_spec(find_spec_path(image, root)).variant(name)
-    metadata = json.loads(variant_metadata(variant, lock, variant.tag(lock.pins)))
+    metadata = json.loads(make_plan(variant, lock).variant_json)
     # Not the image: this environment's DeepSpeed was not built with the image's ops.
     metadata.pop("deepspeed_builds", None)
     return json.dumps(metadata, indent=2) + "\n"
@@ -109,7 +110,7 @@ def smoke_image(ref: str, device: str, report: Path | None, timeout: int, repeat
                 model_dir: Path | None = None, checks: str | None = None) -> int:
     """`vlmbuild smoke IMAGE_REF`: re-run the gate's smoke on any built image (with a real checkpoint, read-only)."""
     from .engine import Engine
-    from .gate import resolve_device, smoke_passes
+    from .gate import resolve_device, run_smoke_passes
     from .smoke import report as report_mod
 
     engine = Engine()
@@ -122,7 +123,7 @@ def smoke_image(ref: str, device: str, report: Path | None, timeout: int, repeat
     device = resolve_device(engine, device)
     progress = Progress(f"smoke {ref}")
     try:
-        runs = smoke_passes(engine, ref, device, timeout, repeat, model_dir, progress, checks)
+        runs = run_smoke_passes(engine, ref, device, timeout, repeat, model_dir, progress, checks)
     finally:
         progress.close()
     reports = [r.report for r in runs if r.report is not None]

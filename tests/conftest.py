@@ -110,19 +110,29 @@ def repo_copy(tmp_path: Path) -> Path:
     return root
 
 
+def render_variant(variant, output: Path, base_image: str | None = None):
+    """A variant planned with its committed lockfile and written out (vlmbuild render's path)."""
+    from vlmbuild.lock import load_variant_lock
+    from vlmbuild.plan import make_plan
+    from vlmbuild.render import render
+
+    return render(make_plan(variant, load_variant_lock(variant)), base_image, output)
+
+
 def build_deepspeed_with_ops(python: Path, variant, lock, uv: str) -> Path:
     """DeepSpeed's wheel with the ops the CPU smoke loads compiled in (cpu_adam, deepspeed_shm_comm, fused_adam), by
     the helper and environment the image build uses (build_files/build-sdist-wheel.sh): the smoke then compiles nothing
     at run time, so no test waits minutes for a JIT compile or loads one that another environment left in a shared
     cache. The wheel is kept under CACHE by its inputs, as the image build keeps it in a cache mount."""
-    from vlmbuild.render import BUILD_FILES, deepspeed_build_env
+    from vlmbuild.build_layout import BUILD_FILES
+    from vlmbuild.plan import wheel_build_env
 
     work = CACHE / "deepspeed-build"
     shutil.rmtree(work, ignore_errors=True)
     (work / "in").mkdir(parents=True)
     requirement = work / "in" / "deepspeed.txt"
     requirement.write_text(lock.get("deepspeed").render() + "\n")
-    env = {**os.environ, **deepspeed_build_env(variant, str(BUILD_FILES)),
+    env = {**os.environ, **wheel_build_env(variant, str(BUILD_FILES)),
            "VLMBUILD_PYTHON": str(python), "VLMBUILD_UV": uv, "VLMBUILD_SRC": str(work / "src"),
            "PATH": f"{python.parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # ninja, from the venv
     started = time.monotonic()
@@ -147,14 +157,14 @@ def stack_python() -> Path:
     $VLMBUILD_TEST_CACHE, since 5 GB of torch per test run would not fit the CI budget.
     """
     from vlmbuild.lockfile import read_lockfile
-    from vlmbuild.render import deepspeed_build_env
+    from vlmbuild.plan import wheel_build_env
     from vlmbuild.spec import load_spec
 
     variant = load_spec(REPO / "images" / "vlm-r1.yaml").variant("local")
     lock = read_lockfile(variant.lockfile_path)
     # Keyed by the lockfile and by how DeepSpeed is built (its ops): a venv kept from before an op was added to the
     # spec would lack it, and only a fresh machine would see the smoke compile it.
-    build = sorted(deepspeed_build_env(variant, "-").items())
+    build = sorted(wheel_build_env(variant, "-").items())
     key = hashlib.sha256(f"{lock.sha256}\n{build}".encode()).hexdigest()[:16]
     venv = CACHE / f"stack-{key}"
     python = venv / "bin" / "python"

@@ -9,12 +9,12 @@ import dataclasses
 import re
 
 import pytest
-from conftest import REPO
+from conftest import REPO, render_variant
 from vlmbuild import bases
 from vlmbuild.bases import BaseFamily, CudaToolkit, LocalRoot
 from vlmbuild.errors import VlmbuildError
 from vlmbuild.localbase import local_root_for
-from vlmbuild.render import deepspeed_build_env, render
+from vlmbuild.plan import wheel_build_env
 from vlmbuild.spec import load_spec
 
 SPEC = REPO / "images" / "vlm-r1.yaml"
@@ -40,7 +40,7 @@ def toy_family():
 
 def test_the_template_asks_the_family(toy_family, tmp_path):
     variant = dataclasses.replace(load_spec(SPEC).variant("local"), base_family="toy")
-    dockerfile = render(variant, tmp_path / "ctx").dockerfile
+    dockerfile = render_variant(variant, tmp_path / "ctx").dockerfile
     python_base = dockerfile.split("FROM python-base AS tools")[0]
     assert "pkg-install py3.11-full cc && rm -rf /tmp/vlmbuild/pkg-cache" in python_base
     assert "apt-get" not in dockerfile
@@ -52,19 +52,19 @@ def test_the_template_asks_the_family(toy_family, tmp_path):
 
 def test_the_family_says_where_cuda_comes_from(toy_family, tmp_path):
     variant = dataclasses.replace(load_spec(SPEC).variant("cu124"), base_family="toy")
-    env = deepspeed_build_env(variant, "/files")
+    env = wheel_build_env(variant, "/files")
     assert env["CUDA_HOME"] == "/opt/toy-cuda" and env["VLMBUILD_REAL_CXX"] == "toy-cc-13"
-    python_base = render(variant, tmp_path / "ctx").dockerfile.split("FROM python-base AS tools")[0]
+    python_base = render_variant(variant, tmp_path / "ctx").dockerfile.split("FROM python-base AS tools")[0]
     assert "toy-get cuda-12.4 --tmp /tmp/vlmbuild" in python_base and "toy-nvcc --is 12.4" in python_base
     assert "ENV CUDA_HOME=/opt/toy-cuda" in python_base
-    debian = deepspeed_build_env(load_spec(SPEC).variant("cu124"), "/files")
+    debian = wheel_build_env(load_spec(SPEC).variant("cu124"), "/files")
     assert debian["CUDA_HOME"] == "/usr" and debian["VLMBUILD_REAL_CXX"] == "g++-13"
 
 
 def test_debian_cuda_comes_without_the_driver(tmp_path):
     """Debian's toolkit, from non-free, with the placeholder that keeps NVIDIA's driver libraries out, checked to
     be the spec's CUDA; a CUDA version Debian does not carry is refused naming the ones it does."""
-    dockerfile = render(load_spec(SPEC).variant("cu124"), tmp_path / "ctx").dockerfile
+    dockerfile = render_variant(load_spec(SPEC).variant("cu124"), tmp_path / "ctx").dockerfile
     python_base = dockerfile.split("FROM python-base AS tools")[0]
     assert "Components: non-free" in python_base and "VERSION_CODENAME" in python_base
     assert "Provides: libcuda.so.1 (= 550), libcuda-12.4-1, libnvidia-ml.so.1 (= 550)" in python_base

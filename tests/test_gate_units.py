@@ -23,7 +23,7 @@ from vlmbuild.gate import (
     describe_failure,
     explain_build_failure,
     run_gate,
-    smoke_passes,
+    run_smoke_passes,
 )
 from vlmbuild.options import BuildOptions
 from vlmbuild.progress import Progress
@@ -63,7 +63,7 @@ def Silent() -> Progress:  # noqa: N802 - what the stand-in engines are handed a
 
 def test_a_one_gpu_pass_is_followed_by_a_two_rank_cpu_pass():
     engine = OneGpuEngine()
-    runs = smoke_passes(engine, "img", "gpu", 600, 3, None, Silent())
+    runs = run_smoke_passes(engine, "img", "gpu", 600, 3, None, Silent())
     assert engine.calls == ["gpu", "cpu"]
     assert [(r.report["mode"], r.report["world_size"]) for r in runs] == [("gpu", 1), ("cpu", 2)]
 
@@ -75,11 +75,11 @@ def test_two_gpus_need_no_cpu_pass():
             return SmokeRun(0, smoke_report("gpu", 2, "NVIDIA H100"), "", 30.0, False, device)
 
     engine = TwoGpuEngine()
-    assert len(smoke_passes(engine, "img", "gpu", 600, 1, None, Silent())) == 1 and engine.calls == ["gpu"]
+    assert len(run_smoke_passes(engine, "img", "gpu", 600, 1, None, Silent())) == 1 and engine.calls == ["gpu"]
 
 
 def test_evidence_of_both_passes_says_what_was_proven_where():
-    runs = smoke_passes(OneGpuEngine(), "img", "gpu", 600, 3, None, Silent())
+    runs = run_smoke_passes(OneGpuEngine(), "img", "gpu", 600, 3, None, Silent())
     resolved = SimpleNamespace(identity="f" * 64, base=SimpleNamespace(image_id="sha256:" + "b" * 64,
                                                                        digest="sha256:" + "c" * 64))
     files, labels = evidence(resolved, runs, evidence_report(runs), b"{}")
@@ -251,7 +251,7 @@ def test_model_dir_validation_is_a_usage_error(tmp_path: Path):
 
 def test_on_github_actions_each_smoke_pass_is_a_fold_and_the_failing_check_an_annotation(capsys):
     engine = GateEngine()
-    runs = smoke_passes(engine, "sha256:candidate", "gpu", 600, 1, None, Progress("t", tty=False, github=True))
+    runs = run_smoke_passes(engine, "sha256:candidate", "gpu", 600, 1, None, Progress("t", tty=False, github=True))
     assert [r.passed for r in runs] == [True, False]
     out = capsys.readouterr().out.splitlines()
     folds = [line for line in out if line.startswith("::group::")]

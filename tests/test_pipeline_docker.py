@@ -977,10 +977,10 @@ def test_a_second_machine_builds_from_the_registry_cache_and_compiles_nothing(cl
     """`build --cache-to` pushes the image's inline cache and each wheel stage's beside it; with BuildKit's whole
     cache and its cache mounts pruned (a new machine: no layer, no uv download, no DeepSpeed wheel), a build with
     `--cache-from` runs no step: no op compiled, no package installed, the same layers, the same identity."""
+    from conftest import render_variant
     from vlmbuild.build_cache import BuildCache, stage_ref
     from vlmbuild.engine import Engine
     from vlmbuild.progress import Progress
-    from vlmbuild.render import render
     from vlmbuild.spec import load_spec
 
     cache_ref = f"{TEST_REPO}:cache-local"
@@ -998,7 +998,7 @@ def test_a_second_machine_builds_from_the_registry_cache_and_compiles_nothing(cl
     tagged = client.images.get(f"{TEST_REPO}:{built_local['tag']}")
     base = tagged.labels["org.opencontainers.image.base.name"]
     variant = load_spec(REPO / "images" / "vlm-r1.yaml").variant("local")
-    rendered = render(variant, tmp_path / "context", base_image=base)
+    rendered = render_variant(variant, tmp_path / "context", base_image=base)
     cache = BuildCache((cache_ref,))
     client.api.prune_builds(all=True)
     capsys.readouterr()
@@ -1076,9 +1076,9 @@ def test_the_same_inputs_give_the_same_layers_after_the_build_cache_is_pruned(cl
     (vlmbuild.engine_orphans, moby/moby#45939); in this test that was the whole image, 7 GB a run. The
     suite's own bound (conftest, engine_leak_measured) holds this test to it. It is the last test to use the
     built_local image."""
+    from conftest import render_variant
     from vlmbuild import buildkit
     from vlmbuild.progress import Progress
-    from vlmbuild.render import render
     from vlmbuild.spec import load_spec
 
     tagged = client.images.get(f"{TEST_REPO}:{built_local['tag']}")
@@ -1089,7 +1089,7 @@ def test_the_same_inputs_give_the_same_layers_after_the_build_cache_is_pruned(cl
     remove_images_holding(client, first[base_layers:])
     client.api.prune_builds(all=True)
     variant = load_spec(REPO / "images" / "vlm-r1.yaml").variant("local")
-    rendered = render(variant, tmp_path / "context", base_image=base)
+    rendered = render_variant(variant, tmp_path / "context", base_image=base)
     image_id = buildkit.build(rendered.context, Progress("rebuild"))
     client.images.get(image_id).tag(REBUILT)
     again = client.images.get(image_id).attrs["RootFS"]["Layers"]

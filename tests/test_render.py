@@ -11,9 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, render_variant
 from vlmbuild.errors import VlmbuildError
-from vlmbuild.render import render
 from vlmbuild.spec import load_spec
 
 SPEC = REPO / "images" / "vlm-r1.yaml"
@@ -41,7 +40,7 @@ def stages(dockerfile: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory) -> dict[str, object]:
     spec = load_spec(SPEC)
-    return {name: render(spec.variant(name), tmp_path_factory.mktemp(name) / "ctx") for name in VARIANTS}
+    return {name: render_variant(spec.variant(name), tmp_path_factory.mktemp(name) / "ctx") for name in VARIANTS}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -99,10 +98,10 @@ def test_layers_split_the_lock_exactly(rendered):
 
 def test_bumping_one_package_changes_only_its_layer(repo_copy: Path, tmp_path: Path):
     spec = load_spec(repo_copy / "images" / "vlm-r1.yaml")
-    before = render(spec.variant("local"), tmp_path / "before")
+    before = render_variant(spec.variant("local"), tmp_path / "before")
     lock = spec.variant("local").lockfile_path
     lock.write_text(lock.read_text().replace("transformers==4.49.0", "transformers==4.49.1"))
-    after = render(load_spec(repo_copy / "images" / "vlm-r1.yaml").variant("local"), tmp_path / "after")
+    after = render_variant(load_spec(repo_copy / "images" / "vlm-r1.yaml").variant("local"), tmp_path / "after")
     changed = sorted(str(p.relative_to(after.context)) for p in (after.context / "lock").iterdir()
                      if p.read_bytes() != (before.context / "lock" / p.name).read_bytes())
     assert changed == ["lock/pkg-transformers.txt"]
@@ -200,7 +199,7 @@ def test_a_build_that_leaves_flash_attn_out_is_the_same_dockerfile_without_it_an
 
     full = rendered["cu124"]
     [variant] = leaving_out([load_spec(SPEC).variant("cu124")], ["flash-attn"])
-    without = render(variant, tmp_path / "ctx")
+    without = render_variant(variant, tmp_path / "ctx")
     assert "flash-attn-wheel" not in without.dockerfile and "pkg-flash-attn" not in without.dockerfile
     assert "flash-attn-wheel" not in without.wheel_stages
     full_lines, without_lines = set(full.dockerfile.splitlines()), set(without.dockerfile.splitlines())
@@ -231,7 +230,7 @@ def test_deepspeed_is_built_from_torch_and_its_own_build_requirements_only(repo_
     change in the libraries layer (a dependency nobody builds DeepSpeed with) leaves it byte for byte the same, so
     the ops are not compiled again; a change of a build requirement does reach it."""
     spec = load_spec(repo_copy / "images" / "vlm-r1.yaml")
-    before = render(spec.variant("local"), tmp_path / "before")
+    before = render_variant(spec.variant("local"), tmp_path / "before")
     wheel_stage = stages(before.dockerfile)["deepspeed-wheel"]
     assert wheel_stage.startswith("layer-torch AS deepspeed-wheel")
     assert "layer-2-libraries" not in wheel_stage
@@ -242,7 +241,7 @@ def test_deepspeed_is_built_from_torch_and_its_own_build_requirements_only(repo_
     old = re.search(r"^platformdirs==(\S+)", text, flags=re.M).group(1)
     assert "platformdirs" not in requires
     lock.write_text(text.replace(f"platformdirs=={old}", "platformdirs==0.0.1"))
-    library_bump = render(load_spec(repo_copy / "images" / "vlm-r1.yaml").variant("local"), tmp_path / "lib")
+    library_bump = render_variant(load_spec(repo_copy / "images" / "vlm-r1.yaml").variant("local"), tmp_path / "lib")
     assert stages(library_bump.dockerfile)["deepspeed-wheel"] == wheel_stage
     for name in ("lock/deepspeed-build.txt", "lock/layer-1-torch.txt", "lock/sdist-deepspeed.txt"):
         assert (library_bump.context / name).read_bytes() == (before.context / name).read_bytes(), name
@@ -250,7 +249,7 @@ def test_deepspeed_is_built_from_torch_and_its_own_build_requirements_only(repo_
         (before.context / "lock/layer-2-libraries.txt").read_bytes()
     ninja = re.search(r"^ninja==(\S+)", text, flags=re.M).group(1)
     lock.write_text(text.replace(f"ninja=={ninja}", "ninja==1.11.1"))
-    tool_bump = render(load_spec(repo_copy / "images" / "vlm-r1.yaml").variant("local"), tmp_path / "tool")
+    tool_bump = render_variant(load_spec(repo_copy / "images" / "vlm-r1.yaml").variant("local"), tmp_path / "tool")
     assert (tool_bump.context / "lock/deepspeed-build.txt").read_bytes() != \
         (before.context / "lock/deepspeed-build.txt").read_bytes()
 
@@ -261,14 +260,14 @@ def test_a_build_requirement_the_lock_lacks_is_a_clear_error(repo_copy: Path, tm
     assert count == 1
     spec_path.write_text(text)
     with pytest.raises(VlmbuildError, match="deepspeed_build.requires names no-such-build-tool"):
-        render(load_spec(spec_path).variant("local"), tmp_path / "ctx")
+        render_variant(load_spec(spec_path).variant("local"), tmp_path / "ctx")
 
 
 def test_every_layer_is_made_reproducible(rendered):
     """What makes the same inputs give the same layer bytes (a real build twice: test_pipeline_docker): every RUN
     whose files reach the image clamps its times, no RUN creates a mount point, apt's logs go, bytecode is
     hash-based, and the context's files carry the fixed time."""
-    from vlmbuild.render import BUILD_EPOCH, MOUNT_POINTS, SCRATCH
+    from vlmbuild.build_layout import BUILD_EPOCH, MOUNT_POINTS, SCRATCH
 
     result = rendered["local"]
     parts = stages(result.dockerfile)
@@ -372,7 +371,7 @@ def test_the_helpers_start_without_writing_the_bytecode_of_what_a_pth_file_impor
     bytecode."""
     import subprocess
 
-    from vlmbuild.render import (
+    from vlmbuild.build_layout import (
         BUILD_FILES_MOUNT,
         COMPILE_BYTECODE,
         HELPER_PYTHON_FLAGS,
@@ -434,7 +433,7 @@ def test_undefined_template_variable_is_an_error(repo_copy: Path, tmp_path: Path
     template = repo_copy / "images" / "templates" / "Dockerfile.j2"
     template.write_text(template.read_text() + "\n# {{ no_such_variable }}\n")
     with pytest.raises(VlmbuildError, match="no_such_variable"):
-        render(load_spec(repo_copy / "images" / "vlm-r1.yaml").variant("local"), tmp_path / "ctx")
+        render_variant(load_spec(repo_copy / "images" / "vlm-r1.yaml").variant("local"), tmp_path / "ctx")
     assert not (tmp_path / "ctx").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ctx")]
 
@@ -444,7 +443,7 @@ def test_render_refuses_a_non_empty_output(tmp_path: Path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(VlmbuildError, match="not empty"):
-        render(load_spec(SPEC).variant("local"), out)
+        render_variant(load_spec(SPEC).variant("local"), out)
     assert (out / "keep.txt").read_text() == "mine"
 
 
@@ -461,3 +460,25 @@ def test_the_image_constrains_pip_to_the_validated_stack(rendered):
     final = stages(result.dockerfile)["final"]
     assert "PIP_CONSTRAINT=/etc/pip/constraint.txt" in final and "UV_CONSTRAINT=/etc/pip/constraint.txt" in final
     assert "install -D -m 0644 /tmp/vlmbuild/pip/constraint.txt /etc/pip/constraint.txt" in final
+
+
+RENDERINGS = REPO / "tests" / "renderings"
+FIXED_BASE = "vlmbuild-local/debian:bookworm@sha256:" + "0" * 64
+
+
+@pytest.mark.parametrize("variant", ["local", "cu124", "seed"])
+def test_every_variant_renders_byte_identical_to_its_committed_rendering(variant, tmp_path):
+    """The Dockerfile and variant.json of every variant, against the rendering committed under tests/renderings/
+    (on a fixed base, without the commit-revision label): a refactor of the planning or the writing changes no
+    byte of what is built. A change meant to change the image updates them:
+    VLMBUILD_UPDATE_RENDERINGS=1 pytest tests/test_render.py -k committed_rendering, and the diff is reviewed."""
+    result = render_variant(load_spec(SPEC).variant(variant), tmp_path / "ctx", base_image=FIXED_BASE)
+    got = {"Dockerfile": re.sub(r"^LABEL org\.opencontainers\.image\.revision=.*\n", "", result.dockerfile, flags=re.M),
+           "variant.json": (result.context / "vlmbuild" / "variant.json").read_text()}
+    where = RENDERINGS / f"vlm-r1-{variant}"
+    if os.environ.get("VLMBUILD_UPDATE_RENDERINGS") == "1":
+        where.mkdir(parents=True, exist_ok=True)
+        for name, text in got.items():
+            (where / name).write_text(text)
+    for name, text in got.items():
+        assert text == (where / name).read_text(), f"{where / name} differs from what renders now"

@@ -38,14 +38,15 @@ def image_smoke_command(python: Path, tmp_path: Path, *extra: str, env: dict | N
     DeepSpeed was built with included (the stack venv's DeepSpeed carries the CPU ops, as the local image's does).
     Returns (command, environment, report path)."""
     from vlmbuild.lockfile import read_lockfile
-    from vlmbuild.render import stage_smoke_sources, variant_metadata
+    from vlmbuild.plan import make_plan
+    from vlmbuild.render import stage_smoke_sources
     from vlmbuild.spec import load_spec
 
     variant = load_spec(REPO / "images" / "vlm-r1.yaml").variant("local")
     lock = read_lockfile(LOCK)
     staged = tmp_path / "src"
     stage_smoke_sources(staged)
-    (tmp_path / "variant.json").write_text(variant_metadata(variant, lock, variant.tag(lock.pins)))
+    (tmp_path / "variant.json").write_text(make_plan(variant, lock).variant_json)
     report = tmp_path / "report.json"
     env = dict(env or {})
     path = os.pathsep.join([str(staged / "lib")] + ([env.pop("PYTHONPATH")] if "PYTHONPATH" in env else []))

@@ -13,13 +13,9 @@ from conftest import smoke_ranks_running
 from vlmbuild import contract
 from vlmbuild.lockfile import parse_lockfile
 from vlmbuild.smoke import report as report_mod
-from vlmbuild.smoke.__main__ import (
-    UsageProblem,
-    fail_on_bad_exit,
-    merge_rank_results,
-    read_rank_files,
-    select_checks,
-)
+from vlmbuild.smoke.__main__ import select_checks
+from vlmbuild.smoke.launcher_checks import UsageProblem
+from vlmbuild.smoke.ranks import fail_on_bad_exit, merge_rank_results, read_rank_files
 from vlmbuild.smoke.stack import _gpu_facts, lock_mismatches, modules_to_import
 
 CPU_WORKER_CHECKS = contract.checks_for("cpu", flash_attention=False)[1:]
@@ -313,7 +309,7 @@ def test_a_record_hash_that_is_not_sha256_cannot_vouch_for_its_file(tmp_path):
 def test_prebuilt_ops_is_skipped_when_a_check_that_loads_the_ops_did_not_pass(tmp_path):
     from argparse import Namespace
 
-    from vlmbuild.smoke.__main__ import Launch, run_launcher_check
+    from vlmbuild.smoke.launcher_checks import Launch, run_launcher_check
 
     launch = Launch(Namespace(), "cpu", 2, tmp_path, tmp_path, None, None, ["cpu_adam"],
                     records=[check("train_step"), check("optimizer_offload", status="failed")])
@@ -327,7 +323,7 @@ def test_each_pass_takes_the_deepspeed_built_for_its_accelerator(tmp_path, monke
     and an image whose declared build is missing is a usage problem, not a silent JIT compile."""
     import sys
 
-    from vlmbuild.smoke.__main__ import prebuilt_ops_for, use_deepspeed_build
+    from vlmbuild.smoke.launcher_checks import prebuilt_ops_for, use_deepspeed_build
 
     cpu_dir = tmp_path / "deepspeed-cpu"
     cpu_dir.mkdir()

@@ -47,8 +47,8 @@ def run_dir(workdir: Path) -> Path:
 def end_state(trainer: Any) -> dict[str, Any]:
     """What a run ended with, on this rank: its steps as it saw them, its ZeRO-3 optimizer share (fp32 partitions
     and Adam moments) and every parameter, gathered."""
+    from .checkpoint_resume import optimizer_snapshot
     from .weights import gathered
-    from .worker import optimizer_snapshot
 
     module = trainer.model_wrapped.module
     with gathered(module):
@@ -211,7 +211,7 @@ def check_trainer_resume(smoke: Any) -> dict[str, Any]:
 def finish_trainer_resume(launch: Any, record: dict[str, Any]) -> dict[str, Any]:
     """The launcher's half: start fresh ranks that resume the run the smoke's ranks saved, and make their verdict the
     check's (with both halves' details and seconds)."""
-    from .__main__ import run_workers
+    from .ranks import run_workers
 
     resumed = run_workers(launch.args, launch.mode, launch.world, launch.workdir, ("trainer_resume",),
                           launch.extensions, results="results-resume", model_dir=launch.workdir / "tiny-model",

@@ -21,59 +21,17 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from .. import contract
 from . import tiny_model
 from .common import CheckProblem, all_ranks_ok, mean_over_ranks, outside_zero3, set_comm_device
 from .model_dir import checkpoint_dtype
+from .rank_processes import end_rank, leave_process_group
 from .weights import checkpoint_digests, diff_params, gathered_param_digests
 
 TRAIN_STEPS = 4
 LEARNING_RATE = 1e-3
-CHECKPOINT_TAG = "smoke"
-
-
-def optimizer_snapshot(engine: Any) -> dict[str, Any]:
-    """This rank's share of the ZeRO-3 optimizer: fp32 master partitions and the inner optimizer's state."""
-    import torch
-
-    zero_opt = engine.optimizer
-    inner = getattr(zero_opt, "optimizer", zero_opt)
-    # Stage 3 keeps one fp32 flat partition per parameter group; Adam's moments are keyed by it.
-    flats = list(getattr(zero_opt, "fp32_partitioned_groups_flat", None) or [])
-    if not flats:
-        flats = [p for group in inner.param_groups for p in group["params"]]
-    snap: dict[str, Any] = {}
-    for i, flat in enumerate(flats):
-        snap[f"fp32_partition.{i}"] = flat.detach().to("cpu").clone()
-        for key, value in inner.state.get(flat, {}).items():
-            snap[f"adam.{i}.{key}"] = value.detach().to("cpu").clone() if torch.is_tensor(value) else value
-    return snap
-
-
-def compare_snapshots(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    import torch
-
-    problems = []
-    if not before:
-        problems.append("no optimizer state was found to compare (expected ZeRO-3 fp32 partitions and Adam moments)")
-    elif not any(name.endswith(".exp_avg") for name in before):
-        problems.append("no Adam moments (exp_avg) were found in the optimizer state: nothing to prove a resume with")
-    for name in sorted(set(before) | set(after)):
-        if name not in after:
-            problems.append(f"{name}: saved but missing after load")
-        elif name not in before:
-            problems.append(f"{name}: present after load but not saved")
-        else:
-            a, b = before[name], after[name]
-            if torch.is_tensor(a):
-                same = torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-            else:
-                same = float(a) == float(b)
-            if not same:
-                problems.append(f"{name}: differs after load")
-    return problems
 
 
 # ---------------------------------------------------------------- the checks
@@ -308,34 +266,9 @@ class Smoke:
     # -- check 4: checkpoint_resume
 
     def check_checkpoint_resume(self) -> dict[str, Any]:
-        ckpt = self.workdir / "ds-checkpoint"
-        self.engine.save_checkpoint(str(ckpt), tag=CHECKPOINT_TAG)
-        saved_params = gathered_param_digests(self.engine.module)
-        saved_optimizer = optimizer_snapshot(self.engine)
+        from .checkpoint_resume import check_checkpoint_resume
 
-        fresh = self.load_under_zero3()
-        fresh.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        fresh.config.use_cache = False
-        engine = self.initialize_engine(fresh)
-        load_path, _ = engine.load_checkpoint(str(ckpt), tag=CHECKPOINT_TAG)
-        if load_path is None:
-            raise CheckProblem(f"load_checkpoint found no checkpoint under {ckpt} (tag {CHECKPOINT_TAG})")
-
-        problems = diff_params(saved_params, gathered_param_digests(engine.module), "the saved engine")
-        problems += compare_snapshots(saved_optimizer, optimizer_snapshot(engine))
-        if problems:
-            raise CheckProblem(
-                f"{len(problems)} difference(s) between the saved and the resumed state; first ones:\n  "
-                + "\n  ".join(problems[:8])
-            )
-        losses = self.train_steps(engine, 1)
-        if not math.isfinite(losses[0]):
-            raise CheckProblem(f"loss after resume not finite: {losses[0]}")
-        return {
-            "optimizer_tensors_compared": sum(1 for v in saved_optimizer.values() if hasattr(v, "shape")),
-            "parameters_compared": len(saved_params),
-            "loss_after_resume": losses[0],
-        }
+        return check_checkpoint_resume(self)
 
     # -- checks 5 and 6: grpo, optimizer_offload
 
@@ -448,39 +381,6 @@ def main(argv: list[str] | None = None) -> int:
     smoke.write_results()
     leave_process_group()
     return 0 if all(contract.check_passed(r) for r in smoke.results) else 1
-
-
-def leave_process_group() -> None:
-    """Destroy the process group before the rank ends, as torch.distributed asks of every program (on GPU it
-    aborts NCCL's communicators). No collective: a failed peer cannot hang it. It made the teardown abort that
-    end_rank now avoids rarer (once in about ten runs on Python 3.13 without it), but did not end it."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def end_rank(code: int) -> NoReturn:
-    """End the rank with ``code`` once its results file is written and its process group destroyed, without the
-    interpreter's teardown.
-
-    Why: after the last collective, gloo's worker threads can still be dropping the finished work's tensors when
-    the main thread reaches finalization. A thread that must take the GIL then is stopped by Python with
-    pthread_exit, and inside a C++ destructor that is std::terminate: SIGABRT, "terminate called without an active
-    exception" (the mechanism in pytorch/pytorch#179291, whose atexit fix upstream abandoned). On a loaded 2-core
-    CI machine a rank that had reported every check passed died so, and the launcher rightly failed the run.
-    multiprocessing ends its children with os._exit for the same reason. Nothing is lost: the results file is
-    closed, nothing in a rank registers exit work, and the output streams (Python's and C's stdio, where native
-    code prints) are flushed here."""
-    import ctypes
-
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed or broken stream: nothing left to flush into it
-            pass
-    ctypes.CDLL(None).fflush(None)
-    os._exit(code)
 
 
 if __name__ == "__main__":

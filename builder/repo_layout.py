@@ -1,0 +1,30 @@
+"""Where a vlmbuild repository keeps its sources: the one module that knows the layout.
+
+    images/<image>.yaml              the specs (images/templates/ beside them)
+    lockfiles/<image>/<variant>.txt  each variant's hash-locked lockfile
+    lockfiles/build-tools.txt        the tools the build stages install (uv), locked once for every image
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def images_dir(root: Path) -> Path:
+    return root / "images"
+
+
+def spec_paths(root: Path) -> list[Path]:
+    return sorted(images_dir(root).glob("*.yaml"))
+
+
+def spec_path(root: Path, image: str) -> Path:
+    return images_dir(root) / f"{image}.yaml"
+
+
+def variant_lockfile(root: Path, image: str, variant: str) -> Path:
+    return root / "lockfiles" / image / f"{variant}.txt"
+
+
+def build_tools_lockfile(root: Path) -> Path:
+    return root / "lockfiles" / "build-tools.txt"
