@@ -213,9 +213,9 @@ def check(ctx: Context, image: str | None, env_mode: bool, when: tuple[str, ...]
     except RulesFileError as exc:
         raise VlmbuildError(str(exc)) from None
     if env_mode:
-        bad = set(when) - KNOWN_CONDITIONS
-        if bad:
-            raise VlmbuildError(f"--when {sorted(bad)[0]}: unknown condition; known: {sorted(KNOWN_CONDITIONS)}")
+        unknown = set(when) - KNOWN_CONDITIONS
+        if unknown:
+            raise VlmbuildError(f"--when {sorted(unknown)[0]}: unknown condition; known: {sorted(KNOWN_CONDITIONS)}")
         versions, conds, violations = check_environment(rules, when or None)
         keys = ", ".join(f"{k} {versions[k]}" for k in HEADLINE_PACKAGES if k in versions)
         click.echo(f"environment {sys.executable}: {keys or 'no training packages'} [when {', '.join(conds)}]")
@@ -338,6 +338,7 @@ def smoke(ctx: Context, image_ref: str | None, local: bool, python: str | None, 
         code = run_local(python or sys.executable, device, report, model_dir, lockfile, timeout, ctx.root, repeat,
                          checks)
     else:
+        assert image_ref is not None  # exactly one of the two, checked above
         code = smoke_image(image_ref, device, report, timeout, repeat, model_dir, checks)
     sys.exit(code)
 

@@ -7,7 +7,7 @@ library only: it ships inside every image.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,7 +124,7 @@ def check_record(name: str, world_size: int, device: str | None, status: str = "
             "details": dict(details or {}), "world_size": world_size, "device": device}
 
 
-def failed_needs(name: str, earlier: list[Mapping[str, Any]]) -> list[str]:
+def failed_needs(name: str, earlier: Sequence[Mapping[str, Any]]) -> list[str]:
     """The checks ``name`` needs that ran before it and did not pass."""
     needs = REGISTRY[name].needs
     return [c["name"] for c in earlier if c["name"] in needs and not check_passed(c)]
@@ -230,12 +230,12 @@ def report_passed(report: Mapping[str, Any] | None) -> bool:
     return bool(checks) and all(check_passed(c) for c in checks)
 
 
-def checks_label(reports: list[Mapping[str, Any]]) -> dict[str, str]:
+def checks_label(reports: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     """What the checks label holds: each check's status over every smoke pass (a later pass wins a name)."""
     return {c["name"]: c["status"] for r in reports for c in r.get("checks", [])}
 
 
-def world_size_label(reports: list[Mapping[str, Any]]) -> str:
+def world_size_label(reports: Sequence[Mapping[str, Any]]) -> str:
     """What the world-size label holds: the distinct world sizes of the smoke passes, ascending."""
     return ",".join(str(w) for w in sorted({r.get("world_size", 0) for r in reports}))
 

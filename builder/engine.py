@@ -158,8 +158,8 @@ class Engine:
         name, digest = split_digest(ref)
         if ref.startswith(LOCAL_BASE_PREFIX):
             say = progress.info if progress is not None else Progress(f"base {ref}", tty=False).info
-            image_id = ensure_local_base(self.client, ref, echo=say)
-            return Base(ref, image_id, None, self.layers(image_id))
+            made = ensure_local_base(self.client, ref, echo=say)
+            return Base(ref, made, None, self.layers(made))
         if digest is None:  # --base-image naming a local image by tag or id: its id is what counts
             image_id = self.image_id(ref)
             if image_id is None:

@@ -96,6 +96,7 @@ def check_report(result: Inspection, report_bytes: bytes | None, labels: dict[st
     if not check_vouched(result, report_bytes, "smoke report", contract.REPORT_PATH,
                          labels.get(contract.LABEL_REPORT_SHA256), "the report hashes to the label that vouches for it"):
         return
+    assert report_bytes is not None  # check_vouched passes only bytes it read
     evidence = parsed_json(result, report_bytes, "report")
     if evidence is None:
         return
@@ -130,19 +131,22 @@ def check_lock_and_sbom(result: Inspection, lock_bytes: bytes | None, sbom_bytes
     if check_vouched(result, lock_bytes, "lockfile", contract.LOCK_PATH, labels.get(contract.LABEL_LOCK_SHA256),
                      "the lockfile hashes to the lock label"):
         try:
+            assert lock_bytes is not None  # check_vouched passes only bytes it read
             lock = parse_lockfile(lock_bytes.decode(), None)
         except (LockfileError, UnicodeDecodeError) as exc:
             result.check(False, "the lockfile parses", str(exc))
     if not check_vouched(result, sbom_bytes, "SBOM", contract.SBOM_PATH, labels.get(LABEL_SBOM_SHA256),
                          "the SBOM hashes to its label"):
         return
+    assert sbom_bytes is not None  # check_vouched passes only bytes it read
     sbom = parsed_json(result, sbom_bytes, "SBOM")
     if sbom is None:
         return
     result.check(sbom.get("bomFormat") == "CycloneDX", "the SBOM is a CycloneDX document",
                  f"bomFormat {sbom.get('bomFormat')!r}, specVersion {sbom.get('specVersion')!r}")
     if lock is not None:
-        components = {canonicalize_name(c.get("name", "")): c.get("version") for c in sbom.get("components", [])}
+        components: dict[str, Any] = {canonicalize_name(c.get("name", "")): c.get("version")
+                                      for c in sbom.get("components", [])}
         left_out = set(left_out)
         held = [r for r in lock.requirements if r.name not in left_out]
         disagree = [f"{r.name}: locked {r.version}, SBOM {components.get(r.name)}" for r in held

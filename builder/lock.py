@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def _preferences(current: Path) -> str:
     return "".join(r.render() + "\n" for r in lock.requirements if r.url is None)
 
 
-def resolver_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+def resolver_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The caller's environment without DeepSpeed's install-time switches (DS_ACCELERATOR, DS_BUILD_*, ...).
 
     DeepSpeed ships only an sdist, so uv runs its setup.py to learn its requirements, in an isolated env that
@@ -85,8 +86,8 @@ def resolver_environment(environ: dict[str, str] | None = None) -> dict[str, str
     the lock dies with "No module named 'torch'" (deepspeedai/DeepSpeed#4984, #2166); only a warm uv cache, which
     kept metadata built without the switch, hid it. Unset, setup.py takes its torch-less path on every machine,
     and a lock no longer depends on what the shell that ran it had exported."""
-    environ = os.environ if environ is None else environ
-    return {k: v for k, v in environ.items() if not k.startswith("DS_")}
+    source = os.environ if environ is None else environ
+    return {k: v for k, v in source.items() if not k.startswith("DS_")}
 
 
 def _compile(requirements: list[str], python: str, platform: str, current: Path | None = None,

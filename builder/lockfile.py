@@ -80,6 +80,13 @@ class Lockfile:
     def get(self, name: str) -> Requirement | None:
         return self.by_name.get(canonicalize_name(name))
 
+    def require(self, name: str) -> Requirement:
+        """The requirement of ``name``, which the caller knows is locked (LockfileError if not)."""
+        req = self.get(name)
+        if req is None:
+            raise LockfileError(f"{self.path or '<lockfile>'}: {name} is not locked")
+        return req
+
 
 def _logical_lines(text: str) -> list[str]:
     """Join backslash continuations and drop comment-only lines (``# via ...``)."""

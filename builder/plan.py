@@ -225,7 +225,7 @@ def deepspeed_targets(variant: Variant) -> list[tuple[str, str | None]]:
     first. A CUDA image carries a CPU-accelerator build beside its own (contract.DEEPSPEED_CPU_PATH): DeepSpeed
     serves prebuilt ops only to the accelerator its wheel was built for (op_builder/builder.py compares the wheel's
     accelerator_name with the running one), so the CPU pass would JIT-compile its comm op and cpu_adam."""
-    own = [(variant.accelerator, None)]
+    own: list[tuple[str, str | None]] = [(variant.accelerator, None)]
     if variant.accelerator != "cpu" and variant.image.deepspeed_build.ops.get("cpu"):
         own.append(("cpu", contract.DEEPSPEED_CPU_PATH))
     return own
@@ -283,7 +283,7 @@ def deepspeed_builds(variant: Variant, lock: Lockfile, torch_layer: tuple[LayerF
     if missing:
         raise VlmbuildError(f"{variant.lockfile_path}: deepspeed_build.requires names {', '.join(missing)}, which the "
                             f"lockfile does not hold (add it to the spec's packages and run `vlmbuild lock`)")
-    requirements = tuple(lock.get(name) for name in how.requires if name not in in_torch_layer)
+    requirements = tuple(lock.require(name) for name in how.requires if name not in in_torch_layer)
     return [WheelBuild("deepspeed", req.version, f"deepspeed-wheel-{accelerator}" if target else "deepspeed-wheel",
                        "lock/sdist-deepspeed.txt", shell_env(wheel_build_env(variant, BUILD_FILES_MOUNT, accelerator)),
                        layer.stage, layer.file, "lock/deepspeed-build.txt", requirements, accelerator,
@@ -327,7 +327,7 @@ def source_builds(variant: Variant, lock: Lockfile, torch_layer: tuple[LayerFile
         builds.append(WheelBuild(name, req.version, source_stage(name), f"lock/sdist-{name}.txt",
                                  shell_env(wheel_build_env(variant, BUILD_FILES_MOUNT, source=how)),
                                  layer.stage, layer.file, f"lock/{name}-build.txt",
-                                 tuple(lock.get(n) for n in how.build_requires if n not in in_torch_layer),
+                                 tuple(lock.require(n) for n in how.build_requires if n not in in_torch_layer),
                                  why=how.why))
     return builds
 

@@ -104,10 +104,11 @@ def move_tags(engine: EngineAPI, image_id: str, repository: str, tags: list[str]
     except BaseException:
         for tag in moved:
             try:
-                if before[tag] is None:
+                previous = before[tag]
+                if previous is None:
                     engine.untag(repository, tag)
                 else:
-                    engine.tag(before[tag], repository, tag)
+                    engine.tag(previous, repository, tag)
             except VlmbuildError:
                 pass  # the engine is gone: nothing more can be put back
         raise
@@ -249,9 +250,14 @@ def push_tags_or_fail(engine: EngineAPI, resolved: Resolved, tags: list[str], po
             progress.say(f"pushed {ref} {digests[tag]}")
         if tag == ordered[0] and policy.signer is not None:  # the immutable tag, whenever it is pushed
             image_id = engine.image_id(ref)
+            if image_id is None:
+                raise CheckFailed(f"{ref}: just pushed, but not in this engine any more; refusing to move its tags")
             files = engine.read_image_files(image_id, [contract.REPORT_PATH, contract.SBOM_PATH])
-            if not files[contract.SBOM_PATH]:
+            report, sbom = files[contract.REPORT_PATH], files[contract.SBOM_PATH]
+            if not sbom:
                 raise CheckFailed(f"{ref}: has no SBOM at {contract.SBOM_PATH} to attest; refusing to move its tags")
-            sign_and_attest(f"{repository}@{digests[tag]}", files[contract.REPORT_PATH], files[contract.SBOM_PATH],
-                            policy.signer, progress)
+            if not report:
+                raise CheckFailed(f"{ref}: has no smoke report at {contract.REPORT_PATH} to attest; refusing to move "
+                                  "its tags")
+            sign_and_attest(f"{repository}@{digests[tag]}", report, sbom, policy.signer, progress)
     return digests

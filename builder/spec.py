@@ -204,7 +204,7 @@ def _load_deepspeed_build(c: SpecChecker, raw: Any) -> DeepSpeedBuildSpec:
                 raise c.fail(f"{k}.{op}", "expected a DeepSpeed op name such as cpu_adam")
             c.string(var, f"{k}.{op}", BUILD_VAR_RE, "the DS_BUILD_* variable that compiles it, e.g. DS_BUILD_CPU_ADAM")
         ops[accelerator] = dict(by_name)
-    requires = DEFAULT_DEEPSPEED_REQUIRES
+    requires: tuple[str, ...] = DEFAULT_DEEPSPEED_REQUIRES
     if "requires" in raw:
         names = raw["requires"]
         if not isinstance(names, list) or not all(isinstance(n, str) and re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", n)
@@ -226,7 +226,8 @@ def _load_groups(c: SpecChecker, raw: Any) -> dict[str, Group]:
         packages = c.packages(graw["packages"], f"{k}.packages")
         if not packages or any(spec is None for spec in packages.values()):
             raise c.fail(f"{k}.packages", "expected a non-empty mapping of package name to specifier ('' for any)")
-        groups[gname] = Group(gname, str(graw.get("description") or ""), dict(packages),
+        groups[gname] = Group(gname, str(graw.get("description") or ""),
+                              {n: s for n, s in packages.items() if s is not None},
                               c.modules(graw["imports"], f"{k}.imports"))
     return groups
 
@@ -317,11 +318,11 @@ def _variant_packages(c: SpecChecker, image: ImageSpec, k: str, raw: Any,
                 raise c.fail(f"groups.{group.name}.packages.{n}", "is also in defaults.packages: a package belongs to "
                                                                   "the stack or to one group")
             packages[n] = s
-    for n, s in c.packages(raw.get("packages") or {}, f"{k}.packages").items():
-        if s is None:
+    for n, override in c.packages(raw.get("packages") or {}, f"{k}.packages").items():
+        if override is None:
             packages.pop(n, None)
         else:
-            packages[n] = s
+            packages[n] = override
     wheels = dict(c.wheels(defaults.get("wheels") or {}, "defaults.wheels"))
     wheels.update(c.wheels(raw.get("wheels") or {}, f"{k}.wheels"))
     both = sorted(set(packages) & set(wheels))
@@ -349,7 +350,7 @@ def _variant_source_builds(c: SpecChecker, k: str, raw: Any, packages: dict[str,
     """Packages built from their locked sdist (vlmbuild.spec.SourceBuild): each one of the variant's packages,
     pinned with ==."""
     c.mapping(raw, f"{k}.source_builds")
-    out = {}
+    out: dict[str, SourceBuild] = {}
     for name, body in raw.items():
         key = f"{k}.source_builds.{name}"
         c.mapping(body, key, allowed=SOURCE_BUILD_KEYS, required={"why", "build_requires"})

@@ -22,7 +22,7 @@ class SpecChecker:
     def fail(self, key: str, message: str) -> SpecError:
         return SpecError(self.path, key, message)
 
-    def mapping(self, value: Any, key: str, allowed: set[str] | None = None, required: set[str] = frozenset()) -> dict:
+    def mapping(self, value: Any, key: str, allowed: set[str] | None = None, required: set[str] | frozenset[str] = frozenset()) -> dict:
         if not isinstance(value, dict):
             raise self.fail(key, f"expected a mapping, got {type(value).__name__}")
         if allowed is not None:
@@ -71,7 +71,7 @@ class SpecChecker:
 
     def wheels(self, value: Any, key: str) -> dict[str, Wheel]:
         self.mapping(value, key)
-        out = {}
+        out: dict[str, Wheel] = {}
         for name, raw in value.items():
             k = f"{key}.{name}"
             self.mapping(raw, k, allowed={"url", "sha256", "left_out"}, required={"url", "sha256"})

@@ -41,7 +41,7 @@ def verify_from_registry(engine: EngineAPI, result: Inspection, ref: str, verifi
     """Add the registry's findings about ``ref`` to ``result``."""
     repository, tag = split_ref(ref)
     remote = engine.remote_digest(repository, tag)
-    if not result.check(remote is not None, f"the registry serves {repository}:{tag}"):
+    if not result.check(remote is not None, f"the registry serves {repository}:{tag}") or remote is None:
         return
     local = engine.local_repo_digest(result.image_id, repository)
     if not result.check(local == remote, "the image inspected here is the one the registry serves",

@@ -59,7 +59,7 @@ def test_release_builds_the_matrix_on_gpu_and_pushes_only_through_the_smoke():
 def test_ci_runs_lock_check_rules_and_docker_tests():
     text = (WORKFLOWS / "ci.yml").read_text()
     for needle in ("vlmbuild lock --check", "vlmbuild check", '-m "docker and not cu124"', "-m cu124", "-m stack",
-                   "ruff check"):
+                   "ruff check", "mypy"):
         assert needle in text, needle
 
 

@@ -21,6 +21,7 @@ import sys
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import NoReturn
 
 INDEX = os.environ.get("UV_INDEX_URL") or os.environ.get("PIP_INDEX_URL") or "https://pypi.org/simple"
 ENTRY = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)")
@@ -28,7 +29,7 @@ HASH = re.compile(r"--hash=sha256:([0-9a-f]{64})")
 HTML_LINK = re.compile(r'<a[^>]+href="([^"]+)"[^>]*>([^<]+)</a>', re.I)
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     sys.exit(f"fetch_sdist: {message}")
 
 

@@ -85,7 +85,7 @@ class RuleSet:
     source: str = ""
 
     def evaluate(self, versions: Mapping[str, str], conditions: Iterable[str]) -> list[Violation]:
-        normalized = {canonicalize_name(k): str(v) for k, v in versions.items()}
+        normalized: dict[str, str] = {canonicalize_name(k): str(v) for k, v in versions.items()}
         conds = set(conditions)
         out = []
         for rule in self.rules:
@@ -213,7 +213,7 @@ def installed_versions() -> dict[str, str]:
 
     out: dict[str, str] = {}
     for dist in metadata.distributions():
-        name = dist.metadata.get("Name")
+        name = dist.metadata.get("Name")  # type: ignore[attr-defined]  # an email.message.Message at run time
         if name:
             out.setdefault(canonicalize_name(name), dist.version)
     return out

@@ -61,7 +61,8 @@ ARCH_RE = re.compile(r"\.sm_(\d+)a?\.(cubin|ptx)\b")
 
 def expected_archs(arch_list: str) -> tuple[set[str], set[str]]:
     """({sm_XY cubins}, {sm_XY PTX}) a TORCH_CUDA_ARCH_LIST such as "8.0;8.6;9.0+PTX" asks for."""
-    cubins, ptx = set(), set()
+    cubins: set[str] = set()
+    ptx: set[str] = set()
     for entry in filter(None, arch_list.split(";")):
         arch = "sm_" + entry.removesuffix("+PTX").replace(".", "")
         cubins.add(arch)
@@ -72,7 +73,8 @@ def expected_archs(arch_list: str) -> tuple[set[str], set[str]]:
 
 def listed_archs(listing: str) -> tuple[set[str], set[str]]:
     """({sm_XY cubins}, {sm_XY PTX}) that ``cuobjdump --list-elf --list-ptx`` lists."""
-    cubins, ptx = set(), set()
+    cubins: set[str] = set()
+    ptx: set[str] = set()
     for match in ARCH_RE.finditer(listing):
         (cubins if match.group(2) == "cubin" else ptx).add(f"sm_{match.group(1)}")
     return cubins, ptx
@@ -169,6 +171,7 @@ def probe_ops(ops: list[str], extensions: Path) -> tuple[dict[str, Any] | None, 
 def check_cuda_ops(launch: Any) -> dict[str, Any]:
     started = time.monotonic()
     build = deepspeed_build_for(launch.variant, "gpu")
+    assert build is not None, "cuda_ops runs only where variant.json declares the CUDA DeepSpeed build"
     ops, arch_list = list(build["ops"]), launch.variant.get("cuda_archs") or ""
     details: dict[str, Any] = {"ops": ops, "cuda_archs": arch_list}
 

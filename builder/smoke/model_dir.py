@@ -68,7 +68,7 @@ def checkpoint_dtype(path: Path) -> str:
             dtype = torch_dtype_name(info["dtype"]) if name != "__metadata__" else None
             if dtype in ("torch.float32", "torch.float16", "torch.bfloat16", "torch.float64"):
                 counts[dtype] = counts.get(dtype, 0) + 1
-    return max(counts, key=counts.get) if counts else "torch.float32"
+    return max(counts, key=lambda d: counts[d]) if counts else "torch.float32"
 
 
 def describe_checkpoint(path: Path, shown_as: str | None = None) -> dict:

@@ -81,7 +81,7 @@ def distributions_on_path() -> dict[str, list[metadata.Distribution]]:
     seen: set[str] = set()
     path = [p for p in sys.path if p not in ("", os.getcwd())]
     for dist in metadata.distributions(path=path):
-        name = dist.metadata.get("Name")
+        name = dist.metadata.get("Name")  # type: ignore[attr-defined]  # an email.message.Message at run time
         where = os.path.realpath(str(getattr(dist, "_path", "") or dist.locate_file("")))
         if not name or where in seen:  # one directory twice on sys.path is one distribution
             continue
@@ -255,7 +255,7 @@ def check_stack(mode: str, lock: Lockfile | None, variant: dict[str, Any] | None
         # which of the image's DeepSpeed builds this pass runs: the one built for its accelerator
         from deepspeed.git_version_info import accelerator_name
 
-        details["deepspeed"] = {"path": os.path.dirname(sys.modules["deepspeed"].__file__),
+        details["deepspeed"] = {"path": os.path.dirname(str(sys.modules["deepspeed"].__file__)),
                                 "built_for": accelerator_name}
         if build and accelerator_name != build["accelerator"]:
             problems.append(f"deepspeed at {details['deepspeed']['path']} was built for the {accelerator_name} "

@@ -20,6 +20,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -325,7 +326,7 @@ class Smoke:
         for check in contract.REGISTRY.values():
             if check.runs_in == "ranks":
                 run = contract.entry_point(check.run)
-                self.run_check(check.name, lambda run=run: run(self))
+                self.run_check(check.name, partial(run, self))
 
 
 def loaded_ops() -> dict[str, str | None]:
