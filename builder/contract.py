@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 # ---------------------------------------------------------------- inside the image
 
@@ -116,9 +116,51 @@ def checks_for(mode: str, flash_attention: bool, prebuilt_ops: bool = False, rep
     return tuple(name for name, check in REGISTRY.items() if applies[check.when])
 
 
+class CheckRecord(TypedDict):
+    """One check's result in a smoke report (``checks`` of SmokeReport), as check_record makes it."""
+
+    name: str
+    status: str  # passed | failed | skipped | not_run
+    seconds: float
+    error: str | None
+    traceback: str | None
+    details: dict[str, Any]  # the check's own facts (smoke/report.py's detail_* say them in one line)
+    world_size: int
+    device: str | None
+
+
+class DeepSpeedBuildInfo(TypedDict):
+    accelerator: str
+    path: str | None  # None: the venv's own DeepSpeed
+    ops: list[str]
+
+
+class VariantInfo(TypedDict, total=False):
+    """variant.json (VARIANT_PATH in the image): what the builder decided about the variant, for the smoke and for
+    `vlmbuild inspect` (vlmbuild.plan writes every key; a local smoke's holds only some: smoke_command)."""
+
+    schema: int
+    image: str
+    variant: str
+    tag: str
+    python: str
+    cuda: str | None
+    conditions: list[str]
+    imports: list[str]
+    deepspeed_builds: list[DeepSpeedBuildInfo]
+    cuda_archs: str | None  # TORCH_CUDA_ARCH_LIST the CUDA ops were compiled with
+    left_out: dict[str, str]  # what the spec names but the image goes without, and why
+    source_builds: list[str]
+    release_base: str
+    layers: list[str]  # the lock layers installed in place, bottom to top
+    packages: list[str]  # name==version of each per-package layer, in order
+    key_versions: dict[str, str]
+    lock_sha256: str
+
+
 def check_record(name: str, world_size: int, device: str | None, status: str = "passed", error: str | None = None,
                  details: Mapping[str, Any] | None = None, seconds: float = 0.0,
-                 traceback: str | None = None) -> dict[str, Any]:
+                 traceback: str | None = None) -> CheckRecord:
     """A check's result as the report holds it: the one place such a record is made."""
     return {"name": name, "status": status, "seconds": round(seconds, 3), "error": error, "traceback": traceback,
             "details": dict(details or {}), "world_size": world_size, "device": device}

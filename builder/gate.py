@@ -105,7 +105,7 @@ def check_room(engine: EngineAPI, resolved: Resolved, options: BuildOptions, pro
         f"The build was not started and nothing was tagged.{leak} Free some, or pass --no-disk-check to try anyway.")
 
 
-def resolve_device(engine: EngineAPI, requested: str) -> str:
+def choose_device(engine: EngineAPI, requested: str) -> str:
     if requested == "auto":
         return "gpu" if engine.gpu_available() else "cpu"
     if requested == "gpu" and not engine.gpu_available():
@@ -185,7 +185,7 @@ def gate(engine: EngineAPI, resolved: Resolved, options: BuildOptions, progress:
 def run_gate(engine: EngineAPI, resolved: Resolved, options: BuildOptions, outcome: BuildOutcome,
              progress: Progress) -> None:
     variant, spec = resolved.variant, resolved.variant.image
-    device = resolve_device(engine, options.smoke_device)
+    device = choose_device(engine, options.smoke_device)
     model_dir = options.model_dir
     candidate = None
     check_room(engine, resolved, options, progress)

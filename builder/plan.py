@@ -166,7 +166,7 @@ def key_versions(lock: Lockfile, left_out: dict[str, str] | tuple[str, ...] = ()
 
 def variant_metadata(variant: Variant, lock: Lockfile, tag: str, chain, packages, held: dict[str, str]) -> str:
     """variant.json, what the smoke reads of the variant it runs in: CUDA, conditions, the modules to import."""
-    return json.dumps({
+    info: contract.VariantInfo = {
         "schema": 1,
         "image": variant.image.name,
         "variant": variant.name,
@@ -189,7 +189,8 @@ def variant_metadata(variant: Variant, lock: Lockfile, tag: str, chain, packages
         "packages": [f"{package.name}=={package.version}" for package, _ in packages],
         "key_versions": held,
         "lock_sha256": lock.sha256,
-    }, indent=2) + "\n"
+    }
+    return json.dumps(info, indent=2) + "\n"
 
 
 def pip_constraints(lock: Lockfile, tag: str) -> str:
@@ -291,11 +292,11 @@ def deepspeed_builds(variant: Variant, lock: Lockfile, torch_layer: tuple[LayerF
             for accelerator, target in deepspeed_targets(variant)]
 
 
-def deepspeed_ops(variant: Variant) -> list[dict[str, object]]:
+def deepspeed_ops(variant: Variant) -> list[contract.DeepSpeedBuildInfo]:
     """What variant.json says of the image's DeepSpeed builds: accelerator, ops, and where the image holds it
     (None: the venv's own)."""
     ops = variant.image.deepspeed_build.ops
-    return [{"accelerator": accelerator, "path": target, "ops": sorted(ops.get(accelerator, {}))}
+    return [contract.DeepSpeedBuildInfo(accelerator=accelerator, path=target, ops=sorted(ops.get(accelerator, {})))
             for accelerator, target in deepspeed_targets(variant)]
 
 

@@ -110,7 +110,7 @@ def smoke_image(ref: str, device: str, report: Path | None, timeout: int, repeat
                 model_dir: Path | None = None, checks: str | None = None) -> int:
     """`vlmbuild smoke IMAGE_REF`: re-run the gate's smoke on any built image (with a real checkpoint, read-only)."""
     from .engine import Engine
-    from .gate import resolve_device, run_smoke_passes
+    from .gate import choose_device, run_smoke_passes
     from .smoke import report as report_mod
 
     engine = Engine()
@@ -120,7 +120,7 @@ def smoke_image(ref: str, device: str, report: Path | None, timeout: int, repeat
     if contract.LABEL_SMOKE_ENTRYPOINT not in engine.labels(ref):
         raise VlmbuildError(f"{ref}: not an image vlmbuild built (no {contract.LABEL_SMOKE_ENTRYPOINT} label): "
                             "it has no smoke to run")
-    device = resolve_device(engine, device)
+    device = choose_device(engine, device)
     progress = Progress(f"smoke {ref}")
     try:
         runs = run_smoke_passes(engine, ref, device, timeout, repeat, model_dir, progress, checks)

@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from .. import __version__, contract
 from ..lockfile import LockfileError, read_lockfile
@@ -42,7 +41,7 @@ from .stack import deepspeed_build_for, default_paths, verify_install
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def resolve_mode(requested: str) -> tuple[str, int]:
+def choose_mode(requested: str) -> tuple[str, int]:
     """(mode, world size). A GPU is used only when torch can really reach one."""
     if requested == "cpu":
         return "cpu", 2
@@ -105,7 +104,7 @@ def select_checks(applicable: tuple[str, ...], requested: str | None, mode: str)
     return tuple(n for n in applicable if n in names)
 
 
-def run_planned(launch: Launch, planned: tuple[str, ...]) -> list[dict[str, Any]]:
+def run_planned(launch: Launch, planned: tuple[str, ...]) -> list[contract.CheckRecord]:
     """The planned checks in the registry's order. The ranks start first (they import and load for a while);
     the launcher checks that come before the rank checks run here meanwhile, those after them once they ended."""
     ranks_checks = tuple(n for n in planned if contract.REGISTRY[n].runs_in == "ranks")
@@ -154,14 +153,15 @@ def run(args: argparse.Namespace) -> int:
     # pools and 37-48 s without (no zero3_repeat). TORCH_WARM_POOL is torch's own switch; a value the caller set is
     # kept.
     os.environ.setdefault("TORCH_WARM_POOL", "0")
-    mode, world = resolve_mode(args.device)
+    mode, world = choose_mode(args.device)
     if mode == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"  # before the stack check imports deepspeed
         os.environ.setdefault("LOCAL_SIZE", str(world))
 
     deepspeed_path = use_deepspeed_build(variant, mode)  # before anything imports deepspeed
     prebuilt = prebuilt_ops_for(variant, mode)
-    cuda_build = bool((deepspeed_build_for(variant, "gpu") or {}).get("ops"))
+    cuda = deepspeed_build_for(variant, "gpu")
+    cuda_build = bool(cuda and cuda["ops"])
     planned = select_checks(contract.checks_for(mode, flash_attention=flash_attention_installed(),
                                                 prebuilt_ops=bool(prebuilt), repeat=args.repeat,
                                                 cuda_ops=cuda_build), args.checks, mode)

@@ -168,14 +168,14 @@ def probe_ops(ops: list[str], extensions: Path) -> tuple[dict[str, Any] | None, 
     return {"accelerator_name": first["accelerator_name"], "package": first["package"], "ops": reported}, ""
 
 
-def check_cuda_ops(launch: Any) -> dict[str, Any]:
+def check_cuda_ops(launch: Any) -> contract.CheckRecord:
     started = time.monotonic()
     build = deepspeed_build_for(launch.variant, "gpu")
     assert build is not None, "cuda_ops runs only where variant.json declares the CUDA DeepSpeed build"
     ops, arch_list = list(build["ops"]), launch.variant.get("cuda_archs") or ""
     details: dict[str, Any] = {"ops": ops, "cuda_archs": arch_list}
 
-    def record(problems: list[str]) -> dict[str, Any]:
+    def record(problems: list[str]) -> contract.CheckRecord:
         return contract.check_record("cuda_ops", 1, "cpu (no GPU needed)", "failed" if problems else "passed",
                                      "\n".join(problems) or None, details, time.monotonic() - started)
 

@@ -33,9 +33,9 @@ class Launch:
     workdir: Path
     extensions: Path
     lock_path: Path | None
-    variant: dict[str, Any] | None
+    variant: contract.VariantInfo | None
     prebuilt: list[str]
-    records: list[dict[str, Any]] = field(default_factory=list)
+    records: list[contract.CheckRecord] = field(default_factory=list)
     facts: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -43,7 +43,7 @@ class Launch:
         return self.facts[0]["device"] if self.facts and self.facts[0].get("device") else self.mode
 
 
-def repeat_zero3_load(launch: Launch) -> dict[str, Any]:
+def repeat_zero3_load(launch: Launch) -> contract.CheckRecord:
     """The ZeRO-3 load ``--repeat`` times in all, each in fresh processes, from the same checkpoint: every run
     must be bit-identical to the checkpoint, and all of them alike (corruption can be intermittent)."""
     started = time.monotonic()
@@ -70,7 +70,7 @@ def repeat_zero3_load(launch: Launch) -> dict[str, Any]:
                                  "\n".join(problems) or None, details, time.monotonic() - started)
 
 
-def run_stack(launch: Launch) -> dict[str, Any]:
+def run_stack(launch: Launch) -> contract.CheckRecord:
     started = time.monotonic()
     mode = launch.mode
     try:
@@ -83,15 +83,17 @@ def run_stack(launch: Launch) -> dict[str, Any]:
         raise UsageProblem(str(exc)) from None
 
 
-def prebuilt_ops_for(variant: dict[str, Any] | None, mode: str) -> list[str]:
+def prebuilt_ops_for(variant: contract.VariantInfo | None, mode: str) -> list[str]:
     """The DeepSpeed ops the image was built with for the accelerator this mode loads."""
-    return list((deepspeed_build_for(variant, mode) or {}).get("ops") or [])
+    build = deepspeed_build_for(variant, mode)
+    return list(build["ops"]) if build else []
 
 
-def use_deepspeed_build(variant: dict[str, Any] | None, mode: str) -> str | None:
+def use_deepspeed_build(variant: contract.VariantInfo | None, mode: str) -> str | None:
     """Put the image's DeepSpeed build for this mode's accelerator first on the path (this process and the ranks)
     when it lies apart from the venv's (a CUDA image's CPU build); its directory, or None."""
-    path = (deepspeed_build_for(variant, mode) or {}).get("path")
+    build = deepspeed_build_for(variant, mode)
+    path = build["path"] if build else None
     if not path:
         return None
     if not os.path.isdir(path):
@@ -101,7 +103,7 @@ def use_deepspeed_build(variant: dict[str, Any] | None, mode: str) -> str | None
     return path
 
 
-def check_prebuilt_ops(launch: Launch) -> dict[str, Any]:
+def check_prebuilt_ops(launch: Launch) -> contract.CheckRecord:
     """Every op the image declares was loaded during the run, on every rank, through its DeepSpeed builder and
     from DeepSpeed's own package (not JIT-compiled, not from elsewhere), and nothing was compiled: torch's
     extensions directory of this run is still empty. Judged from what the ranks loaded, not from DeepSpeed's
@@ -149,7 +151,7 @@ def flash_attention_installed() -> bool:
     return True
 
 
-def run_launcher_check(launch: Launch, name: str) -> dict[str, Any]:
+def run_launcher_check(launch: Launch, name: str) -> contract.CheckRecord:
     """A launcher check of the registry, skipped when a check it needs did not pass."""
     failed = contract.failed_needs(name, launch.records)
     if failed:

@@ -89,7 +89,7 @@ class Ranks:
             proc.wait()
         remove_shm_buffers(self.addr, self.port)
 
-    def wait(self) -> list[dict[str, Any]]:
+    def wait(self) -> list[contract.CheckRecord]:
         deadline = self.started + self.args.timeout
         timed_out = False
         try:
@@ -114,7 +114,7 @@ class Ranks:
 
 def run_workers(args: argparse.Namespace, mode: str, world: int, workdir: Path, checks: tuple[str, ...],
                 extensions: Path, results: str = "results", model_dir: Path | None = None,
-                extra: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+                extra: tuple[str, ...] = ()) -> list[contract.CheckRecord]:
     """Fresh ranks that run ``checks`` (``extra``: more worker arguments) and end; their merged records."""
     return Ranks(args, mode, world, workdir, checks, extensions, results, model_dir, extra).wait()
 
@@ -131,23 +131,25 @@ def rank_facts(per_rank: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
             for rank, data in enumerate(per_rank) if data and "loaded_ops" in data]
 
 
-def fail_on_bad_exit(checks: list[dict[str, Any]], returncode: int | None, log_tail: str) -> list[dict[str, Any]]:
+def fail_on_bad_exit(checks: list[contract.CheckRecord], returncode: int | None,
+                     log_tail: str) -> list[contract.CheckRecord]:
     """The ranks' exit status counts: a rank that dies after its last result was written (a crash in teardown,
     a hang killed by the watchdog) turns the last passing check into a failure instead of a silent PASS."""
     if returncode in (0, None) or not checks or not all(contract.check_passed(c) for c in checks):
         return checks
     last = checks[-1]
-    last.update(status="failed", error=f"every check reported a pass, but the ranks exited with status {returncode}; "
-                                       f"last output:\n{log_tail}")
+    last["status"] = "failed"
+    last["error"] = (f"every check reported a pass, but the ranks exited with status {returncode}; last output:\n"
+                     f"{log_tail}")
     return checks
 
 
 def merge_rank_results(per_rank: list[dict[str, Any] | None], timed_out: bool, elapsed: float, timeout: float,
-                       log_tail: str, checks: tuple[str, ...]) -> list[dict[str, Any]]:
+                       log_tail: str, checks: tuple[str, ...]) -> list[contract.CheckRecord]:
     """Rank 0's view, with any rank's failure folded in; checks that never reported become failures."""
     world = len(per_rank)
     fatal = next((r for r in per_rank if r and r.get("fatal")), None)
-    merged: dict[str, dict[str, Any]] = {}
+    merged: dict[str, contract.CheckRecord] = {}  # what the ranks wrote (contract.check_record's records)
     for data in per_rank:
         for check in (data or {}).get("checks", []):
             current = merged.get(check["name"])
@@ -155,16 +157,17 @@ def merge_rank_results(per_rank: list[dict[str, Any] | None], timed_out: bool, e
                 merged[check["name"]] = check
             elif current["error"] == "failed on another rank" and check.get("error") != "failed on another rank":
                 merged[check["name"]] = check
-    out = []
+    out: list[contract.CheckRecord] = []
     for name in checks:
         if name in merged:
             out.append(merged[name])
             continue
         entry = contract.check_record(name, world, None, "failed", seconds=elapsed)
         if out and not contract.check_passed(out[-1]):
-            entry.update(status="skipped", seconds=0.0, error=f"not run: {out[-1]['name']} did not pass")
+            entry["status"], entry["seconds"] = "skipped", 0.0
+            entry["error"] = f"not run: {out[-1]['name']} did not pass"
         elif fatal:
-            entry.update(error=fatal["fatal"], traceback=fatal.get("traceback"))
+            entry["error"], entry["traceback"] = fatal["fatal"], fatal.get("traceback")
         elif timed_out:
             entry["error"] = f"timed out: the ranks were killed after {timeout:.0f} s"
         else:

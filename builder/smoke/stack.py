@@ -35,7 +35,7 @@ from ..rules import installed_versions, load_rules, training_conditions
 BASE_IMPORTS = ("torch", "transformers", "deepspeed", "accelerate", "trl", "PIL")
 
 
-def modules_to_import(variant: dict[str, Any] | None, installed: dict[str, str]) -> list[str]:
+def modules_to_import(variant: contract.VariantInfo | None, installed: dict[str, str]) -> list[str]:
     modules = list(BASE_IMPORTS)
     for module in (variant or {}).get("imports") or []:
         if module not in modules:
@@ -223,15 +223,16 @@ def _gpu_facts(torch: Any) -> tuple[dict[str, Any], list[str]]:
     return facts, problems
 
 
-def check_stack(mode: str, lock: Lockfile | None, variant: dict[str, Any] | None) -> dict[str, Any]:
+def check_stack(mode: str, lock: Lockfile | None, variant: contract.VariantInfo | None) -> dict[str, Any]:
     """The stack facts as details; raises StackProblem listing every problem found (not just the first)."""
     problems: list[str] = []
     details: dict[str, Any] = {"python": sys.version.split()[0]}
     installed = installed_versions()
     details["versions"] = {k: installed.get(k) for k in (*contract.KEY_PACKAGES, "safetensors", "tokenizers")}
     build = deepspeed_build_for(variant, mode)
-    alternates = {"deepspeed": build["path"]} if build and build.get("path") else {}
-    environment, env_problems = environment_problems(lock, alternates, ((variant or {}).get("left_out") or {}))
+    path = build["path"] if build else None
+    alternates = {"deepspeed": path} if path else {}
+    environment, env_problems = environment_problems(lock, alternates, variant.get("left_out", {}) if variant else {})
     details["files"] = environment["files"]
     details["lock"] = None if lock is None else {
         "path": str(lock.path), "sha256": lock.sha256, "packages": len(lock.pins),
@@ -283,12 +284,12 @@ def check_stack(mode: str, lock: Lockfile | None, variant: dict[str, Any] | None
     return details
 
 
-def deepspeed_build_for(variant: dict[str, Any] | None, mode: str) -> dict[str, Any] | None:
+def deepspeed_build_for(variant: contract.VariantInfo | None, mode: str) -> contract.DeepSpeedBuildInfo | None:
     """The image's DeepSpeed build that serves ``mode``'s accelerator (variant.json's deepspeed_builds:
     accelerator, ops, path or None for the venv's own); None outside an image built with one."""
     accelerator = "cuda" if mode == "gpu" else "cpu"
-    return next((b for b in (variant or {}).get("deepspeed_builds") or [] if b.get("accelerator") == accelerator),
-                None)
+    builds = variant.get("deepspeed_builds", []) if variant else []
+    return next((b for b in builds if b["accelerator"] == accelerator), None)
 
 
 class StackProblem(Exception):

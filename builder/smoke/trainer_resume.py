@@ -31,6 +31,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .. import contract
 from . import grpo
 from .common import CheckProblem
 
@@ -208,7 +209,7 @@ def check_trainer_resume(smoke: Any) -> dict[str, Any]:
         raise CheckProblem(str(exc)) from None
 
 
-def finish_trainer_resume(launch: Any, record: dict[str, Any]) -> dict[str, Any]:
+def finish_trainer_resume(launch: Any, record: contract.CheckRecord) -> contract.CheckRecord:
     """The launcher's half: start fresh ranks that resume the run the smoke's ranks saved, and make their verdict the
     check's (with both halves' details and seconds)."""
     from .ranks import run_workers

@@ -58,7 +58,7 @@ class Smoke:
         self.model_dir = Path(args.model_dir) if args.model_dir else self.workdir / "tiny-model"
         self.real_model = bool(args.model_dir) and not args.tiny_model
         self.checks = tuple(args.checks.split(","))
-        self.results: list[dict[str, Any]] = []
+        self.results: list[contract.CheckRecord] = []
         self.model: Any = None
         self.engine: Any = None
         self._keep_alive: Any = None
@@ -101,7 +101,7 @@ class Smoke:
         start = time.monotonic()
         entry = contract.check_record(name, self.world, self.device_description())
         if failed_deps:
-            entry.update(status="skipped", error=f"not run: {', '.join(failed_deps)} did not pass")
+            entry["status"], entry["error"] = "skipped", f"not run: {', '.join(failed_deps)} did not pass"
             self.results.append(entry)
             return False
         ok = True
