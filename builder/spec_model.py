@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from packaging.utils import canonicalize_name
@@ -145,7 +146,7 @@ class Variant:
     # a build that finds less fails before it starts (vlmbuild.gate.check_room)
     build_disk_gb: float = DEFAULT_BUILD_DISK_GB
 
-    @property
+    @cached_property
     def family(self) -> BaseFamily:
         return FAMILIES[self.base_family]
 
@@ -178,7 +179,7 @@ class Variant:
     def expected_rejected(self) -> bool:
         return self.expect == "rejected"
 
-    @property
+    @cached_property
     def lockfile_path(self) -> Path:
         return repo_layout.variant_lockfile(self.image.root, self.image.name, self.name)
 
@@ -223,7 +224,7 @@ class ImageSpec:
     deepspeed_build: DeepSpeedBuildSpec = DEFAULT_DEEPSPEED_BUILD
     variants: dict[str, Variant] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def build_tools_lockfile(self) -> Path:
         """The hash-locked build tools (uv, cyclonedx-py) every image of this repository builds with."""
         return repo_layout.build_tools_lockfile(self.root)
