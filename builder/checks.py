@@ -44,6 +44,19 @@ def declared_versions(variant: Variant) -> dict[str, str]:
     return out
 
 
+def pinned_versions(variant: Variant, lock: Lockfile | None = None) -> tuple[dict[str, str], str | None]:
+    """The versions a variant really has: its lockfile's pins (``lock`` when the caller read it already), else the
+    spec's exact pins; the second value says why they are not the lockfile's (None: they are)."""
+    if lock is None and variant.lockfile_path.is_file():
+        try:
+            lock = read_lockfile(variant.lockfile_path)
+        except LockfileError as exc:
+            return declared_versions(variant), f"lockfile unreadable ({exc})"
+    if lock is None:
+        return declared_versions(variant), "no lockfile yet"
+    return lock.pins, None
+
+
 def check_variant(variant: Variant, rules: RuleSet | None = None, lock: Lockfile | None = None,
                   status: LockStatus | None = None) -> VariantVerdict:
     """The variant's locked versions (its declared pins while it has no lockfile) against the rules (the shipped
@@ -52,14 +65,14 @@ def check_variant(variant: Variant, rules: RuleSet | None = None, lock: Lockfile
     status = status or variant_status(variant, lock)
     notes = []
     if status.state in ("fresh", "stale"):
-        try:
-            versions = (lock or read_lockfile(variant.lockfile_path)).pins
+        versions, not_locked = pinned_versions(variant, lock)
+        if not_locked:
+            source = "declared pins"
+            notes.append(f"{not_locked}; checked the declared pins instead")
+        else:
             source = f"lockfile {variant.lockfile_path.name}" + (" (stale)" if status.state == "stale" else "")
             if status.state == "stale":
                 notes.append(f"lockfile is stale: {status.detail}")
-        except LockfileError as exc:
-            versions, source = declared_versions(variant), "declared pins"
-            notes.append(f"lockfile unreadable ({exc}); checked the declared pins instead")
     else:
         versions, source = declared_versions(variant), "declared pins (no lockfile yet)"
     conditions = variant_conditions(variant, versions)

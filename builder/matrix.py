@@ -5,20 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from .bases import LOCAL_BASE_PREFIX, split_digest
-from .checks import declared_versions
+from .checks import pinned_versions
 from .contract import KEY_PACKAGES
-from .lockfile import LockfileError, read_lockfile
 from .spec import Variant
-
-
-def variant_versions(variant: Variant) -> tuple[dict[str, str], bool]:
-    """(versions, locked): the lockfile's pins when there is one, else the spec's exact pins."""
-    if variant.lockfile_path.is_file():
-        try:
-            return read_lockfile(variant.lockfile_path).pins, True
-        except LockfileError:
-            pass
-    return declared_versions(variant), False
 
 
 def matrix_rows(variants: list[Variant], include_rejected: bool = False, release: bool = False) -> list[dict[str, Any]]:
@@ -28,7 +17,8 @@ def matrix_rows(variants: list[Variant], include_rejected: bool = False, release
             continue
         if release and v.base_image.startswith(LOCAL_BASE_PREFIX):
             continue
-        versions, locked = variant_versions(v)
+        versions, not_locked = pinned_versions(v)
+        locked = not_locked is None
         rows.append({
             "image": v.image.name,
             "variant": v.name,
