@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import click
 
 from . import __version__, repo_layout
-from .contract import DEFAULT_SMOKE_TIMEOUT, HEADLINE_PACKAGES
+from .contract import DEFAULT_SMOKE_MEMORY_GB, DEFAULT_SMOKE_PIDS, DEFAULT_SMOKE_TIMEOUT, HEADLINE_PACKAGES
 from .errors import CheckFailed, VlmbuildError
 from .spec import ImageSpec, Variant, all_spec_paths, find_spec_path, load_spec
 
@@ -324,11 +324,17 @@ def render(ctx: Context, image: str, variant: str, output: Path, base_image: str
 @click.option("--checks", default=None, help="Only these checks (comma-separated, with what they depend on).")
 @click.option("--timeout", type=int, default=None,
               help=f"Seconds before the smoke is killed (default: {DEFAULT_SMOKE_TIMEOUT}, as a spec's smoke.timeout).")
+@click.option("--memory-gb", type=click.FloatRange(1, 4096), default=DEFAULT_SMOKE_MEMORY_GB, show_default=True,
+              help="With IMAGE_REF: the smoke container's memory limit (as a spec's smoke.memory_gb).")
+@click.option("--pids", type=click.IntRange(256), default=DEFAULT_SMOKE_PIDS, show_default=True,
+              help="With IMAGE_REF: the smoke container's task limit (as a spec's smoke.pids).")
 @pass_ctx
 @guarded
 def smoke(ctx: Context, image_ref: str | None, local: bool, python: str | None, device: str, report: Path | None,
-          model_dir: Path | None, lockfile: Path | None, repeat: int, checks: str | None, timeout: int | None) -> None:
+          model_dir: Path | None, lockfile: Path | None, repeat: int, checks: str | None, timeout: int | None,
+          memory_gb: float, pids: int) -> None:
     """Run the ZeRO-3 smoke in this environment (--local) or inside a built image (IMAGE_REF)."""
+    from .engine_api import SmokeLimits
     from .smoke_command import run_local, smoke_image
 
     if local == bool(image_ref):
@@ -339,7 +345,7 @@ def smoke(ctx: Context, image_ref: str | None, local: bool, python: str | None, 
                          checks)
     else:
         assert image_ref is not None  # exactly one of the two, checked above
-        code = smoke_image(image_ref, device, report, timeout, repeat, model_dir, checks)
+        code = smoke_image(image_ref, device, report, timeout, repeat, model_dir, checks, SmokeLimits(memory_gb, pids))
     sys.exit(code)
 
 

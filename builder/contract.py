@@ -23,6 +23,10 @@ VENV = "/opt/venv"
 DEEPSPEED_CPU_PATH = "/opt/deepspeed-cpu"
 # Seconds before a smoke's ranks are killed, when neither the spec nor a flag says (the one default of it).
 DEFAULT_SMOKE_TIMEOUT = 1200
+# What a smoke container may take (engine_api.SmokeLimits; spec keys smoke.memory_gb and smoke.pids): the CPU smoke
+# fits many times over (benchmarks/results/smoke-limits.txt); a real checkpoint's GPU smoke sets what it needs.
+DEFAULT_SMOKE_MEMORY_GB = 16.0
+DEFAULT_SMOKE_PIDS = 4096
 
 # The packages that decide whether the recipe trains: the versions label and the stack check name them; a
 # one-line summary (`vlmbuild check`) names the headline ones.

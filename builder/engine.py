@@ -23,7 +23,7 @@ from docker.utils import parse_repository_tag
 from . import buildkit, contract, engine_disk, owner
 from .bases import LOCAL_BASE_PREFIX, split_digest
 from .buildkit import BuildFailed  # noqa: F401 - re-exported: the gate catches it from here
-from .engine_api import Base, SmokeRun  # noqa: F401 - SmokeRun re-exported
+from .engine_api import Base, SmokeLimits, SmokeRun  # noqa: F401 - SmokeRun re-exported
 from .errors import CheckFailed, VlmbuildError
 from .localbase import ensure_local_base
 from .progress import Progress
@@ -320,15 +320,24 @@ class Engine:
     # ------------------------------------------------------------ the smoke
 
     def run_smoke(self, image: str, device: str, timeout: int, progress: Progress, repeat: int = 1,
-                  model_dir: Path | None = None, checks: str | None = None) -> SmokeRun:
+                  model_dir: Path | None = None, checks: str | None = None,
+                  limits: SmokeLimits = SmokeLimits()) -> SmokeRun:
         """Run the image's smoke in a container of its own, collect the JSON report, always remove the container:
-        on success, failure, a start that fails, the timeout, Ctrl-C and SIGTERM alike."""
+        on success, failure, a start that fails, the timeout, Ctrl-C and SIGTERM alike.
+
+        The container is hardened: the smoke runs whatever code the image holds (`vlmbuild smoke IMAGE` is how a
+        user checks an image pulled from elsewhere), so it gets no capabilities, cannot gain privileges
+        (no-new-privileges: no setuid binary helps), no network, no host path but the read-only model directory,
+        and a memory and a task limit (``limits``) at which a runaway ends instead of the host."""
         report_path = f"{CONTAINER_REPORT_DIR}/report.json"
         command = [contract.SMOKE_ENTRYPOINT, "--device", device, "--report", report_path,
                    "--timeout", str(max(60, timeout - 30)), "--repeat", str(repeat)]
         if checks:
             command += ["--checks", checks]
-        kwargs: dict = dict(network_mode="none", shm_size="2g", stdin_open=False)
+        memory = int(limits.memory_gb * 1e9)
+        kwargs: dict = dict(network_mode="none", shm_size="2g", stdin_open=False, cap_drop=["ALL"],
+                            security_opt=["no-new-privileges:true"], mem_limit=memory, memswap_limit=memory,
+                            pids_limit=limits.pids)
         if model_dir is not None:  # a real checkpoint, read-only
             kwargs["volumes"] = {str(Path(model_dir).absolute()): {"bind": CONTAINER_MODEL_DIR, "mode": "ro"}}
             command += ["--model-dir", CONTAINER_MODEL_DIR, "--model-label", str(Path(model_dir).absolute())]
@@ -360,8 +369,10 @@ class Engine:
             with engine_errors("reading the smoke's output"):
                 logs = container.logs().decode(errors="replace")
                 report = None if timed_out else self._read_file(container, report_path)
+                container.reload()
+                oom_killed = bool(container.attrs["State"].get("OOMKilled"))
             return SmokeRun(exit_code, json.loads(report) if report else None, logs,
-                            time.monotonic() - started, timed_out, device)
+                            time.monotonic() - started, timed_out, device, limits, oom_killed)
 
     @staticmethod
     def _read_file(container, path: str) -> bytes | None:

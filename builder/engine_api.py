@@ -32,10 +32,22 @@ class SmokeRun:
     seconds: float
     timed_out: bool
     device: str = "cpu"
+    limits: SmokeLimits | None = None  # what the container was held to
+    oom_killed: bool = False  # the kernel killed the container at its memory limit
 
     @property
     def passed(self) -> bool:
         return self.exit_code == 0 and contract.report_passed(self.report)
+
+
+@dataclass(frozen=True)
+class SmokeLimits:
+    """What a smoke container may take of its host: the smoke runs whatever code the image holds (an image pulled
+    from elsewhere included), so a runaway or hostile one ends at these instead of taking the host's memory or
+    process table (spec keys smoke.memory_gb, smoke.pids)."""
+
+    memory_gb: float = contract.DEFAULT_SMOKE_MEMORY_GB
+    pids: int = contract.DEFAULT_SMOKE_PIDS
 
 
 def split_ref(ref: str) -> tuple[str, str]:
@@ -67,7 +79,8 @@ class EngineAPI(Protocol):
     # the smoke and the evidence
     def gpu_available(self) -> bool: ...
     def run_smoke(self, image: str, device: str, timeout: int, progress: Progress, repeat: int = 1,
-                  model_dir: Path | None = None, checks: str | None = None) -> SmokeRun: ...
+                  model_dir: Path | None = None, checks: str | None = None,
+                  limits: SmokeLimits = SmokeLimits()) -> SmokeRun: ...
     def add_evidence(self, image_id: str, files: dict[str, bytes], labels: dict[str, str]) -> str: ...
 
     # tags and the registry

@@ -19,7 +19,7 @@ from pathlib import Path
 from . import build_cache, engine_disk
 from .build_cache import BuildCache
 from .buildkit import BuildFailed
-from .engine_api import EngineAPI, SmokeRun
+from .engine_api import EngineAPI, SmokeLimits, SmokeRun
 from .errors import CheckFailed, VlmbuildError
 from .options import BuildOptions
 from .progress import Progress
@@ -113,11 +113,24 @@ def choose_device(engine: EngineAPI, requested: str) -> str:
     return requested
 
 
+# What a process says when it cannot fork or start a thread: the container's task limit reached.
+OUT_OF_TASKS = ("Resource temporarily unavailable", "Cannot fork", "can't start new thread", "fork: retry")
+
+
 def describe_failure(run: SmokeRun) -> tuple[str, list[str]]:
     if run.timed_out:
         return f"the smoke hung and was killed at the timeout ({run.seconds:.0f}s)", ["timeout"]
+    limits = run.limits or SmokeLimits()
+    if run.oom_killed:
+        return (f"the smoke was killed at its container's memory limit of {limits.memory_gb:g} GB (the kernel's OOM "
+                f"killer; spec key smoke.memory_gb, or --memory-gb): it, or the image's code, wanted more"),\
+            ["out-of-memory"]
     if run.report is None:
         tail = "\n".join(run.logs.splitlines()[-25:])
+        if any(marker in run.logs for marker in OUT_OF_TASKS):
+            return (f"the smoke ran out of processes: its container may run {limits.pids} tasks (spec key smoke.pids, "
+                    f"or --pids), and a fork or a thread failed (exit {run.exit_code}); its last output:\n{tail}"),\
+                ["process-limit"]
         return f"the smoke wrote no report (exit {run.exit_code}); its last output:\n{tail}", ["no-report"]
     failing = [c["name"] for c in run.report["checks"] if c["status"] == "failed"]
     if not failing and run.exit_code != 0:
@@ -134,15 +147,17 @@ def explain_build_failure(message: str) -> str:
 
 
 def run_smoke_passes(engine: EngineAPI, image: str, device: str, timeout: int, repeat: int, model_dir: Path | None,
-                 progress: Progress, checks: str | None = None) -> list[SmokeRun]:
+                     progress: Progress, checks: str | None = None,
+                     limits: SmokeLimits = SmokeLimits()) -> list[SmokeRun]:
     """The smoke on ``device``; when it ran on one GPU only, a CPU pass of world size 2 in the same image, so that
     ZeRO-3 partitioning across ranks is proven on every image. Each pass is one fold of the output, with its
     summary; each failing check an error naming it."""
-    extra = {"checks": checks} if checks else {}
+    extra: dict = {"checks": checks} if checks else {}
 
     def one_pass(on: str) -> SmokeRun:
         with progress.group(f"smoke pass on {on.upper()} in {image[:19]}"):
-            run = engine.run_smoke(image, on, timeout, progress, repeat=repeat, model_dir=model_dir, **extra)
+            run = engine.run_smoke(image, on, timeout, progress, repeat=repeat, model_dir=model_dir, limits=limits,
+                                   **extra)
             message, failing = describe_failure(run) if not run.passed else ("", [])
             progress.say(report_mod.summary(run.report) if run.report is not None else message)
         by_name = {c["name"]: c for c in (run.report or {}).get("checks", [])}
@@ -209,7 +224,7 @@ def run_gate(engine: EngineAPI, resolved: Resolved, options: BuildOptions, outco
         progress.info(f"built candidate {candidate[:19]} in {outcome.build_seconds:.0f}s; smoke on {device.upper()}"
                       + (f" with {model_dir}" if model_dir else ""))
         runs = run_smoke_passes(engine, candidate, device, options.smoke_timeout, options.smoke_repeat, model_dir,
-                            progress)
+                                progress, limits=options.smoke_limits)
         outcome.smoke_seconds = sum(r.seconds for r in runs)
         outcome.smoke_device, outcome.smoke_report = device, runs[0].report
         outcome.passes = [f"{(r.report or {}).get('mode', r.device)} x{(r.report or {}).get('world_size', '?')}"

@@ -11,6 +11,7 @@ from pathlib import Path
 from packaging.utils import canonicalize_name
 
 from .build_cache import BuildCache
+from .engine_api import SmokeLimits
 from .errors import VlmbuildError
 from .signing import Signer
 from .smoke.model_dir import ModelDirProblem, validate_model_dir
@@ -32,6 +33,7 @@ class BuildOptions:
     smoke_device: str  # auto | gpu | cpu, as asked (the engine decides what auto means)
     smoke_timeout: int  # seconds before a smoke pass is killed
     smoke_repeat: int  # ZeRO-3 loads in fresh processes
+    smoke_limits: SmokeLimits = SmokeLimits()  # what each smoke container may take (memory, tasks)
     base_image: str | None = None  # None: the variant's
     repository: str | None = None  # None: the spec's
     push: bool = False
@@ -59,7 +61,8 @@ def build_options(spec: ImageSpec, smoke_device: str | None = None, smoke_timeou
                   repeat: int | None = None, model_dir: Path | None = None, **flags: object) -> BuildOptions:
     """The flags given (None: not given) over the spec's smoke settings."""
     return BuildOptions(smoke_device=smoke_device or spec.smoke_device, smoke_timeout=smoke_timeout or spec.smoke_timeout,
-                        smoke_repeat=repeat or spec.smoke_repeat, model_dir=checked_model_dir(model_dir),
+                        smoke_repeat=repeat or spec.smoke_repeat, smoke_limits=spec.smoke_limits,
+                        model_dir=checked_model_dir(model_dir),
                         **flags)  # type: ignore[arg-type]
 
 

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from . import contract
+from .engine_api import SmokeLimits
 from .errors import VlmbuildError
 from .lockfile import LockfileError, read_lockfile
 from .options import checked_model_dir
@@ -107,7 +108,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def smoke_image(ref: str, device: str, report: Path | None, timeout: int, repeat: int = 1,
-                model_dir: Path | None = None, checks: str | None = None) -> int:
+                model_dir: Path | None = None, checks: str | None = None, limits: SmokeLimits = SmokeLimits()) -> int:
     """`vlmbuild smoke IMAGE_REF`: re-run the gate's smoke on any built image (with a real checkpoint, read-only)."""
     from .engine import Engine
     from .gate import choose_device, run_smoke_passes
@@ -123,7 +124,7 @@ def smoke_image(ref: str, device: str, report: Path | None, timeout: int, repeat
     device = choose_device(engine, device)
     progress = Progress(f"smoke {ref}")
     try:
-        runs = run_smoke_passes(engine, ref, device, timeout, repeat, model_dir, progress, checks)
+        runs = run_smoke_passes(engine, ref, device, timeout, repeat, model_dir, progress, checks, limits)
     finally:
         progress.close()
     reports = [r.report for r in runs if r.report is not None]

@@ -15,8 +15,9 @@ import yaml
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
-from . import repo_layout
+from . import contract, repo_layout
 from .bases import DEFAULT_FAMILY, FAMILIES, LOCAL_BASE_PREFIX, split_digest
+from .engine_api import SmokeLimits
 from .errors import SpecError
 from .rules import KNOWN_CONDITIONS
 from .spec_checker import SpecChecker, tag_fields
@@ -79,7 +80,7 @@ def load_spec(path: Path) -> ImageSpec:
     conditions = recipe.get("conditions") or []
     if not isinstance(conditions, list) or not set(conditions) <= KNOWN_CONDITIONS:
         raise c.fail("recipe.conditions", f"expected a list drawn from {sorted(KNOWN_CONDITIONS)}, got {conditions!r}")
-    device, timeout, repeat = _load_smoke(c, data.get("smoke") or {})
+    device, timeout, repeat, limits = _load_smoke(c, data.get("smoke") or {})
     labels = c.mapping(data.get("labels") or {}, "labels")
     for k, v in labels.items():
         c.string(v, f"labels.{k}")
@@ -92,7 +93,7 @@ def load_spec(path: Path) -> ImageSpec:
     image = ImageSpec(
         path=path, root=path.resolve().parent.parent, name=name, description=str(data.get("description") or ""),
         repository=repository, template=template, default_variant="", conditions=tuple(conditions),
-        smoke_device=device, smoke_timeout=timeout, smoke_repeat=repeat, labels={str(k): str(v) for k, v in labels.items()},
+        smoke_device=device, smoke_timeout=timeout, smoke_repeat=repeat, smoke_limits=limits, labels={str(k): str(v) for k, v in labels.items()},
         layers=layers, groups=groups, deepspeed_build=deepspeed_build,
     )
     raw_variants = c.mapping(data["variants"], "variants")
@@ -140,9 +141,9 @@ def _read_yaml(path: Path) -> Any:
         raise SpecError(path, "", f"not valid YAML: {exc}") from None
 
 
-def _load_smoke(c: SpecChecker, raw: Any) -> tuple[str, int, int]:
-    """The smoke's device, timeout and repeat count; the one place their defaults live."""
-    smoke = c.mapping(raw, "smoke", allowed={"device", "timeout", "repeat"})
+def _load_smoke(c: SpecChecker, raw: Any) -> tuple[str, int, int, SmokeLimits]:
+    """The smoke's device, timeout, repeat count and container limits; the one place their defaults live."""
+    smoke = c.mapping(raw, "smoke", allowed={"device", "timeout", "repeat", "memory_gb", "pids"})
     device = smoke.get("device", DEFAULT_SMOKE_DEVICE)
     if device not in DEVICES:
         raise c.fail("smoke.device", f"expected one of {DEVICES}, got {device!r}")
@@ -152,7 +153,14 @@ def _load_smoke(c: SpecChecker, raw: Any) -> tuple[str, int, int]:
     repeat = smoke.get("repeat", DEFAULT_SMOKE_REPEAT)
     if not isinstance(repeat, int) or isinstance(repeat, bool) or not 1 <= repeat <= 20:
         raise c.fail("smoke.repeat", f"expected how many times the ZeRO-3 load runs, 1 to 20, got {repeat!r}")
-    return device, timeout, repeat
+    memory_gb = smoke.get("memory_gb", contract.DEFAULT_SMOKE_MEMORY_GB)
+    if not isinstance(memory_gb, (int, float)) or isinstance(memory_gb, bool) or not 1 <= memory_gb <= 4096:
+        raise c.fail("smoke.memory_gb", f"expected the smoke container's memory limit in GB, 1 to 4096, got "
+                                        f"{memory_gb!r}")
+    pids = smoke.get("pids", contract.DEFAULT_SMOKE_PIDS)
+    if not isinstance(pids, int) or isinstance(pids, bool) or not 256 <= pids <= 1_000_000:
+        raise c.fail("smoke.pids", f"expected the smoke container's process (task) limit, 256 or more, got {pids!r}")
+    return device, timeout, repeat, SmokeLimits(float(memory_gb), pids)
 
 
 def _load_layers(c: SpecChecker, raw_layers: Any, groups: dict[str, Group]) -> tuple[Layer, ...]:

@@ -14,6 +14,7 @@ from packaging.utils import canonicalize_name
 
 from . import contract, repo_layout
 from .bases import DEFAULT_FAMILY, FAMILIES, BaseFamily
+from .engine_api import SmokeLimits
 from .errors import SpecError
 
 SCHEMA = 1
@@ -218,6 +219,7 @@ class ImageSpec:
     smoke_device: str
     smoke_timeout: int
     smoke_repeat: int
+    smoke_limits: SmokeLimits
     labels: dict[str, str]
     layers: tuple[Layer, ...]
     groups: dict[str, Group] = field(default_factory=dict)
