@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import docker
-from vlmbuild import engine_disk, engine_orphans
+from vlmbuild import engine_disk, engine_orphans, engine_setup
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_REPO = "vlmbuild-bench/leak"
@@ -168,13 +168,8 @@ def run_shape(name: str, client) -> str:
         return (f"exits {first}, {again}, BuildKit reports {freed / 1e9:.1f} GB reclaimed; {len(orphans)} directories "
                 f"nothing references, {sum(o.size or 0 for o in orphans) / 1e9:.2f} GB")
     if name == "reclaim":
-        pids = [p for p in engine_orphans.dockerd_running()
-                if Path(f"/proc/{p}/cmdline").read_bytes() == b"dockerd\x00"]
-        if not pids:
+        if not engine_setup.stop_started_dockerd():
             return "skipped: this dockerd was not started by vlmbuild.engine_setup"
-        os.kill(pids[0], signal.SIGTERM)
-        while Path(f"/proc/{pids[0]}").exists():
-            time.sleep(0.5)
         setup = subprocess.run([sys.executable, "-m", "vlmbuild.engine_setup"], capture_output=True, text=True)
         said = [line for line in setup.stdout.splitlines() if "removed" in line]
         return f"exit {setup.returncode}; {said[0].removeprefix('[engine] ') if said else 'nothing removed'}"

@@ -22,6 +22,7 @@ from pathlib import Path
 STATE = Path(os.environ.get("VLMBUILD_STATE", Path.home() / ".cache" / "vlmbuild"))
 REGISTRY_ADDR = os.environ.get("VLMBUILD_REGISTRY", "127.0.0.1:5000")
 DOCKERD_LOG = STATE / "dockerd.log"
+DOCKERD_COMMAND = ["dockerd"]  # how start_dockerd runs it, and so how stop_started_dockerd knows it
 REGISTRY_LOG = STATE / "registry.log"
 
 
@@ -81,13 +82,31 @@ def reclaim_orphans(root: Path) -> None:
             f"{sum(o.size or 0 for o in removed) / 1e9:.1f} GB")
 
 
+def stop_started_dockerd(timeout: float = 60) -> bool:
+    """Stop the dockerd this module starts (a bare ``dockerd``, as start_dockerd runs it) and wait until it has
+    exited; False when none runs: a dockerd started another way (systemd's) is not ours to stop."""
+    import signal
+
+    from .engine_orphans import dockerd_running
+
+    ours = [pid for pid in dockerd_running()
+            if Path(f"/proc/{pid}/cmdline").read_bytes() == "\0".join(DOCKERD_COMMAND).encode() + b"\0"]
+    if not ours:
+        return False
+    os.kill(ours[0], signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{ours[0]}").exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return True
+
+
 def start_dockerd() -> None:
     apt_install("docker.io")
     STATE.mkdir(parents=True, exist_ok=True)
     reclaim_orphans(data_root())
     log(f"starting dockerd (log: {DOCKERD_LOG})")
     with open(DOCKERD_LOG, "ab") as out:
-        subprocess.Popen(["dockerd"], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        subprocess.Popen(DOCKERD_COMMAND, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                          start_new_session=True)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:

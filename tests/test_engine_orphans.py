@@ -5,8 +5,6 @@ and, against the real engine, made by the shape that leaks (a rebuild of layers 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TEST_REPO, run_cli
-from vlmbuild.engine_orphans import dockerd_running, find_orphans, reclaim, remove_orphans
+from vlmbuild.engine_orphans import find_orphans, reclaim, remove_orphans
 from vlmbuild.errors import VlmbuildError
 
 
@@ -61,14 +59,6 @@ def test_a_storage_that_cannot_be_read_is_an_error_not_an_empty_answer(tmp_path)
         find_orphans(tmp_path / "nothing-here")
 
 
-def our_dockerd() -> int | None:
-    """The dockerd that vlmbuild.engine_setup started (a bare `dockerd`), which this test may stop and start."""
-    for pid in dockerd_running():
-        if Path(f"/proc/{pid}/cmdline").read_bytes() == b"dockerd\x00":
-            return pid
-    return None
-
-
 @pytest.mark.docker
 def test_a_rebuild_of_layers_an_image_holds_leaves_storage_that_doctor_names_and_a_stopped_engine_gets_back(
         client, tmp_path):
@@ -106,13 +96,10 @@ def test_a_rebuild_of_layers_an_image_holds_leaves_storage_that_doctor_names_and
         with pytest.raises(VlmbuildError, match="stop it first"):
             reclaim(root)
 
-        pid = our_dockerd()
-        if pid is None:
+        from vlmbuild.engine_setup import stop_started_dockerd
+
+        if not stop_started_dockerd():
             pytest.skip("this engine's dockerd was not started by vlmbuild.engine_setup: it is not ours to stop")
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 60
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            time.sleep(0.5)
         setup = subprocess.run([sys.executable, "-m", "vlmbuild.engine_setup"], capture_output=True, text=True,
                                timeout=300)
         assert setup.returncode == 0, setup.stdout + setup.stderr
