@@ -24,22 +24,6 @@ class Base:
     layers: tuple[str, ...] = ()
 
 
-@dataclass
-class SmokeRun:
-    exit_code: int | None  # None: killed at the timeout
-    report: dict | None
-    logs: str
-    seconds: float
-    timed_out: bool
-    device: str = "cpu"
-    limits: SmokeLimits | None = None  # what the container was held to
-    oom_killed: bool = False  # the kernel killed the container at its memory limit
-
-    @property
-    def passed(self) -> bool:
-        return self.exit_code == 0 and contract.report_passed(self.report)
-
-
 @dataclass(frozen=True)
 class SmokeLimits:
     """What a smoke container may take of its host: the smoke runs whatever code the image holds (an image pulled
@@ -48,6 +32,22 @@ class SmokeLimits:
 
     memory_gb: float = contract.DEFAULT_SMOKE_MEMORY_GB
     pids: int = contract.DEFAULT_SMOKE_PIDS
+
+
+@dataclass
+class SmokeRun:
+    exit_code: int | None  # None: killed at the timeout
+    report: dict | None
+    logs: str
+    seconds: float
+    timed_out: bool
+    device: str = "cpu"
+    limits: SmokeLimits = SmokeLimits()  # what the container was held to
+    oom_killed: bool = False  # the kernel killed the container at its memory limit
+
+    @property
+    def passed(self) -> bool:
+        return self.exit_code == 0 and contract.report_passed(self.report)
 
 
 def split_ref(ref: str) -> tuple[str, str]:

@@ -120,7 +120,7 @@ OUT_OF_TASKS = ("Resource temporarily unavailable", "Cannot fork", "can't start 
 def describe_failure(run: SmokeRun) -> tuple[str, list[str]]:
     if run.timed_out:
         return f"the smoke hung and was killed at the timeout ({run.seconds:.0f}s)", ["timeout"]
-    limits = run.limits or SmokeLimits()
+    limits = run.limits
     if run.oom_killed:
         return (f"the smoke was killed at its container's memory limit of {limits.memory_gb:g} GB (the kernel's OOM "
                 f"killer; spec key smoke.memory_gb, or --memory-gb): it, or the image's code, wanted more"),\

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
@@ -52,7 +52,7 @@ class RenderResult:
     plan: BuildPlan
     context: Path
     dockerfile: str
-    labels: dict[str, str] = field(hash=False)
+    labels: dict[str, str]
 
     # what a reader of the result asks of the plan it wrote
     @property
