@@ -167,12 +167,13 @@ def room(disk, variant) -> dict:
 @click.option("--json", "as_json", is_flag=True, help="The findings as JSON.")
 @click.option("--reclaim-orphans", is_flag=True, help="With dockerd stopped: remove the storage directories nothing "
               "references (vlmbuild.engine_orphans), then exit. Refused while any dockerd runs.")
-@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=Path("/var/lib/docker"),
-              show_default=True, help="With --reclaim-orphans: the stopped engine's data root.")
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="With --reclaim-orphans: the stopped engine's data root (default: /etc/docker/daemon.json's "
+                   "data-root, else /var/lib/docker).")
 @pass_ctx
 @guarded
 def doctor(ctx: Context, image: str | None, variants: tuple[str, ...], as_json: bool, reclaim_orphans: bool,
-           data_root: Path) -> None:
+           data_root: Path | None) -> None:
     """The build host's health: the engine's storage on disk against what the engine accounts for (the bytes no
     image, container or build-cache record owns, which no prune reaches) and the directories that hold them, our
     leftover containers, and whether the free disk holds the next build of each variant (the gate's rule). Exit 1
@@ -182,6 +183,9 @@ def doctor(ctx: Context, image: str | None, variants: tuple[str, ...], as_json: 
     from .engine_orphans import find_orphans, reclaim
 
     if reclaim_orphans:
+        from .engine_setup import data_root as configured_data_root
+
+        data_root = data_root or configured_data_root()
         removed = reclaim(data_root)
         click.echo(f"removed {len(removed)} storage directories nothing referenced under {data_root}: "
                    f"{gb(sum(o.size or 0 for o in removed))}")
