@@ -69,24 +69,26 @@ def docker_cli() -> tuple[list[str], dict[str, str]]:
 
 
 def build_naive(lock: Path, base: str, tag: str, nocache: bool, python: str = "3.11",
-                without: tuple[str, ...] = ()) -> float:
-    """The naive Dockerfile with the same lockfile on ``base`` (whose Python is ``python``), less the packages
-    ``without`` (what the image compared with was built without: --leave-out); wall seconds."""
+                without: tuple[str, ...] = (), split: tuple[str, ...] = (), dockerfile: str = "Dockerfile",
+                build_args: dict[str, str] | None = None) -> float:
+    """A naive Dockerfile of benchmarks/naive (``dockerfile``) with the same lockfile on ``base`` (whose Python is
+    ``python``), less the packages ``without`` (what the image compared with was built without: --leave-out); the
+    packages ``split`` go to deepspeed.txt beside requirements.txt, for a Dockerfile that installs them apart; wall
+    seconds."""
     from vlmbuild.lockfile import read_lockfile
 
     ctx = Path(tempfile.mkdtemp(prefix="vlmbuild-naive-"))
     try:
-        shutil.copy2(NAIVE / "Dockerfile", ctx / "Dockerfile")
-        if without:
-            kept = [r for r in read_lockfile(lock).requirements if r.name not in without]
-            (ctx / "requirements.txt").write_text("".join(r.render() + "\n" for r in kept))
-        else:
-            shutil.copy2(lock, ctx / "requirements.txt")
+        shutil.copy2(NAIVE / dockerfile, ctx / "Dockerfile")
+        reqs = [r for r in read_lockfile(lock).requirements if r.name not in without]
+        (ctx / "requirements.txt").write_text("".join(r.render() + "\n" for r in reqs if r.name not in split))
+        (ctx / "deepspeed.txt").write_text("".join(r.render() + "\n" for r in reqs if r.name in split))
         ca = os.environ.get("SSL_CERT_FILE", "")
         (ctx / "build-ca.pem").write_bytes(Path(ca).read_bytes() if ca and Path(ca).is_file() else b"")
         prefix, env = docker_cli()
-        cmd = prefix + ["--progress=plain", "-t", tag, "--build-arg", f"BASE_IMAGE={base}",
-                        "--build-arg", f"PYTHON={python}", str(ctx)]
+        args = {"BASE_IMAGE": base, "PYTHON": python, **(build_args or {})}
+        cmd = prefix + ["--progress=plain", "-t", tag, *(a for k, v in args.items() for a in ("--build-arg", f"{k}={v}")),
+                        str(ctx)]
         if nocache:
             cmd.insert(len(prefix), "--no-cache")
         started = time.monotonic()

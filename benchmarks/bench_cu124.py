@@ -12,7 +12,10 @@ Run .ci/setup first. Figures:
 3. the CPU smoke inside the image, every check, N runs, each asserted to have compiled nothing (prebuilt_ops);
 4. image size against benchmarks/naive/Dockerfile on the same base with the same lockfile (one `pip install`),
    without and with Debian's toolkit installed the naive way (`apt-get install nvidia-cuda-toolkit` from
-   non-free, which also drags in NVIDIA's driver libraries), and the toolkit layer's own size.
+   non-free, which also drags in NVIDIA's driver libraries), and the toolkit layer's own size;
+5. the naive toolkit image's careful twin (benchmarks/naive/Dockerfile.deepspeed-ops): DeepSpeed built from its
+   sdist with the same ops for the same archs as ours (read from vlmbuild's plan), asserted to hold the compiled ops;
+   our cold build against both naive builds (each with --no-cache), side by side.
 
 Images it tags go to throwaway repositories and are removed at the end.
 """
@@ -62,9 +65,10 @@ def smoke_code_changed_copy(scratch: Path) -> Path:
     return scratch
 
 
-def naive_with_toolkit(base: str, tag: str) -> float:
+def naive_with_toolkit(base: str, tag: str) -> tuple[float, float]:
     """The naive image plus Debian's toolkit installed by hand: non-free added, `apt-get install
-    nvidia-cuda-toolkit` (no placeholder: the driver libraries come along), then the same pip install."""
+    nvidia-cuda-toolkit` (no placeholder: the driver libraries come along), then the same pip install; wall seconds
+    of the toolkit base (``tag``-base, which the careful twin builds on too) and of the whole."""
     with tempfile.TemporaryDirectory(prefix="vlmbuild-naive-base-") as ctx:
         Path(ctx, "Dockerfile").write_text(
             f"FROM {base}\n"
@@ -75,9 +79,36 @@ def naive_with_toolkit(base: str, tag: str) -> float:
             " && apt-get update && apt-get install -y --no-install-recommends nvidia-cuda-toolkit \\\n"
             " && rm -rf /var/lib/apt/lists/*\n")
         started = time.monotonic()
-        docker.from_env(timeout=3600).images.build(path=ctx, tag=f"{tag}-base", rm=True, forcerm=True)
+        docker.from_env(timeout=3600).images.build(path=ctx, tag=f"{tag}-base", rm=True, forcerm=True, nocache=True)
         seconds = time.monotonic() - started
-    return seconds + build_naive(LOCK, f"{tag}-base", tag, nocache=False, python="3.13", without=LEFT_OUT)
+    return seconds, seconds + build_naive(LOCK, f"{tag}-base", tag, nocache=True, python="3.13", without=LEFT_OUT)
+
+
+def naive_with_ops(base: str, tag: str) -> tuple[float, list[str]]:
+    """The careful twin on the naive toolkit base: the lockfile less DeepSpeed, then DeepSpeed from its sdist with
+    the ops and archs of our cu124 build (its plan's build environment); wall seconds and the compiled op libraries
+    the image holds (none is a failure: the twin would JIT like the naive one)."""
+    from vlmbuild.lock import load_variant_lock
+    from vlmbuild.plan import make_plan
+    from vlmbuild.spec import load_spec
+
+    variant = load_spec(REPO / "images" / "vlm-r1.yaml").variant("cu124")
+    build = make_plan(variant, load_variant_lock(variant)).deepspeed[0]
+    if build.accelerator != "cuda":
+        sys.exit(f"cu124's first DeepSpeed build is for {build.accelerator}, not cuda")
+    env = dict(part.split("=", 1) for part in build.env.split())
+    switches = " ".join(f"{k}={v}" for k, v in env.items() if k.startswith("DS_"))
+    archs = env["TORCH_CUDA_ARCH_LIST"].strip("'")
+    say(f"careful twin: {switches} TORCH_CUDA_ARCH_LIST={archs} (ops: {', '.join(build.ops)})")
+    seconds = build_naive(LOCK, base, tag, nocache=True, python="3.13", without=LEFT_OUT, split=("deepspeed",),
+                          dockerfile="Dockerfile.deepspeed-ops",
+                          build_args={"TORCH_CUDA_ARCH_LIST": archs, "DS_BUILD_SWITCHES": switches})
+    listing = docker.from_env().containers.run(
+        tag, ["sh", "-c", "find /opt/venv/lib -path '*deepspeed/ops*' -name '*_op*.so' -printf '%f\\n'"],
+        remove=True, network_mode="none").decode().split()
+    if not listing:
+        sys.exit(f"the careful twin {tag} holds no compiled DeepSpeed op")
+    return seconds, sorted(listing)
 
 
 def measure(client, args) -> None:
@@ -130,12 +161,13 @@ def measure(client, args) -> None:
             + "), nothing compiled")
         runs.append(seconds)
     say(f"  min {min(runs):.1f}s, max {max(runs):.1f}s over {len(runs)} runs")
-    size(client, args, image)
+    size(client, args, image, cold=None if args.skip_cold else cold)
 
 
-def size(client, args, image: str) -> None:
+def size(client, args, image: str, cold: dict | None = None) -> None:
     naive_plain = build_naive(LOCK, LOCAL_BASE, f"{NAIVE_REPO}:plain", nocache=False, python="3.13", without=LEFT_OUT)
-    naive_toolkit = naive_with_toolkit(LOCAL_BASE, f"{NAIVE_REPO}:toolkit")
+    toolkit_base, naive_toolkit = naive_with_toolkit(LOCAL_BASE, f"{NAIVE_REPO}:toolkit")
+    naive_ops, ops = naive_with_ops(f"{NAIVE_REPO}:toolkit-base", f"{NAIVE_REPO}:ops")
     ours = client.images.get(image).attrs["Size"]
     plain = client.images.get(f"{NAIVE_REPO}:plain").attrs["Size"]
     toolkit = client.images.get(f"{NAIVE_REPO}:toolkit").attrs["Size"]
@@ -146,6 +178,14 @@ def size(client, args, image: str) -> None:
     say(f"                   ours without the toolkit layer {(ours - toolkit_layer) / 1e9:.2f} GB | naive pip-only "
         f"{plain / 1e9:.2f} GB ({naive_plain:.0f}s) | {(ours - toolkit_layer) / plain:.3f}x (ours also holds the CPU "
         "DeepSpeed build, the compiled ops, the smoke and its evidence)")
+    twin = client.images.get(f"{NAIVE_REPO}:ops").attrs["Size"]
+    say(f"                   naive with the toolkit and DeepSpeed's ops compiled ({', '.join(ops)}) "
+        f"{twin / 1e9:.2f} GB | {ours / twin:.3f}x")
+    if cold:
+        say(f"build time, cold:  ours {cold['build_seconds'] + cold['smoke_seconds']:.0f}s (build "
+            f"{cold['build_seconds']:.0f}s + CPU smoke {cold['smoke_seconds']:.0f}s) | naive with the toolkit "
+            f"{naive_toolkit:.0f}s (no op compiled: JIT at first use) | careful twin {toolkit_base + naive_ops:.0f}s "
+            f"(ops compiled, no smoke); naive builds with --no-cache, the toolkit base's {toolkit_base:.0f}s in both")
     say(public_comparison(ours, plain, client.images.get(LOCAL_BASE).attrs["Size"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
