@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     device_name = None
-    gpu = (checks[0].get("details") or {}).get("gpu") if checks else None
+    gpu = checks[0]["details"].get("gpu") if checks else None
     if gpu:
         device_name = gpu.get("device_name")
     report = report_mod.finalize({

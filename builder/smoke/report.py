@@ -59,7 +59,7 @@ def summary(report: dict[str, Any]) -> str:
             lines.append(f"         symptom: {rule['symptom']}")
             lines.append(f"         fix: {rule['fix']}")
             lines.extend(f"         source: {s}" for s in rule["sources"])
-        workaround = (check.get("details") or {}).get("workaround")
+        workaround = check["details"].get("workaround")
         if check["status"] == PASSED_WITH_WORKAROUND and workaround:
             lines.append(f"       * passed only with the recipe's workaround ({workaround.get('rule')}): "
                          f"{workaround.get('applied')}")
@@ -84,7 +84,7 @@ def _detail(check: dict[str, Any]) -> str:
 
 
 def detail_stack(check: dict[str, Any]) -> str:
-    d = check.get("details") or {}
+    d = check["details"]
     v = d.get("versions", {})
     lock, files = d.get("lock"), d.get("files") or {}
     locked = (f", {lock['packages']} locked packages installed exactly" if lock else ", no lockfile to compare")
@@ -93,25 +93,25 @@ def detail_stack(check: dict[str, Any]) -> str:
 
 
 def detail_zero3_load(check: dict[str, Any]) -> str:
-    d = check.get("details") or {}
+    d = check["details"]
     return (f"{d.get('parameters')} parameters ({d.get('vision_parameters')} vision) partitioned, "
             f"{d.get('tensors_compared')} tensors bit-identical to the checkpoint")
 
 
 def detail_train_step(check: dict[str, Any]) -> str:
-    d = check.get("details") or {}
+    d = check["details"]
     losses = d.get("losses") or []
     return f"{d.get('steps')} steps, loss " + " -> ".join(f"{x:.3f}" for x in losses)
 
 
 def detail_checkpoint_resume(check: dict[str, Any]) -> str:
-    d = check.get("details") or {}
+    d = check["details"]
     return (f"{d.get('parameters_compared')} parameters and {d.get('optimizer_tensors_compared')} optimizer "
             f"tensors equal after load, next loss {d.get('loss_after_resume', 0):.3f}")
 
 
 def detail_grpo(check: dict[str, Any]) -> str:
-    d = check.get("details") or {}
+    d = check["details"]
     save = d.get("consolidated_save") or {}
     lengths = d.get("completion_lengths") or [0]
     return (f"{d.get('steps')} GRPO steps, {d.get('generations')} generation(s) under ZeRO-3 (completions "
@@ -120,7 +120,7 @@ def detail_grpo(check: dict[str, Any]) -> str:
 
 
 def detail_optimizer_offload(check: dict[str, Any]) -> str:
-    d = check.get("details") or {}
+    d = check["details"]
     off = d.get("offload") or {}
     where = ("fp32 partitions, moments and parameter shards on the CPU" if check.get("device", "cpu") != "cpu"
              else "placement not judged on the CPU")
@@ -129,7 +129,7 @@ def detail_optimizer_offload(check: dict[str, Any]) -> str:
 
 
 def detail_lora(check: dict[str, Any]) -> str:
-    legs = (check.get("details") or {}).get("legs") or {}
+    legs = check["details"].get("legs") or {}
     return "; ".join(
         f"{d.get('config')}.json: {d.get('lora_parameters')} LoRA tensors on {d.get('targets')} layers moved, "
         f"{d.get('base_parameters')} base weights unchanged, adapter reloaded to "
@@ -138,7 +138,7 @@ def detail_lora(check: dict[str, Any]) -> str:
 
 
 def detail_trainer_resume(check: dict[str, Any]) -> str:
-    d = check.get("details") or {}
+    d = check["details"]
     run, resume = d.get("run") or {}, d.get("resume") or {}
     return (f"saved at {run.get('checkpoint')}, resumed in fresh processes to step {resume.get('global_step')}: "
             f"learning rate, data rows, samples, {resume.get('optimizer_tensors_compared')} optimizer tensors and "
@@ -146,12 +146,12 @@ def detail_trainer_resume(check: dict[str, Any]) -> str:
 
 
 def detail_zero3_repeat(check: dict[str, Any]) -> str:
-    d = check.get("details") or {}
+    d = check["details"]
     return f"{d.get('runs')} loads in fresh processes, every one bit-identical to the checkpoint"
 
 
 def detail_cuda_ops(check: dict[str, Any]) -> str:
-    d = check.get("details") or {}
+    d = check["details"]
     cubins = d.get("cubins") or {}
     with_code = "; ".join(f"{op} {'/'.join(a.removeprefix('sm_') for a in archs)} +PTX "
                           f"{'/'.join(p.removeprefix('sm_') for p in (d.get('ptx') or {}).get(op, []))}"
@@ -161,14 +161,14 @@ def detail_cuda_ops(check: dict[str, Any]) -> str:
 
 
 def detail_prebuilt_ops(check: dict[str, Any]) -> str:
-    loaded = (check.get("details") or {}).get("loaded") or {}
-    package = (check.get("details") or {}).get("package") or "DeepSpeed's package"
+    loaded = check["details"].get("loaded") or {}
+    package = check["details"].get("package") or "DeepSpeed's package"
     return (f"{', '.join(loaded)} loaded from {package} on {min((len(r) for r in loaded.values()), default=0)} "
             "rank(s); nothing compiled at run time")
 
 
 def detail_attention(check: dict[str, Any]) -> str:
-    d = check.get("details") or {}
+    d = check["details"]
     vt, lm = d.get("vision_tower") or {}, d.get("language_model") or {}
     return (f"{d.get('candidate')} vs {d.get('reference')}: vision rel. error {vt.get('relative_error', 0):.1e}, "
             f"language model {lm.get('relative_error', 0):.1e}"
