@@ -328,11 +328,14 @@ def render(ctx: Context, image: str, variant: str, output: Path, base_image: str
               help="With IMAGE_REF: the smoke container's memory limit (as a spec's smoke.memory_gb).")
 @click.option("--pids", type=click.IntRange(256), default=DEFAULT_SMOKE_PIDS, show_default=True,
               help="With IMAGE_REF: the smoke container's task limit (as a spec's smoke.pids).")
+@click.option("--nodes", type=click.IntRange(1, 8), default=1, show_default=True,
+              help="With IMAGE_REF: run the smoke over this many nodes, one container each on a private network, "
+                   "each starting the image's torchrun against node 0's c10d rendezvous.")
 @pass_ctx
 @guarded
 def smoke(ctx: Context, image_ref: str | None, local: bool, python: str | None, device: str, report: Path | None,
           model_dir: Path | None, lockfile: Path | None, repeat: int, checks: str | None, timeout: int | None,
-          memory_gb: float, pids: int) -> None:
+          memory_gb: float, pids: int, nodes: int) -> None:
     """Run the ZeRO-3 smoke in this environment (--local) or inside a built image (IMAGE_REF)."""
     from .engine_api import SmokeLimits
     from .smoke_command import run_local, smoke_image
@@ -340,12 +343,15 @@ def smoke(ctx: Context, image_ref: str | None, local: bool, python: str | None, 
     if local == bool(image_ref):
         raise VlmbuildError("give exactly one of --local or IMAGE_REF")
     timeout = timeout or DEFAULT_SMOKE_TIMEOUT
+    if local and nodes > 1:
+        raise VlmbuildError("--nodes runs one container of an image per node: give IMAGE_REF, not --local")
     if local:
         code = run_local(python or sys.executable, device, report, model_dir, lockfile, timeout, ctx.root, repeat,
                          checks)
     else:
         assert image_ref is not None  # exactly one of the two, checked above
-        code = smoke_image(image_ref, device, report, timeout, repeat, model_dir, checks, SmokeLimits(memory_gb, pids))
+        code = smoke_image(image_ref, device, report, timeout, repeat, model_dir, checks, SmokeLimits(memory_gb, pids),
+                           nodes)
     sys.exit(code)
 
 

@@ -33,6 +33,9 @@ from .errors import CheckFailed, VlmbuildError
               help="ZeRO-3 loads in fresh processes (default: the spec's smoke.repeat).")
 @click.option("--model-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Smoke with a real local Qwen2.5-VL checkpoint too (mounted read-only).")
+@click.option("--smoke-nodes", type=click.IntRange(1, 8), default=None,
+              help="A further smoke pass over this many nodes (containers, torchrun's c10d rendezvous) (default: the "
+                   "spec's smoke.nodes, 1: none).")
 @click.option("--rebuild", is_flag=True, help="Build and smoke again even if the immutable tag already names a "
               "validated image of the same inputs (that tag stays where it is).")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -51,7 +54,7 @@ from .errors import CheckFailed, VlmbuildError
 @guarded
 def build(ctx: Context, image: str, variants: tuple[str, ...], smoke_device: str | None, base_image: str | None,
           repository: str | None, push: bool, push_flags: PushFlags, keep_failed: bool, smoke_timeout: int | None,
-          repeat: int | None, model_dir: Path | None, rebuild: bool, report: Path | None, ignore_rules: bool,
+          repeat: int | None, model_dir: Path | None, smoke_nodes: int | None, rebuild: bool, report: Path | None, ignore_rules: bool,
           nocache: bool, no_disk_check: bool, cache_from: tuple[str, ...], cache_to: str | None,
           leave_out: tuple[str, ...]) -> None:
     """Build, smoke and tag variants of IMAGE; an image that fails the smoke is never tagged."""
@@ -66,7 +69,7 @@ def build(ctx: Context, image: str, variants: tuple[str, ...], smoke_device: str
     if not selected:
         raise VlmbuildError(f"{image}: no variant to build (all are marked 'expect: rejected'; name one with --variant)")
     options = build_options(selected[0].image, smoke_device=smoke_device, smoke_timeout=smoke_timeout, repeat=repeat,
-                            model_dir=model_dir, base_image=base_image, push=push, keep_failed=keep_failed,
+                            model_dir=model_dir, smoke_nodes=smoke_nodes, base_image=base_image, push=push, keep_failed=keep_failed,
                             ignore_rules=ignore_rules, repository=repository, push_policy=policy,
                             cache=BuildCache(tuple(r for r in cache_from if r), cache_to or None), nocache=nocache, rebuild=rebuild,
                             disk_check=not no_disk_check)

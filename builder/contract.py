@@ -23,6 +23,9 @@ VENV = "/opt/venv"
 DEEPSPEED_CPU_PATH = "/opt/deepspeed-cpu"
 # Seconds before a smoke's ranks are killed, when neither the spec nor a flag says (the one default of it).
 DEFAULT_SMOKE_TIMEOUT = 1200
+# How long a node of a smoke over several nodes waits for the rendezvous to complete (every node joined) before
+# it fails naming itself; torchrun's own default is 600 s.
+DEFAULT_RDZV_TIMEOUT = 120
 # What a smoke container may take (engine_api.SmokeLimits; spec keys smoke.memory_gb and smoke.pids): the CPU smoke
 # fits many times over (benchmarks/results/smoke-limits.txt); a real checkpoint's GPU smoke sets what it needs.
 DEFAULT_SMOKE_MEMORY_GB = 16.0
@@ -46,6 +49,7 @@ LABEL_RESULT = f"{SMOKE_LABEL}.result"
 LABEL_DEVICE = f"{SMOKE_LABEL}.device"
 LABEL_VALIDATED_ON = f"{SMOKE_LABEL}.validated-on"
 LABEL_WORLD_SIZE = f"{SMOKE_LABEL}.world-size"
+LABEL_NODES = f"{SMOKE_LABEL}.nodes"  # the nodes (containers) each smoke pass spanned
 LABEL_CHECKS = f"{SMOKE_LABEL}.checks"
 LABEL_REPORT_PATH = f"{SMOKE_LABEL}.report-path"
 LABEL_REPORT_SHA256 = f"{SMOKE_LABEL}.report-sha256"
@@ -73,7 +77,7 @@ class Check:
     needs: tuple[str, ...] = ()  # checks that must have passed before it (a --checks selection must name them)
     # "any"; "gpu": GPU mode with flash-attn installed; "repeat": --repeat above one; "image": an image whose
     # DeepSpeed was built with the ops this mode's accelerator loads; "cuda_ops": an image with CUDA ops compiled
-    # in (any mode: the check needs no GPU)
+    # in (any mode: the check needs no GPU); "nodes": a smoke over more than one node (--nodes)
     when: str = "any"
     # A rank check that ends in other processes: "module:attribute" of ``fn(launch, record) -> record``, which the
     # launcher calls once the ranks ended and the rank half passed (trainer_resume: fresh ranks resume the run the
@@ -82,7 +86,7 @@ class Check:
 
 
 REGISTRY: dict[str, Check] = {}
-_WHEN = ("any", "gpu", "repeat", "image", "cuda_ops")
+_WHEN = ("any", "gpu", "repeat", "image", "cuda_ops", "nodes")
 
 
 def register(check: Check) -> Check:
@@ -113,11 +117,13 @@ def check_names() -> tuple[str, ...]:
 
 
 def checks_for(mode: str, flash_attention: bool, prebuilt_ops: bool = False, repeat: int = 1,
-               cuda_ops: bool = False) -> tuple[str, ...]:
-    """The checks a run in ``mode`` ("cpu" or "gpu") performs, in order (see ``Check.when``)."""
+               cuda_ops: bool = False, nodes: int = 1) -> tuple[str, ...]:
+    """The checks a run in ``mode`` ("cpu" or "gpu") performs, in order (see ``Check.when``); over more than one
+    node, those of ACROSS_NODES only."""
     applies = {"any": True, "gpu": mode == "gpu" and flash_attention, "repeat": repeat > 1, "image": prebuilt_ops,
-               "cuda_ops": cuda_ops}
-    return tuple(name for name, check in REGISTRY.items() if applies[check.when])
+               "cuda_ops": cuda_ops, "nodes": nodes > 1}
+    return tuple(name for name, check in REGISTRY.items()
+                 if applies[check.when] and (nodes == 1 or name in ACROSS_NODES))
 
 
 class CheckRecord(TypedDict):
@@ -186,6 +192,9 @@ register(Check("cuda_ops", "the CUDA ops compiled into the image, with no GPU: D
                            "reports each installed and compatible and loads it from its package, nothing compiled; "
                            "cuobjdump lists a cubin for every arch of cuda_archs and the PTX of the newest",
                "launcher", "vlmbuild.smoke.cuda_ops:check_cuda_ops", f"{DETAIL}:detail_cuda_ops", when="cuda_ops"))
+register(Check("nodes", "over --nodes N: every rank joined one world of the size the nodes make, and every node's "
+                        "hostname is in it (a rendezvous that formed a world per node fails here)",
+               "ranks", "vlmbuild.smoke.nodes:check_nodes", f"{DETAIL}:detail_nodes", when="nodes"))
 register(Check("zero3_load", "from_pretrained under ZeRO-3: every parameter partitioned, every gathered tensor "
                              "bit-identical to the checkpoint file",
                "ranks", f"{RANKS}:Smoke.check_zero3_load", f"{DETAIL}:detail_zero3_load"))
@@ -224,6 +233,10 @@ register(Check("zero3_repeat", "the ZeRO-3 load again in fresh processes (--repe
                                "to the checkpoint",
                "launcher", f"{LAUNCHER}:repeat_zero3_load", f"{DETAIL}:detail_zero3_repeat", needs=("zero3_load",),
                when="repeat"))
+# What a smoke over several nodes runs (torchrun's c10d rendezvous across containers): the node's own install
+# (stack), the world it formed, and the ZeRO-3 paths whose collectives and shared checkpoint cross the nodes. The
+# other checks exercise nothing more across nodes, and the 1-node smoke of the same image runs them.
+ACROSS_NODES = ("stack", "nodes", "zero3_load", "train_step", "checkpoint_resume", "grpo")
 # prebuilt_ops needs the checks that load the ops: train_step (fused_adam on GPU), optimizer_offload (cpu_adam) and
 # lora (fused_adam, on the CPU accelerator too: zero2.json's optimizer block); the CPU accelerator's
 # deepspeed_shm_comm is loaded when the ranks start.
@@ -279,6 +292,19 @@ def report_passed(report: Mapping[str, Any] | None) -> bool:
 def checks_label(reports: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     """What the checks label holds: each check's status over every smoke pass (a later pass wins a name)."""
     return {c["name"]: c["status"] for r in reports for c in r.get("checks", [])}
+
+
+def pass_name(report: Mapping[str, Any] | None, device: str) -> str:
+    """How a smoke pass is named in labels and output: its mode and world size, and its nodes when more than one."""
+    report = report or {}
+    nodes = report.get("nodes", 1)
+    return (f"{report.get('mode', device)} x{report.get('world_size', '?')}"
+            + (f" over {nodes} nodes" if nodes > 1 else ""))
+
+
+def nodes_label(reports: Sequence[Mapping[str, Any]]) -> str:
+    """What the nodes label holds: the distinct node counts of the smoke passes, ascending (1: one host's ranks)."""
+    return ",".join(str(n) for n in sorted({r.get("nodes", 1) for r in reports}))
 
 
 def world_size_label(reports: Sequence[Mapping[str, Any]]) -> str:

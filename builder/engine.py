@@ -66,7 +66,11 @@ def leftover(container) -> bool:
     """A container of ours that nothing will remove: the process that made it is gone (vlmbuild.owner). Only the
     process mark decides: the owner label alone is also on the containers users make from images built before
     the evidence container went unlabelled (a commit keeps its container's labels), and those are theirs."""
-    mark = (container.labels or {}).get(OWNER_PROCESS_LABEL)
+    return left_by_dead_run(container.labels)
+
+
+def left_by_dead_run(labels: dict | None) -> bool:
+    mark = (labels or {}).get(OWNER_PROCESS_LABEL)
     return mark is not None and owner.is_gone(mark)
 
 
@@ -77,6 +81,15 @@ def remove_leftovers(client) -> list[str]:
         if leftover(container):
             discard(container)
             removed.append(container.short_id)
+    # a smoke over several nodes also makes a network and a volume (engine_nodes), once its containers are gone
+    for thing in (client.networks.list(filters={"label": OWNER_LABEL})
+                  + client.volumes.list(filters={"label": OWNER_LABEL})):
+        if left_by_dead_run(thing.attrs.get("Labels")):
+            try:
+                thing.remove()
+                removed.append(thing.name)
+            except docker.errors.APIError:
+                pass
     return removed
 
 
@@ -321,28 +334,26 @@ class Engine:
 
     def run_smoke(self, image: str, device: str, timeout: int, progress: Progress, repeat: int = 1,
                   model_dir: Path | None = None, checks: str | None = None,
-                  limits: SmokeLimits = SmokeLimits()) -> SmokeRun:
+                  limits: SmokeLimits = SmokeLimits(), nodes: int = 1) -> SmokeRun:
         """Run the image's smoke in a container of its own, collect the JSON report, always remove the container:
         on success, failure, a start that fails, the timeout, Ctrl-C and SIGTERM alike.
 
         The container is hardened: the smoke runs whatever code the image holds (`vlmbuild smoke IMAGE` is how a
         user checks an image pulled from elsewhere), so it gets no capabilities, cannot gain privileges
         (no-new-privileges: no setuid binary helps), no network, no host path but the read-only model directory,
-        and a memory and a task limit (``limits``) at which a runaway ends instead of the host."""
+        and a memory and a task limit (``limits``) at which a runaway ends instead of the host. Over ``nodes`` > 1:
+        one such container per node (engine_nodes)."""
+        if nodes > 1:
+            from .engine_nodes import run_node_smoke
+
+            return run_node_smoke(self, image, device, timeout, progress, nodes, repeat, model_dir, checks, limits)
         report_path = f"{CONTAINER_REPORT_DIR}/report.json"
         command = [contract.SMOKE_ENTRYPOINT, "--device", device, "--report", report_path,
                    "--timeout", str(max(60, timeout - 30)), "--repeat", str(repeat)]
         if checks:
             command += ["--checks", checks]
-        memory = int(limits.memory_gb * 1e9)
-        kwargs: dict = dict(network_mode="none", shm_size="2g", stdin_open=False, cap_drop=["ALL"],
-                            security_opt=["no-new-privileges:true"], mem_limit=memory, memswap_limit=memory,
-                            pids_limit=limits.pids)
-        if model_dir is not None:  # a real checkpoint, read-only
-            kwargs["volumes"] = {str(Path(model_dir).absolute()): {"bind": CONTAINER_MODEL_DIR, "mode": "ro"}}
-            command += ["--model-dir", CONTAINER_MODEL_DIR, "--model-label", str(Path(model_dir).absolute())]
-        if device == "gpu":
-            kwargs["device_requests"] = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
+        kwargs, model_args = self.smoke_container_options(device, limits, model_dir)
+        command += model_args
         started = time.monotonic()
         with self.container(image, "smoke", f"creating the smoke container of {image}", command=command,
                             **kwargs) as container:
@@ -373,6 +384,24 @@ class Engine:
                 oom_killed = bool(container.attrs["State"].get("OOMKilled"))
             return SmokeRun(exit_code, json.loads(report) if report else None, logs,
                             time.monotonic() - started, timed_out, device, limits, oom_killed)
+
+    @staticmethod
+    def smoke_container_options(device: str, limits: SmokeLimits, model_dir: Path | None,
+                                network: str = "none") -> tuple[dict, list[str]]:
+        """How every smoke container is made (docker-py's create arguments) and the smoke arguments that go with
+        them: no capabilities, no privilege to gain, a memory and a task limit, no network but ``network``, no host
+        path but the read-only model directory."""
+        memory = int(limits.memory_gb * 1e9)
+        kwargs: dict = dict(shm_size="2g", stdin_open=False, cap_drop=["ALL"], security_opt=["no-new-privileges:true"],
+                            mem_limit=memory, memswap_limit=memory, pids_limit=limits.pids)
+        kwargs["network_mode" if network == "none" else "network"] = network
+        args: list[str] = []
+        if model_dir is not None:  # a real checkpoint, read-only
+            kwargs["volumes"] = {str(Path(model_dir).absolute()): {"bind": CONTAINER_MODEL_DIR, "mode": "ro"}}
+            args = ["--model-dir", CONTAINER_MODEL_DIR, "--model-label", str(Path(model_dir).absolute())]
+        if device == "gpu":
+            kwargs["device_requests"] = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
+        return kwargs, args
 
     @staticmethod
     def _read_file(container, path: str) -> bytes | None:

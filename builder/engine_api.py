@@ -44,6 +44,9 @@ class SmokeRun:
     device: str = "cpu"
     limits: SmokeLimits = SmokeLimits()  # what the container was held to
     oom_killed: bool = False  # the kernel killed the container at its memory limit
+    nodes: int = 1  # containers the smoke ran over (engine_nodes), one per node
+    failed_node: int | None = None  # over several nodes: the first that ended badly (the others were stopped)
+    node_exit: tuple[int | None, ...] = ()  # over several nodes: each node's exit status
 
     @property
     def passed(self) -> bool:
@@ -80,7 +83,7 @@ class EngineAPI(Protocol):
     def gpu_available(self) -> bool: ...
     def run_smoke(self, image: str, device: str, timeout: int, progress: Progress, repeat: int = 1,
                   model_dir: Path | None = None, checks: str | None = None,
-                  limits: SmokeLimits = SmokeLimits()) -> SmokeRun: ...
+                  limits: SmokeLimits = SmokeLimits(), nodes: int = 1) -> SmokeRun: ...
     def add_evidence(self, image_id: str, files: dict[str, bytes], labels: dict[str, str]) -> str: ...
 
     # tags and the registry

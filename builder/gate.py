@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import build_cache, engine_disk
+from . import build_cache, contract, engine_disk
 from .build_cache import BuildCache
 from .buildkit import BuildFailed
 from .engine_api import EngineAPI, SmokeLimits, SmokeRun
@@ -125,6 +125,8 @@ def describe_failure(run: SmokeRun) -> tuple[str, list[str]]:
         return (f"the smoke was killed at its container's memory limit of {limits.memory_gb:g} GB (the kernel's OOM "
                 f"killer; spec key smoke.memory_gb, or --memory-gb): it, or the image's code, wanted more"),\
             ["out-of-memory"]
+    if run.failed_node is not None:
+        return describe_node_failure(run, run.failed_node)
     if run.report is None:
         tail = "\n".join(run.logs.splitlines()[-25:])
         if any(marker in run.logs for marker in OUT_OF_TASKS):
@@ -138,6 +140,24 @@ def describe_failure(run: SmokeRun) -> tuple[str, list[str]]:
     return report_mod.summary(run.report), failing
 
 
+def describe_node_failure(run: SmokeRun, first: int) -> tuple[str, list[str]]:
+    """A smoke over several nodes where one (``first``) ended badly first: node 0's report if it wrote one, and the
+    last output of every node that failed, first the one that failed first."""
+    lines = [f"node {first} of the smoke's {run.nodes} nodes ended first, with status {run.node_exit[first]} (its "
+             "container died, was killed, or its smoke failed); the other nodes were stopped"]
+    failing = ["node-failed"]
+    if run.report is not None:
+        lines.append(report_mod.summary(run.report))
+        failing = [c["name"] for c in run.report["checks"] if c["status"] == "failed"] or failing
+    for node in sorted((n for n, code in enumerate(run.node_exit) if code != 0), key=lambda n: n != first):
+        if node == 0 and run.report is not None:
+            continue  # its report says it
+        section = run.logs.split(f"==== node {node} ", 1)[-1].split("\n==== node ", 1)[0]
+        lines.append(f"node {node} (status {run.node_exit[node]}), its last output:")
+        lines.extend(section.splitlines()[1:][-20:])
+    return "\n".join(lines), failing
+
+
 def explain_build_failure(message: str) -> str:
     """A failed build step's output goes through the rules too (DeepSpeed <= 0.16.3 dies in its own setup.py on a
     GPU-less builder with triton's "0 active drivers", rule row 5)."""
@@ -148,16 +168,19 @@ def explain_build_failure(message: str) -> str:
 
 def run_smoke_passes(engine: EngineAPI, image: str, device: str, timeout: int, repeat: int, model_dir: Path | None,
                      progress: Progress, checks: str | None = None,
-                     limits: SmokeLimits = SmokeLimits()) -> list[SmokeRun]:
+                     limits: SmokeLimits = SmokeLimits(), nodes: int = 1, nodes_only: bool = False) -> list[SmokeRun]:
     """The smoke on ``device``; when it ran on one GPU only, a CPU pass of world size 2 in the same image, so that
-    ZeRO-3 partitioning across ranks is proven on every image. Each pass is one fold of the output, with its
-    summary; each failing check an error naming it."""
+    ZeRO-3 partitioning across ranks is proven on every image; with ``nodes`` > 1, a pass over that many nodes
+    after them (the checks that cross nodes; the first passes ran every check), or alone (``nodes_only``: `vlmbuild
+    smoke IMAGE --nodes N`). Each pass is one fold of the output, with its summary; each failing check an error
+    naming it."""
     extra: dict = {"checks": checks} if checks else {}
 
-    def one_pass(on: str) -> SmokeRun:
-        with progress.group(f"smoke pass on {on.upper()} in {image[:19]}"):
+    def one_pass(on: str, over: int = 1) -> SmokeRun:
+        where = f" over {over} nodes" if over > 1 else ""
+        with progress.group(f"smoke pass on {on.upper()}{where} in {image[:19]}"):
             run = engine.run_smoke(image, on, timeout, progress, repeat=repeat, model_dir=model_dir, limits=limits,
-                                   **extra)
+                                   nodes=over, **extra)
             message, failing = describe_failure(run) if not run.passed else ("", [])
             progress.say(report_mod.summary(run.report) if run.report is not None else message)
         by_name = {c["name"]: c for c in (run.report or {}).get("checks", [])}
@@ -166,11 +189,15 @@ def run_smoke_passes(engine: EngineAPI, image: str, device: str, timeout: int, r
             progress.annotate("\n".join(str(error).splitlines()[:20]), title=f"smoke check {name} failed on {on.upper()}")
         return run
 
+    if nodes > 1 and nodes_only:
+        return [one_pass(device, nodes)]
     runs = [one_pass(device)]
     first = runs[0]
     if device == "gpu" and first.passed and (first.report or {}).get("world_size", 0) < 2:
         progress.info("the GPU pass ran with world size 1 (one GPU): adding a CPU pass with world size 2")
         runs.append(one_pass("cpu"))
+    if nodes > 1 and all(r.passed for r in runs):
+        runs.append(one_pass(device, nodes))
     return runs
 
 
@@ -224,11 +251,10 @@ def run_gate(engine: EngineAPI, resolved: Resolved, options: BuildOptions, outco
         progress.info(f"built candidate {candidate[:19]} in {outcome.build_seconds:.0f}s; smoke on {device.upper()}"
                       + (f" with {model_dir}" if model_dir else ""))
         runs = run_smoke_passes(engine, candidate, device, options.smoke_timeout, options.smoke_repeat, model_dir,
-                                progress, limits=options.smoke_limits)
+                                progress, limits=options.smoke_limits, nodes=options.smoke_nodes)
         outcome.smoke_seconds = sum(r.seconds for r in runs)
         outcome.smoke_device, outcome.smoke_report = device, runs[0].report
-        outcome.passes = [f"{(r.report or {}).get('mode', r.device)} x{(r.report or {}).get('world_size', '?')}"
-                          for r in runs]
+        outcome.passes = [contract.pass_name(r.report, r.device) for r in runs]
         failed = next((r for r in runs if not r.passed), None)
         if failed is not None:
             message, outcome.failing_checks = describe_failure(failed)

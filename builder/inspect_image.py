@@ -112,11 +112,15 @@ def check_report(result: Inspection, report_bytes: bytes | None, labels: dict[st
     worlds = contract.world_size_label(passes)
     result.check(labels.get(contract.LABEL_WORLD_SIZE) == worlds, "the world-size label says what the report says",
                  f"label {labels.get(contract.LABEL_WORLD_SIZE)} vs report {worlds}")
+    nodes = contract.nodes_label(passes)
+    result.check(labels.get(contract.LABEL_NODES, "1") == nodes, "the nodes label says what the report says",
+                 f"label {labels.get(contract.LABEL_NODES)} vs report {nodes}")
     result.check(any(p.get("world_size", 0) >= 2 for p in passes),
                  "ZeRO-3 partitioning across ranks was proven (a pass with world size 2 or more)", f"world sizes {worlds}")
     for p in passes:
         result.passes.append({
             "mode": p.get("mode"), "world_size": p.get("world_size"), "device": p.get("device_name") or "cpu",
+            "nodes": p.get("nodes", 1), "node_containers": p.get("node_containers"),
             "passed": contract.report_passed(p), "seconds": p.get("seconds"),
             "checks": [{"name": c["name"], "status": c["status"], "device": c.get("device"),
                         "world_size": c.get("world_size"), "seconds": c.get("seconds")} for c in p.get("checks", [])],
@@ -267,7 +271,9 @@ def format_inspection(result: Inspection) -> str:
     if result.labels.get(LABEL_PASSES):
         lines.append(f"  smoke passes: {result.labels[LABEL_PASSES]}")
     for p in result.passes:
-        lines.append(f"  pass {p['mode']} x{p['world_size']} ({p['device']}): "
+        over = (f" over {p['nodes']} nodes ({p['node_containers']['hosts']} host)"
+                if p["nodes"] > 1 and p.get("node_containers") else "")
+        lines.append(f"  pass {p['mode']} x{p['world_size']}{over} ({p['device']}): "
                      + ", ".join(f"{c['name']} {c['status']} [{c['device']} x{c['world_size']}]" for c in p["checks"]))
     lines.append("  verified:")
     for f in result.findings:

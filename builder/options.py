@@ -34,6 +34,7 @@ class BuildOptions:
     smoke_timeout: int  # seconds before a smoke pass is killed
     smoke_repeat: int  # ZeRO-3 loads in fresh processes
     smoke_limits: SmokeLimits = SmokeLimits()  # what each smoke container may take (memory, tasks)
+    smoke_nodes: int = 1  # > 1: a further smoke pass over that many nodes (containers), torchrun's rendezvous
     base_image: str | None = None  # None: the variant's
     repository: str | None = None  # None: the spec's
     push: bool = False
@@ -58,10 +59,12 @@ def checked_model_dir(model_dir: Path | None) -> Path | None:
 
 
 def build_options(spec: ImageSpec, smoke_device: str | None = None, smoke_timeout: int | None = None,
-                  repeat: int | None = None, model_dir: Path | None = None, **flags: object) -> BuildOptions:
+                  repeat: int | None = None, model_dir: Path | None = None, smoke_nodes: int | None = None,
+                  **flags: object) -> BuildOptions:
     """The flags given (None: not given) over the spec's smoke settings."""
     return BuildOptions(smoke_device=smoke_device or spec.smoke_device, smoke_timeout=smoke_timeout or spec.smoke_timeout,
                         smoke_repeat=repeat or spec.smoke_repeat, smoke_limits=spec.smoke_limits,
+                        smoke_nodes=smoke_nodes or spec.smoke_nodes,
                         model_dir=checked_model_dir(model_dir),
                         **flags)  # type: ignore[arg-type]
 

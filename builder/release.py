@@ -33,9 +33,8 @@ LABEL_PASSES = f"{contract.SMOKE_LABEL}.passes"
 
 
 def pass_summary(run: SmokeRun) -> str:
-    report = run.report or {}
-    name = report.get("device_name") or "cpu"
-    return f"{report.get('mode', run.device)} x{report.get('world_size', '?')} ({name})"
+    name = (run.report or {}).get("device_name") or "cpu"
+    return f"{contract.pass_name(run.report, run.device)} ({name})"
 
 
 def evidence_report(runs: list[SmokeRun]) -> bytes:
@@ -60,6 +59,7 @@ def evidence(resolved: Resolved, runs: list[SmokeRun], report_bytes: bytes,
         contract.LABEL_VALIDATED_ON: ("cpu-only (not a GPU validation)" if device == "cpu" else
                                       f"gpu: {(primary.report or {}).get('device_name') or 'unknown'}"),
         contract.LABEL_WORLD_SIZE: contract.world_size_label(reports),
+        contract.LABEL_NODES: contract.nodes_label(reports),
         LABEL_PASSES: "; ".join(pass_summary(r) for r in runs),
         contract.LABEL_REPORT_PATH: contract.REPORT_PATH,
         contract.LABEL_REPORT_SHA256: hashlib.sha256(report_bytes).hexdigest(),

@@ -108,8 +108,10 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def smoke_image(ref: str, device: str, report: Path | None, timeout: int, repeat: int = 1,
-                model_dir: Path | None = None, checks: str | None = None, limits: SmokeLimits = SmokeLimits()) -> int:
-    """`vlmbuild smoke IMAGE_REF`: re-run the gate's smoke on any built image (with a real checkpoint, read-only)."""
+                model_dir: Path | None = None, checks: str | None = None, limits: SmokeLimits = SmokeLimits(),
+                nodes: int = 1) -> int:
+    """`vlmbuild smoke IMAGE_REF`: re-run the gate's smoke on any built image (with a real checkpoint, read-only);
+    ``nodes`` > 1: the smoke over that many containers instead (engine_nodes)."""
     from .engine import Engine
     from .gate import choose_device, run_smoke_passes
     from .smoke import report as report_mod
@@ -124,7 +126,8 @@ def smoke_image(ref: str, device: str, report: Path | None, timeout: int, repeat
     device = choose_device(engine, device)
     progress = Progress(f"smoke {ref}")
     try:
-        runs = run_smoke_passes(engine, ref, device, timeout, repeat, model_dir, progress, checks, limits)
+        runs = run_smoke_passes(engine, ref, device, timeout, repeat, model_dir, progress, checks, limits, nodes,
+                                nodes_only=True)
     finally:
         progress.close()
     reports = [r.report for r in runs if r.report is not None]

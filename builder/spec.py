@@ -80,7 +80,7 @@ def load_spec(path: Path) -> ImageSpec:
     conditions = recipe.get("conditions") or []
     if not isinstance(conditions, list) or not set(conditions) <= KNOWN_CONDITIONS:
         raise c.fail("recipe.conditions", f"expected a list drawn from {sorted(KNOWN_CONDITIONS)}, got {conditions!r}")
-    device, timeout, repeat, limits = _load_smoke(c, data.get("smoke") or {})
+    device, timeout, repeat, limits, nodes = _load_smoke(c, data.get("smoke") or {})
     labels = c.mapping(data.get("labels") or {}, "labels")
     for k, v in labels.items():
         c.string(v, f"labels.{k}")
@@ -93,7 +93,8 @@ def load_spec(path: Path) -> ImageSpec:
     image = ImageSpec(
         path=path, root=path.resolve().parent.parent, name=name, description=str(data.get("description") or ""),
         repository=repository, template=template, default_variant="", conditions=tuple(conditions),
-        smoke_device=device, smoke_timeout=timeout, smoke_repeat=repeat, smoke_limits=limits, labels={str(k): str(v) for k, v in labels.items()},
+        smoke_device=device, smoke_timeout=timeout, smoke_repeat=repeat, smoke_limits=limits, smoke_nodes=nodes,
+        labels={str(k): str(v) for k, v in labels.items()},
         layers=layers, groups=groups, deepspeed_build=deepspeed_build,
     )
     raw_variants = c.mapping(data["variants"], "variants")
@@ -141,9 +142,9 @@ def _read_yaml(path: Path) -> Any:
         raise SpecError(path, "", f"not valid YAML: {exc}") from None
 
 
-def _load_smoke(c: SpecChecker, raw: Any) -> tuple[str, int, int, SmokeLimits]:
-    """The smoke's device, timeout, repeat count and container limits; the one place their defaults live."""
-    smoke = c.mapping(raw, "smoke", allowed={"device", "timeout", "repeat", "memory_gb", "pids"})
+def _load_smoke(c: SpecChecker, raw: Any) -> tuple[str, int, int, SmokeLimits, int]:
+    """The smoke's device, timeout, repeat count, container limits and nodes; the one place their defaults live."""
+    smoke = c.mapping(raw, "smoke", allowed={"device", "timeout", "repeat", "memory_gb", "pids", "nodes"})
     device = smoke.get("device", DEFAULT_SMOKE_DEVICE)
     if device not in DEVICES:
         raise c.fail("smoke.device", f"expected one of {DEVICES}, got {device!r}")
@@ -160,7 +161,11 @@ def _load_smoke(c: SpecChecker, raw: Any) -> tuple[str, int, int, SmokeLimits]:
     pids = smoke.get("pids", contract.DEFAULT_SMOKE_PIDS)
     if not isinstance(pids, int) or isinstance(pids, bool) or not 256 <= pids <= 1_000_000:
         raise c.fail("smoke.pids", f"expected the smoke container's process (task) limit, 256 or more, got {pids!r}")
-    return device, timeout, repeat, SmokeLimits(float(memory_gb), pids)
+    nodes = smoke.get("nodes", 1)
+    if not isinstance(nodes, int) or isinstance(nodes, bool) or not 1 <= nodes <= 8:
+        raise c.fail("smoke.nodes", f"expected how many nodes (containers) a further smoke pass spans, 1 to 8 (1: "
+                                    f"none), got {nodes!r}")
+    return device, timeout, repeat, SmokeLimits(float(memory_gb), pids), nodes
 
 
 def _load_layers(c: SpecChecker, raw_layers: Any, groups: dict[str, Group]) -> tuple[Layer, ...]:

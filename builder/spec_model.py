@@ -220,6 +220,7 @@ class ImageSpec:
     smoke_timeout: int
     smoke_repeat: int
     smoke_limits: SmokeLimits
+    smoke_nodes: int  # > 1: the gate's further smoke pass over that many nodes
     labels: dict[str, str]
     layers: tuple[Layer, ...]
     groups: dict[str, Group] = field(default_factory=dict)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import shutil
 import signal
@@ -198,6 +199,31 @@ BUILD_CACHE_KEPT = 16 * 2**30
 DOCKER_SUITE_DISK = 45 * 2**30
 # The cu124 module's own peak: its cold build adds about 25 GB (the toolkit stage, cp313 torch, two DeepSpeed builds).
 CU124_MODULE_DISK = 30 * 2**30
+
+
+def local_tag() -> tuple[str, str]:
+    from vlmbuild.lockfile import read_lockfile
+    from vlmbuild.spec import load_spec
+
+    variant = load_spec(REPO / "images" / "vlm-r1.yaml").variant("local")
+    lock = read_lockfile(variant.lockfile_path)
+    return variant.tag(lock.pins), lock.sha256
+
+
+@pytest.fixture(scope="session")
+def built_local(client, tmp_path_factory):
+    """The README's main job, into a test repository: build + CPU smoke + tag; with the further smoke pass over two
+    nodes (--smoke-nodes 2), so that the evidence of a pass over nodes is checked end to end with the rest."""
+    report = tmp_path_factory.mktemp("build") / "build.json"
+    started = time.monotonic()
+    result = run_cli("build", "vlm-r1", "--variant", "local", "--smoke-device", "cpu", "--repository", TEST_REPO,
+                     "--smoke-nodes", "2", "--report", str(report), timeout=3600)
+    assert result.code == 0, result.out[-6000:] + result.err[-3000:]
+    tag, lock_sha = local_tag()
+    build = json.loads(report.read_text())["builds"][0]
+    return {"result": result, "report": json.loads(report.read_text()), "report_path": report, "tag": tag,
+            "lock_sha": lock_sha,
+            "immutable": build["immutable_tag"], "image_id": build["image_id"], "seconds": time.monotonic() - started}
 
 
 def make_room(c, needed: int, what: str) -> None:

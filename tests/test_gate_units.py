@@ -49,7 +49,7 @@ class OneGpuEngine:
     def __init__(self) -> None:
         self.calls: list[str] = []
 
-    def run_smoke(self, image, device, timeout, progress, repeat=1, model_dir=None, limits=None) -> SmokeRun:
+    def run_smoke(self, image, device, timeout, progress, repeat=1, model_dir=None, limits=None, nodes=1) -> SmokeRun:
         self.calls.append(device)
         # flash-attn's FA2 passed on this GPU only with the recipe's rotary fix (transformers 4.49)
         report = (smoke_report("gpu", 1, "NVIDIA H100", workaround="attention") if device == "gpu"
@@ -70,7 +70,7 @@ def test_a_one_gpu_pass_is_followed_by_a_two_rank_cpu_pass():
 
 def test_two_gpus_need_no_cpu_pass():
     class TwoGpuEngine(OneGpuEngine):
-        def run_smoke(self, image, device, timeout, progress, repeat=1, model_dir=None, limits=None):
+        def run_smoke(self, image, device, timeout, progress, repeat=1, model_dir=None, limits=None, nodes=1):
             self.calls.append(device)
             return SmokeRun(0, smoke_report("gpu", 2, "NVIDIA H100"), "", 30.0, False, device)
 
@@ -123,7 +123,7 @@ class GateEngine(OneGpuEngine):
     def remove_image(self, image) -> None:
         self.removed.append(image)
 
-    def run_smoke(self, image, device, timeout, progress, repeat=1, model_dir=None, limits=None):
+    def run_smoke(self, image, device, timeout, progress, repeat=1, model_dir=None, limits=None, nodes=1):
         self.calls.append(device)
         if device == "gpu":
             return SmokeRun(0, smoke_report("gpu", 1, "NVIDIA H100"), "", 30.0, False, device)

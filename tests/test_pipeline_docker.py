@@ -21,8 +21,6 @@ import time
 from pathlib import Path
 
 import pytest
-
-# the session's engine fixture, `client`, is in conftest too
 from conftest import (
     OWNER,
     REPO,
@@ -33,6 +31,9 @@ from conftest import (
     run_cli,
     saved_layer_entries,
 )
+
+# the session's engine fixture, `client`, is in conftest too
+from vlmbuild import contract
 
 pytestmark = pytest.mark.docker
 docker = pytest.importorskip("docker")
@@ -47,30 +48,6 @@ def tag_id(client, ref: str) -> str | None:
 
 def our_containers(client) -> list:
     return client.containers.list(all=True, filters={"label": OWNER})
-
-
-def local_tag() -> tuple[str, str]:
-    from vlmbuild.lockfile import read_lockfile
-    from vlmbuild.spec import load_spec
-
-    variant = load_spec(REPO / "images" / "vlm-r1.yaml").variant("local")
-    lock = read_lockfile(variant.lockfile_path)
-    return variant.tag(lock.pins), lock.sha256
-
-
-@pytest.fixture(scope="session")
-def built_local(client, tmp_path_factory):
-    """The README's main job, into a test repository: build + CPU smoke + tag."""
-    report = tmp_path_factory.mktemp("build") / "build.json"
-    started = time.monotonic()
-    result = run_cli("build", "vlm-r1", "--variant", "local", "--smoke-device", "cpu", "--repository", TEST_REPO,
-                     "--report", str(report), timeout=3600)
-    assert result.code == 0, result.out[-6000:] + result.err[-3000:]
-    tag, lock_sha = local_tag()
-    build = json.loads(report.read_text())["builds"][0]
-    return {"result": result, "report": json.loads(report.read_text()), "report_path": report, "tag": tag,
-            "lock_sha": lock_sha,
-            "immutable": build["immutable_tag"], "image_id": build["image_id"], "seconds": time.monotonic() - started}
 
 
 def test_build_tags_the_tested_image_with_its_evidence(client, built_local):
@@ -89,6 +66,8 @@ def test_build_tags_the_tested_image_with_its_evidence(client, built_local):
     # users make from the image would look like one of our leftovers
     assert not {OWNER, "io.vlmbuild.owner-process"} & set(labels), labels
     assert labels["io.vlmbuild.smoke.device"] == "cpu" and labels["io.vlmbuild.smoke.world-size"] == "2"
+    assert labels["io.vlmbuild.smoke.nodes"] == "1,2"
+    assert labels["io.vlmbuild.smoke.passes"] == "cpu x2 (cpu); cpu x2 over 2 nodes (cpu)"
     assert labels["io.vlmbuild.smoke.validated-on"].startswith("cpu-only")
     assert labels["io.vlmbuild.lock-sha256"] == lock_sha
     assert labels["io.vlmbuild.identity"] == build["identity"]
@@ -97,7 +76,7 @@ def test_build_tags_the_tested_image_with_its_evidence(client, built_local):
     assert json.loads(labels["io.vlmbuild.smoke.checks"]) == {
         "stack": "passed", "zero3_load": "passed", "train_step": "passed", "checkpoint_resume": "passed",
         "grpo": "passed", "optimizer_offload": "passed", "lora": "passed", "trainer_resume": "passed",
-        "zero3_repeat": "passed", "prebuilt_ops": "passed"}
+        "zero3_repeat": "passed", "prebuilt_ops": "passed", "nodes": "passed"}
     # the CI job summary of this build names them too
     summary = run_cli("summary", str(built_local["report_path"]))
     assert summary.code == 0 and "lora passed, trainer_resume passed" in summary.out, summary.out
@@ -112,8 +91,16 @@ def test_build_tags_the_tested_image_with_its_evidence(client, built_local):
     assert hashlib.sha256(sbom).hexdigest() == labels["io.vlmbuild.sbom-sha256"]
     assert json.loads(sbom)["bomFormat"] == "CycloneDX"
     evidence = json.loads(report_bytes)
-    assert evidence["passed"] and len(evidence["passes"]) == 1
-    report = evidence["passes"][0]
+    assert evidence["passed"] and len(evidence["passes"]) == 2
+    report, over_nodes = evidence["passes"]
+    # the pass over two containers: one world of 2, a rank on each node, and the report says both were on one host
+    assert over_nodes["passed"] and over_nodes["nodes"] == 2 and over_nodes["world_size"] == 2
+    assert [c["name"] for c in over_nodes["checks"]] == list(contract.ACROSS_NODES)
+    nodes = next(c for c in over_nodes["checks"] if c["name"] == "nodes")["details"]
+    assert nodes["hosts"] == ["node0", "node1"]
+    assert sorted((r["rank"], r["node"], r["hostname"], r["world_size"]) for r in nodes["ranks"]) == [
+        (0, 0, "node0", 2), (1, 1, "node1", 2)]
+    assert over_nodes["node_containers"]["hosts"] == 1 and over_nodes["node_containers"]["exit_status"] == [0, 0]
     assert report["passed"] and report["mode"] == "cpu" and report["world_size"] == 2
     assert report["checks"][0]["details"]["lock"]["mismatches"] == 0
     repeat = next(c for c in report["checks"] if c["name"] == "zero3_repeat")["details"]
@@ -327,7 +314,8 @@ def test_inspect_verify_checks_the_signature_and_the_attested_evidence(built_loc
     assert plain.returncode == 0, plain.stderr
     statement = json.loads(base64.b64decode(json.loads(plain.stdout.splitlines()[0])["payload"]))
     assert statement["subject"][0]["digest"]["sha256"] == signed_push["digest"].split(":", 1)[1]
-    assert [(p["mode"], p["world_size"]) for p in statement["predicate"]["passes"]] == [("cpu", 2)]
+    assert [(p["mode"], p["world_size"], p.get("nodes")) for p in statement["predicate"]["passes"]] == [
+        ("cpu", 2, 1), ("cpu", 2, 2)]
     # another key: the same registry content does not verify
     other = run_cli("inspect", ref, "--verify", "--key", str(cosign_keys["forger"]["pub"]))
     assert other.code == 1 and "FAIL the digest" in other.out and "signed by the expected signer" in other.out
@@ -749,7 +737,8 @@ def test_inspect_verifies_a_built_image(built_local):
     assert result.code == 0, result.out[-3000:] + result.err
     data = json.loads(result.out)
     assert data["ok"] and all(f["ok"] for f in data["findings"]) and len(data["findings"]) >= 15
-    assert [(p["mode"], p["world_size"]) for p in data["passes"]] == [("cpu", 2)]
+    assert [(p["mode"], p["world_size"], p["nodes"]) for p in data["passes"]] == [("cpu", 2, 1), ("cpu", 2, 2)]
+    assert any(f["what"] == "the nodes label says what the report says" and f["ok"] for f in data["findings"])
     whats = [layer["what"] for layer in data["layers"]]
     assert "lock layer torch, installed in place" in whats and any(w.startswith("package trl==") for w in whats)
     assert sum(layer["size"] for layer in data["layers"]) == data["size"]

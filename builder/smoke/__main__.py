@@ -35,16 +35,18 @@ from .launcher_checks import (
     use_deepspeed_build,
 )
 from .model_dir import ModelDirProblem, describe_checkpoint, validate_model_dir
+from .node_ranks import NodeRanks
 from .ranks import Ranks
 from .stack import deepspeed_build_for, default_paths, verify_install
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def choose_mode(requested: str) -> tuple[str, int]:
-    """(mode, world size). A GPU is used only when torch can really reach one."""
+def choose_mode(requested: str, nodes: int = 1) -> tuple[str, int]:
+    """(mode, world size). A GPU is used only when torch can really reach one. Over several nodes, each node's
+    ranks: one on the CPU (gloo across the nodes is what is tested), the GPUs the node sees on a GPU host."""
     if requested == "cpu":
-        return "cpu", 2
+        return "cpu", 2 if nodes == 1 else nodes
     try:
         import torch
     except Exception as exc:  # noqa: BLE001 - no torch at all: not an environment the smoke can judge
@@ -53,8 +55,8 @@ def choose_mode(requested: str) -> tuple[str, int]:
     if requested == "gpu" and gpus == 0:
         raise UsageProblem("--device gpu, but torch sees no CUDA device (is the container run with --gpus all?)")
     if requested == "gpu" or (requested == "auto" and gpus > 0):
-        return "gpu", min(2, gpus)
-    return "cpu", 2
+        return "gpu", min(2, gpus) if nodes == 1 else gpus * nodes
+    return "cpu", 2 if nodes == 1 else nodes
 
 
 def environment_extensions_dir() -> Path:
@@ -109,8 +111,12 @@ def run_planned(launch: Launch, planned: tuple[str, ...]) -> list[contract.Check
     the launcher checks that come before the rank checks run here meanwhile, those after them once they ended."""
     ranks_checks = tuple(n for n in planned if contract.REGISTRY[n].runs_in == "ranks")
     first_rank = planned.index(ranks_checks[0]) if ranks_checks else len(planned)
-    ranks = Ranks(launch.args, launch.mode, launch.world, launch.workdir, ranks_checks,
-                  launch.extensions) if ranks_checks else None
+    ranks: Ranks | None = None
+    if ranks_checks and launch.args.nodes > 1:
+        ranks = NodeRanks(launch.args, launch.mode, launch.world // launch.args.nodes, launch.workdir, ranks_checks,
+                          launch.extensions)
+    elif ranks_checks:
+        ranks = Ranks(launch.args, launch.mode, launch.world, launch.workdir, ranks_checks, launch.extensions)
     try:
         for name in planned[:first_rank]:
             launch.records.append(run_launcher_check(launch, name))
@@ -145,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageProblem(str(exc)) from None
     if not 1 <= args.repeat <= 20:
         raise UsageProblem(f"--repeat {args.repeat}: expected 1 to 20")
+    check_nodes_usage(args)
     # No warm pool of inductor compile workers in the launcher (the stack check imports the stack) or the ranks: every
     # process that imports a transformers model imports torch._dynamo (transformers.pytorch_utils ->
     # torch.distributed.tensor.parallel -> torch._dynamo.external_utils), and where triton is installed (torch's CUDA
@@ -153,10 +160,10 @@ def run(args: argparse.Namespace) -> int:
     # pools and 37-48 s without (no zero3_repeat). TORCH_WARM_POOL is torch's own switch; a value the caller set is
     # kept.
     os.environ.setdefault("TORCH_WARM_POOL", "0")
-    mode, world = choose_mode(args.device)
+    mode, world = choose_mode(args.device, args.nodes)
     if mode == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"  # before the stack check imports deepspeed
-        os.environ.setdefault("LOCAL_SIZE", str(world))
+        os.environ.setdefault("LOCAL_SIZE", str(world // args.nodes))
 
     deepspeed_path = use_deepspeed_build(variant, mode)  # before anything imports deepspeed
     prebuilt = prebuilt_ops_for(variant, mode)
@@ -164,12 +171,16 @@ def run(args: argparse.Namespace) -> int:
     cuda_build = bool(cuda and cuda["ops"])
     planned = select_checks(contract.checks_for(mode, flash_attention=flash_attention_installed(),
                                                 prebuilt_ops=bool(prebuilt), repeat=args.repeat,
-                                                cuda_ops=cuda_build), args.checks, mode)
-    workdir = Path(tempfile.mkdtemp(prefix="vlmbuild-smoke-", dir=args.workdir))
+                                                cuda_ops=cuda_build, nodes=args.nodes), args.checks, mode)
+    if args.nodes > 1:  # every node's launcher works in the one directory all nodes mount
+        workdir = Path(args.workdir) / f"vlmbuild-smoke-{args.run_id}"
+        workdir.mkdir(exist_ok=True)
+    else:
+        workdir = Path(tempfile.mkdtemp(prefix="vlmbuild-smoke-", dir=args.workdir))
     # In an image whose DeepSpeed carries its ops, nothing may be compiled: torch's extensions directory is an
     # empty one, checked afterwards. Elsewhere ops are JIT-compiled into this environment's own directory.
     if prebuilt:
-        extensions = workdir / "torch_extensions"
+        extensions = workdir / f"torch_extensions-node{args.node_rank}"
         extensions.mkdir(mode=0o555)  # read-only: a compile attempt by a non-root user fails where it starts
     else:
         extensions = environment_extensions_dir()
@@ -177,7 +188,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         checks = run_planned(launch, planned)
     finally:
-        if not args.keep_workdir:
+        # a shared directory is the caller's to remove: another node may still read it
+        if not args.keep_workdir and args.nodes == 1:
             shutil.rmtree(workdir, ignore_errors=True)
     device_name = None
     gpu = checks[0]["details"].get("gpu") if checks else None
@@ -188,6 +200,9 @@ def run(args: argparse.Namespace) -> int:
         "tool": f"vlmbuild-smoke {__version__}",
         "mode": mode,
         "world_size": world,
+        "nodes": args.nodes,
+        **({"node_rank": args.node_rank, "rendezvous": f"c10d at {args.rdzv_endpoint} (torchrun)"}
+           if args.nodes > 1 else {}),
         "device_name": device_name,
         "model": model["path"] if model else "tiny random Qwen2.5-VL (built locally)",
         "checkpoint": model,
@@ -252,7 +267,31 @@ def parser() -> argparse.ArgumentParser:
                    help="only these checks (comma-separated, with what they depend on), e.g. stack,zero3_load")
     p.add_argument("--workdir", default=None, help="parent of the scratch directory (default: the system temp dir)")
     p.add_argument("--keep-workdir", action="store_true", help="keep checkpoints and rank logs for inspection")
+    nodes = p.add_argument_group("over several nodes (each node runs this with its --node-rank; torchrun's c10d "
+                                 "rendezvous; --workdir a directory every node mounts)")
+    nodes.add_argument("--nodes", type=int, default=1, help="how many nodes the world spans (default 1)")
+    nodes.add_argument("--node-rank", type=int, default=0, help="this node's rank (node 0 hosts the rendezvous)")
+    nodes.add_argument("--rdzv-endpoint", default="node0:29400", help="HOST:PORT of the rendezvous, on node 0")
+    nodes.add_argument("--rdzv-timeout", type=float, default=float(contract.DEFAULT_RDZV_TIMEOUT),
+                       help="fail when the rendezvous has not completed after this many seconds")
+    nodes.add_argument("--run-id", default="vlmbuild-smoke", help="the rendezvous id, the same on every node")
+    nodes.add_argument("--min-nodes", type=int, default=0,
+                       help="torchrun's lower bound of an elastic run (--nnodes MIN:MAX); the smoke still "
+                            "asserts the world that --nodes make")
     return p
+
+
+def check_nodes_usage(args: argparse.Namespace) -> None:
+    if not 1 <= args.nodes <= 64:
+        raise UsageProblem(f"--nodes {args.nodes}: expected 1 to 64")
+    if args.nodes > 1:
+        if not 0 <= args.node_rank < args.nodes:
+            raise UsageProblem(f"--node-rank {args.node_rank}: expected 0 to {args.nodes - 1}")
+        if not args.workdir:
+            raise UsageProblem("--nodes: give --workdir, a directory every node mounts (the checkpoints and the "
+                               "ranks' results are shared through it)")
+        if ":" not in args.rdzv_endpoint:
+            raise UsageProblem(f"--rdzv-endpoint {args.rdzv_endpoint}: expected HOST:PORT")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,28 +51,24 @@ class Ranks:
                  extra: tuple[str, ...] = ()) -> None:
         self.args, self.world, self.checks = args, world, checks
         self.results_dir = workdir / results
-        self.results_dir.mkdir()
-        cmd = [sys.executable, "-m", "vlmbuild.smoke.worker", "--device", mode, "--workdir", str(workdir),
-               "--results-dir", str(self.results_dir), "--timeout", str(max(60, int(args.timeout))),
-               "--checks", ",".join(checks), *extra]
-        model_dir = model_dir or (Path(args.model_dir) if args.model_dir else None)
-        if model_dir:
-            cmd += ["--model-dir", str(model_dir)]
-        if model_dir and not args.model_dir:
-            cmd.append("--tiny-model")  # the tiny checkpoint an earlier run saved: still the tiny model
-        env = worker_env(mode, world)
-        # Where torch JIT-compiles an op: this run's empty directory (checked afterwards, check prebuilt_ops) or
-        # the environment's own one (environment_extensions_dir).
-        env["TORCH_EXTENSIONS_DIR"] = str(extensions)
+        self.results_dir.mkdir(exist_ok=True)
         self.addr, self.port = "127.0.0.1", free_port()
-        env.update(MASTER_ADDR=self.addr, MASTER_PORT=str(self.port), WORLD_SIZE=str(world),
-                   LOCAL_WORLD_SIZE=str(world))
         self.log_path = workdir / f"workers-{results}.log"
         self.facts: list[dict[str, Any]] = []  # each rank's device and loaded ops, once it has ended
         self.started = time.monotonic()
         self.procs: list[subprocess.Popen] = []
+        cmd = worker_command(args, mode, workdir, self.results_dir, checks, model_dir, extra)
+        env = worker_env(mode, world)
+        # Where torch JIT-compiles an op: this run's empty directory (checked afterwards, check prebuilt_ops) or
+        # the environment's own one (environment_extensions_dir).
+        env["TORCH_EXTENSIONS_DIR"] = str(extensions)
+        env.update(MASTER_ADDR=self.addr, MASTER_PORT=str(self.port), WORLD_SIZE=str(world),
+                   LOCAL_WORLD_SIZE=str(world))
+        self.start(cmd, env)
+
+    def start(self, cmd: list[str], env: dict[str, str]) -> None:
         with open(self.log_path, "w") as log:
-            for rank in range(world):
+            for rank in range(self.world):
                 self.procs.append(subprocess.Popen(
                     cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                     preexec_fn=partial(die_with_parent, os.getpid()),
@@ -89,6 +85,9 @@ class Ranks:
             proc.wait()
         remove_shm_buffers(self.addr, self.port)
 
+    def await_other_nodes(self) -> None:
+        """All ranks are this host's: none to wait for (node_ranks.NodeRanks waits for the other nodes' files)."""
+
     def wait(self) -> list[contract.CheckRecord]:
         deadline = self.started + self.args.timeout
         timed_out = False
@@ -102,6 +101,8 @@ class Ranks:
                 time.sleep(0.1)
         finally:
             self.stop()
+        if not timed_out:
+            self.await_other_nodes()
         codes = [p.returncode for p in self.procs]
         returncode = next((c for c in codes if c != 0), 0)
         elapsed = time.monotonic() - self.started
@@ -110,6 +111,19 @@ class Ranks:
         merged = merge_rank_results(per_rank, timed_out, elapsed, self.args.timeout, log_tail, self.checks)
         self.facts = rank_facts(per_rank)
         return fail_on_bad_exit(merged, None if timed_out else returncode, log_tail)
+
+
+def worker_command(args: argparse.Namespace, mode: str, workdir: Path, results_dir: Path, checks: tuple[str, ...],
+                   model_dir: Path | None = None, extra: tuple[str, ...] = ()) -> list[str]:
+    """The arguments of `python -m vlmbuild.smoke.worker` for one run of ranks."""
+    cmd = ["--device", mode, "--workdir", str(workdir), "--results-dir", str(results_dir),
+           "--timeout", str(max(60, int(args.timeout))), "--checks", ",".join(checks), *extra]
+    model_dir = model_dir or (Path(args.model_dir) if args.model_dir else None)
+    if model_dir:
+        cmd += ["--model-dir", str(model_dir)]
+    if model_dir and not args.model_dir:
+        cmd.append("--tiny-model")  # the tiny checkpoint an earlier run saved: still the tiny model
+    return [sys.executable, "-m", "vlmbuild.smoke.worker", *cmd]
 
 
 def run_workers(args: argparse.Namespace, mode: str, world: int, workdir: Path, checks: tuple[str, ...],

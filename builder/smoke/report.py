@@ -42,7 +42,8 @@ def finalize(report: dict[str, Any]) -> dict[str, Any]:
 
 def summary(report: dict[str, Any]) -> str:
     mode = report["mode"]
-    lines = [f"vlmbuild smoke: {mode.upper()} mode, world size {report.get('world_size')}, "
+    over = f" over {report['nodes']} nodes" if report.get("nodes", 1) > 1 else ""
+    lines = [f"vlmbuild smoke: {mode.upper()} mode, world size {report.get('world_size')}{over}, "
              f"{report.get('device_name') or 'cpu'}"]
     checkpoint = report.get("checkpoint")
     if checkpoint:
@@ -90,6 +91,12 @@ def detail_stack(check: dict[str, Any]) -> str:
     locked = (f", {lock['packages']} locked packages installed exactly" if lock else ", no lockfile to compare")
     locked += f", {files.get('checked', 0):,} files equal to their RECORD hashes"
     return f"torch {v.get('torch')}, deepspeed {v.get('deepspeed')}, transformers {v.get('transformers')}{locked}"
+
+
+def detail_nodes(check: dict[str, Any]) -> str:
+    d = check["details"]
+    return (f"one world of {d.get('world_size')} ranks over {d.get('nodes')} nodes ("
+            + ", ".join(f"rank {r['rank']} on {r['hostname']} node {r['node']}" for r in d.get("ranks") or []) + ")")
 
 
 def detail_zero3_load(check: dict[str, Any]) -> str:
