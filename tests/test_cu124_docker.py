@@ -47,7 +47,8 @@ def built_cu124(client, tmp_path_factory):
     started = time.monotonic()
     # flash-attn's CUDA kernels take hours of nvcc on 2 cores: left out here, as the README's command leaves it out
     result = run_cli("build", "vlm-r1", "--variant", "cu124", "--base-image", LOCAL_TRIXIE, "--smoke-device", "cpu",
-                     "--leave-out", "flash-attn", "--repository", CU_REPO, "--report", str(report), timeout=5400)
+                     "--leave-out", "flash-attn", "--repository", CU_REPO, "--smoke-nodes", "2", "--report", str(report),
+                     timeout=5400)
     assert result.code == 0, result.out[-8000:] + result.err[-3000:]
     build = json.loads(report.read_text())["builds"][0]
     yield {"build": build, "out": result.out, "seconds": time.monotonic() - started,
@@ -76,7 +77,11 @@ def test_the_release_variant_is_built_and_smoked_here(client, built_cu124):
     assert checks["cuda_ops"] == "passed" and checks["prebuilt_ops"] == "passed", checks
     assert checks["lora"] == "passed" and checks["trainer_resume"] == "passed", checks
     assert "attention" not in checks  # GPU only, and flash-attn is left out
-    report = evidence(client, built_cu124["ref"])["passes"][0]
+    # the pass over two containers ran with the CPU build as the 1-node pass did, one world over both nodes
+    assert labels["io.vlmbuild.smoke.nodes"] == "1,2" and checks["nodes"] == "passed"
+    report, over_nodes = evidence(client, built_cu124["ref"])["passes"]
+    assert over_nodes["nodes"] == 2 and over_nodes["world_size"] == 2 and over_nodes["passed"]
+    assert over_nodes["environment"]["deepspeed_build"] == "/opt/deepspeed-cpu"
     by_name = {c["name"]: c for c in report["checks"]}
     cuda = by_name["cuda_ops"]["details"]
     # every arch of the spec's cuda_archs as a cubin, PTX of the newest; cpu_adam is host code
