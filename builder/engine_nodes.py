@@ -30,7 +30,7 @@ RDZV_PORT = 29400
 SHARED_DIR = "/vlmbuild-shared"
 POLL_SECONDS = 0.5
 # How long the other nodes have to end on their own once one ended badly, before they are killed.
-FAILED_NODE_GRACE_SECONDS = 15
+FAILED_NODE_GRACE_SECONDS = 10
 # The node's one interface, on the run's network: gloo and NCCL pick an interface by their own rules otherwise, and
 # over a Docker bridge NCCL's pick fails with "unhandled system error" (pytorch/pytorch#23363, NVIDIA/nccl#331).
 NODE_INTERFACE = {"GLOO_SOCKET_IFNAME": "eth0", "NCCL_SOCKET_IFNAME": "eth0"}

@@ -284,7 +284,7 @@ def client():
 
 def pytest_collection_modifyitems(config, items):
     """Fast tests first, then the stack ones, then docker: a core failure shows before minutes of building."""
-    order = {"stack": 1, "docker": 2, "cu124": 3}
+    order = {"stack": 1, "docker": 2, "after_built_local": 2.5, "cu124": 3}
 
     def rank(item):
         return max([order.get(m.name, 0) for m in item.iter_markers()] or [0])

@@ -1055,6 +1055,7 @@ def remove_images_holding(client, layers: list[str]) -> None:
     raise AssertionError("images holding the layers could not all be removed")
 
 
+@pytest.mark.after_built_local
 def test_the_same_inputs_give_the_same_layers_after_the_build_cache_is_pruned(client, built_local, tmp_path):
     """Reproducible layers: with BuildKit's whole cache pruned (layers, uv's and pip's downloads, the DeepSpeed wheel:
     a new machine), the same inputs build to the same bytes in every layer above the base, the compiled ops
@@ -1064,7 +1065,7 @@ def test_the_same_inputs_give_the_same_layers_after_the_build_cache_is_pruned(cl
     image in the engine still holds, leaves a copy of it that nothing references and no prune reaches
     (vlmbuild.engine_orphans, moby/moby#45939); in this test that was the whole image, 7 GB a run. The
     suite's own bound (conftest, engine_leak_measured) holds this test to it. It is the last test to use the
-    built_local image."""
+    built_local image (marked after_built_local: conftest runs it after every other docker test, in any file)."""
     from conftest import render_variant
     from vlmbuild import buildkit
     from vlmbuild.progress import Progress
@@ -1088,6 +1089,7 @@ def test_the_same_inputs_give_the_same_layers_after_the_build_cache_is_pruned(cl
     assert differ == [], f"layers {differ} of {len(again)} differ after a rebuild of the same inputs"
 
 
+@pytest.mark.after_built_local
 def test_bumping_one_package_reships_its_layer_alone(client, tmp_path):
     """A package layer is rebuilt from its own stage; every other layer comes out byte-identical (the same
     diffID), so a registry or a puller already holding them gets them for free. It compares with the rebuild of

@@ -117,6 +117,14 @@ def ours_left(client) -> list[str]:
             + [v.name for v in client.volumes.list(filters={"label": OWNER})])
 
 
+def workers_of(container) -> str:
+    """The command lines of a running container's processes ("" once it has stopped)."""
+    try:
+        return " ".join(" ".join(p) for p in container.top(ps_args="-ww -o pid,args")["Processes"] or [])
+    except docker.errors.APIError:
+        return ""
+
+
 def node_smoke(image: str, node_args=lambda rank: [], checks: str | None = None, timeout: int = 600) -> SmokeRun:
     from vlmbuild.engine import Engine as DockerEngine
     from vlmbuild.engine_nodes import run_node_smoke
@@ -132,17 +140,16 @@ def test_vlmbuild_smoke_nodes_2_passes_on_the_local_image_with_one_world_and_say
     runs it with --smoke-nodes 2, and test_pipeline_docker checks its evidence: report, labels, inspect)."""
     ref = f"{TEST_REPO}:{built_local['tag']}"
     report_path = tmp_path / "report.json"
-    result = run_cli("smoke", ref, "--device", "cpu", "--nodes", "2", "--checks", "nodes,zero3_load",
+    result = run_cli("smoke", ref, "--device", "cpu", "--nodes", "2", "--checks", "nodes",
                      "--report", str(report_path), timeout=900)
     assert result.code == 0, result.out[-4000:] + result.err[-2000:]
     report = json.loads(report_path.read_text())
     assert report["passed"] and report["nodes"] == 2 and report["world_size"] == 2
     assert report["rendezvous"] == "c10d at node0:29400 (torchrun)"
-    assert [c["name"] for c in report["checks"]] == ["nodes", "zero3_load"]
+    assert [c["name"] for c in report["checks"]] == ["nodes"]
     nodes = report["checks"][0]["details"]
     assert nodes["hosts"] == ["node0", "node1"] and nodes["world_size"] == 2
     assert sorted((r["rank"], r["node"], r["hostname"]) for r in nodes["ranks"]) == [(0, 0, "node0"), (1, 1, "node1")]
-    assert report["checks"][1]["world_size"] == 2
     assert report["node_containers"]["hosts"] == 1 and report["node_containers"]["exit_status"] == [0, 0]
     assert "world size 2 over 2 nodes" in result.out
     assert ours_left(client) == []
@@ -155,12 +162,12 @@ def test_a_node_that_cannot_reach_the_rendezvous_fails_in_bounded_time_naming_it
     started = time.monotonic()
     # node 1's bound is the shorter, so it is the first to give up (node 0 would give up waiting for it later)
     run = node_smoke(built_local["tag"], lambda rank: ["--rdzv-timeout", "60"] if rank == 0 else
-                     ["--rdzv-timeout", "20", "--rdzv-endpoint", "nowhere:29400"], checks="nodes")
+                     ["--rdzv-timeout", "10", "--rdzv-endpoint", "nowhere:29400"], checks="nodes")
     assert not run.passed and run.failed_node == 1, run.logs[-3000:]
     message, failing = describe_failure(run)
     assert "node-failed" in failing and message.startswith("node 1 of the smoke's 2 nodes ended first"), message
-    assert "node 1: torchrun's c10d rendezvous at nowhere:29400 did not complete within 20 s" in message, message
-    assert time.monotonic() - started < 180
+    assert "node 1: torchrun's c10d rendezvous at nowhere:29400 did not complete within 10 s" in message, message
+    assert time.monotonic() - started < 120  # node 1's 10 s, node 0's grace, the containers' start and removal
     assert ours_left(client) == []
 
 
@@ -171,26 +178,26 @@ def test_a_node_that_dies_takes_the_other_down_and_both_are_removed(client, buil
     seen: dict = {}
 
     def kill_node1_once_its_ranks_run():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            for c in client.containers.list(filters={"label": OWNER}):
-                if c.name.endswith("-node1"):
-                    top = " ".join(" ".join(p) for p in c.top()["Processes"])
-                    if "vlmbuild.smoke.worker" in top:
+        try:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and "killed_at" not in seen:
+                for c in client.containers.list(filters={"label": OWNER}):
+                    if c.name.endswith("-node1") and "vlmbuild.smoke.worker" in workers_of(c):
                         seen["host_config"] = c.attrs["HostConfig"]
                         network = client.networks.get(next(iter(c.attrs["NetworkSettings"]["Networks"])))
                         seen["internal"] = network.attrs["Internal"]
-                        time.sleep(3)
+                        time.sleep(2)  # in the rendezvous or a collective by now
                         c.kill()
                         seen["killed_at"] = time.monotonic()
-                        return
-            time.sleep(0.5)
+                time.sleep(0.3)
+        except Exception as exc:  # noqa: BLE001 - said by the assertion below, not lost in a thread
+            seen["error"] = repr(exc)
 
     killer = threading.Thread(target=kill_node1_once_its_ranks_run)
     killer.start()
     run = node_smoke(built_local["tag"])
     killer.join()
-    assert "killed_at" in seen, "node 1's ranks never started"
+    assert "killed_at" in seen, f"node 1's ranks never seen running: {seen.get('error')}; {run.logs[-2000:]}"
     assert not run.passed and run.failed_node == 1, run.logs[-3000:]
     assert time.monotonic() - seen["killed_at"] < 60  # node 0 was stopped, not left to its collective's timeout
     message, _ = describe_failure(run)

@@ -172,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
     planned = select_checks(contract.checks_for(mode, flash_attention=flash_attention_installed(),
                                                 prebuilt_ops=bool(prebuilt), repeat=args.repeat,
                                                 cuda_ops=cuda_build, nodes=args.nodes), args.checks, mode)
+    if args.node_rank > 0:  # the launcher checks are node 0's: every node of the smoke runs the same image
+        planned = tuple(n for n in planned if contract.REGISTRY[n].runs_in == "ranks")
     if args.nodes > 1:  # every node's launcher works in the one directory all nodes mount
         workdir = Path(args.workdir) / f"vlmbuild-smoke-{args.run_id}"
         workdir.mkdir(exist_ok=True)
