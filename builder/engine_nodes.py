@@ -22,7 +22,7 @@ from pathlib import Path
 import docker
 
 from . import contract, owner
-from .engine import CONTAINER_REPORT_DIR
+from .engine import CONTAINER_REPORT_DIR, engine_errors
 from .engine_api import SmokeLimits, SmokeRun
 from .progress import Progress
 
@@ -59,8 +59,9 @@ def run_node_smoke(engine, image: str, device: str, timeout: int, progress: Prog
     network = volume = None
     try:
         # internal: no route out of it; the nodes reach each other by name through the engine's DNS
-        network = client.networks.create(name, driver="bridge", internal=True, labels=labels)
-        volume = client.volumes.create(name, labels=labels)
+        with engine_errors(f"making the network and the volume of the smoke over {nodes} nodes"):
+            network = client.networks.create(name, driver="bridge", internal=True, labels=labels)
+            volume = client.volumes.create(name, labels=labels)
         with ExitStack() as stack:
             containers = []
             for rank in range(nodes):
@@ -76,8 +77,9 @@ def run_node_smoke(engine, image: str, device: str, timeout: int, progress: Prog
                     name=f"{name}-node{rank}", hostname=f"node{rank}", environment=NODE_INTERFACE,
                     networking_config={name: client.api.create_endpoint_config(aliases=[f"node{rank}"])},
                     **options)))
-            for container in containers:
-                container.start()
+            for rank, container in enumerate(containers):
+                with engine_errors(f"starting node {rank} of the smoke of {image}"):  # as run_smoke's start
+                    container.start()
             codes, timed_out, first_bad = watch(containers, timeout, progress)
             return collect(engine, containers, codes, timed_out, first_bad, started, device, limits, name)
     finally:
