@@ -226,9 +226,13 @@ def check(ctx: Context, image: str | None, env_mode: bool, when: tuple[str, ...]
         if errors:
             sys.exit(1)
         return
+    from .sweep_warnings import warning_lines
+
     verdicts = [check_variant(v, rules) for v in ctx.variants(image)]
     for verdict in verdicts:
         click.echo(format_verdict(verdict))
+        for line in warning_lines(ctx.root, verdict.variant, verdict.versions):
+            click.echo(line)
     bad = [v for v in verdicts if not v.ok]
     click.echo(f"{len(verdicts)} variant(s) checked against {len(rules.rules)} rules: {len(bad)} failing")
     if bad:
@@ -270,10 +274,15 @@ def lock(ctx: Context, image: str | None, variants: tuple[str, ...], check_only:
     started = time.monotonic()
     path = lock_mod.lock_build_tools(ctx.root, upgrade, upgrade_packages)
     click.echo(f"locked   {path.relative_to(ctx.root)} in {time.monotonic() - started:.1f}s")
+    from .checks import pinned_versions
+    from .sweep_warnings import warning_lines
+
     for v in selected:
         started = time.monotonic()
         path = lock_mod.lock_variant(v, upgrade, upgrade_packages)
         click.echo(f"locked   {path.relative_to(ctx.root)} in {time.monotonic() - started:.1f}s")
+        for line in warning_lines(ctx.root, v, pinned_versions(v)[0]):
+            click.echo(line)
     click.echo(f"{len(selected)} variant(s) locked in {time.monotonic() - total:.1f}s")
 
 
@@ -357,5 +366,5 @@ def smoke(ctx: Context, image_ref: str | None, local: bool, python: str | None, 
 
 # The engine-side commands (build, push, plan, doctor, inspect, summary) live in cli_engine.py and register on
 # `main` when it is imported.
-from . import cli_engine  # noqa: E402,F401
+from . import cli_engine, cli_sweep  # noqa: E402,F401
 

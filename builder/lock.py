@@ -136,23 +136,33 @@ def _header(fields: dict[str, str]) -> str:
 def lock_variant(variant: Variant, upgrade: bool = False, upgrade_packages: tuple[str, ...] = ()) -> Path:
     """Write the variant's lockfile. Every pin of the current one that the spec still allows is kept, unless
     ``upgrade`` (everything to the newest allowed) or ``upgrade_packages`` (these to the newest allowed)."""
-    body = _compile(variant.requirement_lines(), variant.python, variant.platform, variant.lockfile_path,
-                    upgrade, upgrade_packages)
+    text = compile_lock_text(variant, variant.requirement_lines(), {}, upgrade, upgrade_packages)
+    _write_atomically(variant.lockfile_path, text)
+    return variant.lockfile_path
+
+
+def compile_lock_text(variant: Variant, requirements: list[str], extra_header: dict[str, str],
+                      upgrade: bool = False, upgrade_packages: tuple[str, ...] = ()) -> str:
+    """A lockfile of ``requirements`` for the variant's Python and platform, its current lockfile as preferences,
+    its direct wheels appended (a sweep's cell: the variant's requirements with some pins moved)."""
+    body = _compile(requirements, variant.python, variant.platform, variant.lockfile_path, upgrade, upgrade_packages)
     for wheel in sorted(variant.installed_wheels.values(), key=lambda w: w.name):
         body += f"{wheel.name} @ {wheel.url} \\\n    --hash=sha256:{wheel.sha256}\n    # direct wheel from the spec\n"
+    inputs = (variant_inputs_hash(variant) if requirements == variant.requirement_lines()
+              else inputs_hash(variant.python, variant.platform, requirements, []))
     text = _header({
         "image": variant.image.name,
         "variant": variant.name,
         "python": variant.python,
         "platform": variant.platform,
-        "inputs-sha256": variant_inputs_hash(variant),
+        "inputs-sha256": inputs,
+        **extra_header,
     }) + body
     try:
         parse_lockfile(text, variant.lockfile_path)  # never write what we could not read back
     except LockfileError as exc:
         raise LockError(f"resolver output for {variant.image.name}/{variant.name} is not a valid lockfile: {exc}") from None
-    _write_atomically(variant.lockfile_path, text)
-    return variant.lockfile_path
+    return text
 
 
 def lock_build_tools(root: Path, upgrade: bool = False, upgrade_packages: tuple[str, ...] = ()) -> Path:

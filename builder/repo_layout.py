@@ -3,6 +3,7 @@
     images/<image>.yaml              the specs (images/templates/ beside them)
     lockfiles/<image>/<variant>.txt  each variant's hash-locked lockfile
     lockfiles/build-tools.txt        the tools the build stages install (uv), locked once for every image
+    compat/<image>-<variant>.json    what `vlmbuild sweep` measured over version matrices of that variant
 """
 
 from __future__ import annotations
@@ -28,3 +29,11 @@ def variant_lockfile(root: Path, image: str, variant: str) -> Path:
 
 def build_tools_lockfile(root: Path) -> Path:
     return root / "lockfiles" / "build-tools.txt"
+
+
+def compat_results(root: Path, image: str, variant: str) -> Path:
+    return root / "compat" / f"{image}-{variant}.json"
+
+
+def compat_files(root: Path, image: str) -> list[Path]:
+    return sorted((root / "compat").glob(f"{image}-*.json"))

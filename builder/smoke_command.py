@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import IO
 
 from . import contract
 from .engine_api import SmokeLimits
@@ -56,13 +57,16 @@ def default_variant_imports(root: Path) -> str | None:
 
 
 def run_local(python: str, device: str, report: Path | None, model_dir: Path | None, lockfile: Path | None,
-              timeout: int, root: Path, repeat: int = 1, checks: str | None = None) -> int:
+              timeout: int, root: Path, repeat: int = 1, checks: str | None = None,
+              extra_env: dict[str, str] | None = None, log: Path | None = None) -> int:
+    """The smoke in the environment of ``python``; ``extra_env`` on top of this process's, its output to ``log``
+    when given (a sweep's cell) instead of this terminal."""
     if shutil.which(python) is None and not Path(python).is_file():
         raise VlmbuildError(f"--python {python}: no such interpreter")
     staging = Path(tempfile.mkdtemp(prefix="vlmbuild-smoke-src-"))
     try:
         stage_smoke_sources(staging)
-        env = dict(os.environ)
+        env = {**os.environ, **(extra_env or {})}
         lib = str(staging / "lib")
         env["PYTHONPATH"] = lib + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         cmd = [python, "-m", "vlmbuild.smoke", "--device", device, "--timeout", str(timeout), "--repeat", str(repeat)]
@@ -78,16 +82,19 @@ def run_local(python: str, device: str, report: Path | None, model_dir: Path | N
         if metadata:
             (staging / "variant.json").write_text(metadata)
             cmd += ["--variant-json", str(staging / "variant.json")]
-        return run_launcher(cmd, env, timeout + 120)  # slack over the smoke's own timeout, which stops its ranks
+        if log is None:
+            return run_launcher(cmd, env, timeout + 120)  # slack over the smoke's own timeout, which stops its ranks
+        with open(log, "w") as out:
+            return run_launcher(cmd, env, timeout + 120, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def run_launcher(cmd: list[str], env: dict[str, str], limit: int) -> int:
+def run_launcher(cmd: list[str], env: dict[str, str], limit: int, output: IO[str] | None = None) -> int:
     """The smoke's launcher, given ``limit`` seconds; past that (or on Ctrl-C) it gets SIGTERM, which it answers by
     stopping its ranks and removing their buffers, then SIGKILL if it has not gone in 30 s (its ranks then die
     with it: vlmbuild.smoke.rank_processes)."""
-    proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, stdout=output, stderr=subprocess.STDOUT if output else None)
     try:
         return proc.wait(timeout=limit)
     except subprocess.TimeoutExpired:

@@ -18,7 +18,7 @@ from packaging.version import InvalidVersion, Version
 from . import contract, repo_layout
 from .bases import DEFAULT_FAMILY, FAMILIES, LOCAL_BASE_PREFIX, split_digest
 from .engine_api import SmokeLimits
-from .errors import SpecError
+from .errors import SpecError, VlmbuildError
 from .rules import KNOWN_CONDITIONS
 from .spec_checker import SpecChecker, tag_fields
 from .spec_model import (  # noqa: F401 - the model is imported from here by the rest of vlmbuild
@@ -58,6 +58,7 @@ from .spec_model import (  # noqa: F401 - the model is imported from here by the
     ImageSpec,
     Layer,
     SourceBuild,
+    SweepSpec,
     Variant,
     Wheel,
 )
@@ -90,12 +91,13 @@ def load_spec(path: Path) -> ImageSpec:
     deepspeed_build = _load_deepspeed_build(c, raw_build) if raw_build else DEFAULT_DEEPSPEED_BUILD
     defaults = c.mapping(data["defaults"], "defaults", allowed=VARIANT_KEYS - {"description", "expect"},
                          required=REQUIRED_DEFAULTS)
+    sweep = _load_sweep(c, data.get("sweep") or {})
     image = ImageSpec(
         path=path, root=path.resolve().parent.parent, name=name, description=str(data.get("description") or ""),
         repository=repository, template=template, default_variant="", conditions=tuple(conditions),
         smoke_device=device, smoke_timeout=timeout, smoke_repeat=repeat, smoke_limits=limits, smoke_nodes=nodes,
         labels={str(k): str(v) for k, v in labels.items()},
-        layers=layers, groups=groups, deepspeed_build=deepspeed_build,
+        layers=layers, groups=groups, deepspeed_build=deepspeed_build, sweep=sweep,
     )
     raw_variants = c.mapping(data["variants"], "variants")
     if not raw_variants:
@@ -166,6 +168,30 @@ def _load_smoke(c: SpecChecker, raw: Any) -> tuple[str, int, int, SmokeLimits, i
         raise c.fail("smoke.nodes", f"expected how many nodes (containers) a further smoke pass spans, 1 to 8 (1: "
                                     f"none), got {nodes!r}")
     return device, timeout, repeat, SmokeLimits(float(memory_gb), pids), nodes
+
+
+def _load_sweep(c: SpecChecker, raw: Any) -> SweepSpec:
+    """`sweep:` {axes: {package: [versions]}, repeat, checks}; whether each package is in the variant swept is
+    checked when a variant is chosen (`vlmbuild sweep`), each version against the index then too."""
+    from .sweep_axes import parse_axis
+
+    sweep = c.mapping(raw, "sweep", allowed={"axes", "repeat", "checks"})
+    axes = c.mapping(sweep.get("axes") or {}, "sweep.axes")
+    parsed = []
+    for name, versions in axes.items():
+        if not isinstance(versions, list) or not versions:
+            raise c.fail(f"sweep.axes.{name}", f"expected a list of versions, got {versions!r}")
+        try:
+            parsed.append(parse_axis(f"{name}={','.join(str(v) for v in versions)}", "axis"))
+        except VlmbuildError as exc:
+            raise c.fail(f"sweep.axes.{name}", str(exc)) from None
+    repeat = sweep.get("repeat", 1)
+    if not isinstance(repeat, int) or isinstance(repeat, bool) or not 1 <= repeat <= 20:
+        raise c.fail("sweep.repeat", f"expected how many times each cell's ZeRO-3 load runs, 1 to 20, got {repeat!r}")
+    checks = sweep.get("checks")
+    if checks is not None and not isinstance(checks, str):
+        raise c.fail("sweep.checks", f"expected check names, comma-separated, got {checks!r}")
+    return SweepSpec(tuple(parsed), repeat, checks)
 
 
 def _load_layers(c: SpecChecker, raw_layers: Any, groups: dict[str, Group]) -> tuple[Layer, ...]:

@@ -18,7 +18,7 @@ from .engine_api import SmokeLimits
 from .errors import SpecError
 
 SCHEMA = 1
-TOP_KEYS = {"schema", "name", "description", "repository", "template", "default_variant", "recipe", "smoke",
+TOP_KEYS = {"schema", "name", "description", "repository", "template", "default_variant", "recipe", "smoke", "sweep",
             "labels", "defaults", "groups", "layers", "deepspeed_build", "variants"}
 REQUIRED_TOP = {"schema", "name", "repository", "template", "default_variant", "defaults", "layers", "variants"}
 VARIANT_KEYS = {"description", "expect", "base_image", "base_family", "python", "cuda", "platform", "tag", "packages",
@@ -99,6 +99,15 @@ class SourceBuild:
     # what its setup.py imports to build, taken with their hashes from the lockfile, beside the torch layer
     build_requires: tuple[str, ...]
     env: dict[str, str] = field(default_factory=dict)  # its own build switches (arch list, jobs)
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """The spec's `sweep:` section: the axes `vlmbuild sweep IMAGE` measures when given none, and how."""
+
+    axes: tuple = ()  # of sweep_axes.Axis
+    repeat: int = 1
+    checks: str | None = None
 
 
 @dataclass(frozen=True)
@@ -225,6 +234,7 @@ class ImageSpec:
     layers: tuple[Layer, ...]
     groups: dict[str, Group] = field(default_factory=dict)
     deepspeed_build: DeepSpeedBuildSpec = DEFAULT_DEEPSPEED_BUILD
+    sweep: SweepSpec = SweepSpec()
     variants: dict[str, Variant] = field(default_factory=dict)
 
     @cached_property

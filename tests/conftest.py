@@ -120,25 +120,33 @@ def render_variant(variant, output: Path, base_image: str | None = None):
     return render(make_plan(variant, load_variant_lock(variant)), base_image, output)
 
 
+# Where DeepSpeed wheels built with their ops are kept by key: the stack venv's and the sweep test's cells share
+# them (one build of a DeepSpeed version per suite).
+SWEEP_WORK = CACHE / "sweep"
+
+
 def build_deepspeed_with_ops(python: Path, variant, lock, uv: str) -> Path:
     """DeepSpeed's wheel with the ops the CPU smoke loads compiled in (cpu_adam, deepspeed_shm_comm, fused_adam), by
     the helper and environment the image build uses (build_files/build-sdist-wheel.sh): the smoke then compiles nothing
     at run time, so no test waits minutes for a JIT compile or loads one that another environment left in a shared
-    cache. The wheel is kept under CACHE by its inputs, as the image build keeps it in a cache mount."""
+    cache. The wheel is kept by its inputs (those `vlmbuild sweep` keys it by) where the sweep test's cells find it."""
     from vlmbuild.build_layout import BUILD_FILES
     from vlmbuild.plan import wheel_build_env
+    from vlmbuild.sweep_cell import deepspeed_build_inputs
 
     work = CACHE / "deepspeed-build"
     shutil.rmtree(work, ignore_errors=True)
     (work / "in").mkdir(parents=True)
     requirement = work / "in" / "deepspeed.txt"
     requirement.write_text(lock.get("deepspeed").render() + "\n")
-    env = {**os.environ, **wheel_build_env(variant, str(BUILD_FILES)),
+    inputs = work / "in" / "build-inputs.txt"
+    inputs.write_text(deepspeed_build_inputs(variant, lock))
+    env = {**os.environ, **wheel_build_env(variant, str(BUILD_FILES), accelerator="cpu"),
            "VLMBUILD_PYTHON": str(python), "VLMBUILD_UV": uv, "VLMBUILD_SRC": str(work / "src"),
            "PATH": f"{python.parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # ninja, from the venv
     started = time.monotonic()
     proc = subprocess.run(["bash", str(BUILD_FILES / "build-sdist-wheel.sh"), "deepspeed", str(requirement), str(work / "out"),
-                           str(CACHE / "deepspeed-wheels"), str(lock.path)],
+                           str(SWEEP_WORK / "deepspeed-wheels"), str(inputs)],
                           env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         pytest.fail(f"building DeepSpeed with its CPU ops for the tests failed:\n{proc.stdout[-3000:]}"

@@ -25,6 +25,7 @@ from pathlib import Path
 from .. import __version__, contract
 from ..lockfile import LockfileError, read_lockfile
 from . import report as report_mod
+from .common import zero_settings
 from .launcher_checks import (
     Launch,
     UsageProblem,
@@ -213,7 +214,9 @@ def run(args: argparse.Namespace) -> int:
         "environment": {"python": platform.python_version(), "platform": platform.platform(),
                         "variant": variant, "lockfile": str(lock_path) if lock_path else None,
                         "torch_extensions_dir": None if prebuilt else str(extensions),
-                        "deepspeed_build": deepspeed_path or "the venv's own"},
+                        "deepspeed_build": deepspeed_path or "the venv's own",
+                        # ZeRO settings laid over every DeepSpeed config of the run (a sweep's CPU route), if any
+                        "zero_settings": zero_settings() or None},
         "checks": checks,
     })
     report["seconds"] = round(time.monotonic() - started, 3)

@@ -3,8 +3,11 @@ the ZeRO-3 model construction transformers follows."""
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 
 class CheckProblem(Exception):
@@ -12,6 +15,29 @@ class CheckProblem(Exception):
 
 
 _DEVICE = "cpu"
+
+# ZeRO settings laid over every DeepSpeed config the smoke builds (its own and the recipe's), as a JSON object:
+# how `vlmbuild sweep` measures the rest of a cell with a setting users could equally write in their config when
+# a defect of DeepSpeed's CPU accelerator would void it (docs/sweep.md). The report says which settings ran.
+ZERO_SETTINGS_ENV = "VLMBUILD_SMOKE_ZERO_SETTINGS"
+
+
+def zero_settings() -> dict[str, Any]:
+    raw = os.environ.get(ZERO_SETTINGS_ENV, "").strip()
+    if not raw:
+        return {}
+    value = json.loads(raw)
+    if not isinstance(value, dict):
+        raise ValueError(f"{ZERO_SETTINGS_ENV} must be a JSON object of zero_optimization keys, got {raw!r}")
+    return value
+
+
+def with_zero_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with the settings of ZERO_SETTINGS_ENV in its zero_optimization block (in place, returned)."""
+    settings = zero_settings()
+    if settings and "zero_optimization" in config:
+        config["zero_optimization"].update(settings)
+    return config
 
 
 def set_comm_device(device: str) -> None:

@@ -386,7 +386,7 @@ def verify_consolidated_save(trainer: Any, output_dir: Path) -> dict[str, Any]:
     """``save_model`` under ZeRO-3 writes the consolidated 16-bit weights; they must be the gathered parameters."""
     import torch.distributed as dist
 
-    from .weights import checkpoint_digests, diff_params, gathered_param_digests
+    from .weights import as_model_names, checkpoint_digests, diff_params, gathered_param_digests
 
     trainer.save_model(str(output_dir))
     dist.barrier()
@@ -395,8 +395,9 @@ def verify_consolidated_save(trainer: Any, output_dir: Path) -> dict[str, Any]:
         present = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
         raise GrpoProblem(f"save_model wrote no consolidated .safetensors into {output_dir} (found {present}); "
                           "is stage3_gather_16bit_weights_on_model_save on?")
-    saved = checkpoint_digests(output_dir)
-    live = gathered_param_digests(trainer.model_wrapped.module)
+    live_model = trainer.model_wrapped.module
+    saved = as_model_names(checkpoint_digests(output_dir), live_model)  # 4.52+ saves the old names back
+    live = gathered_param_digests(live_model)
     problems = diff_params(saved, live, "the consolidated save")
     if problems:
         raise GrpoProblem(f"{len(problems)} tensor(s) of the consolidated save differ from the trained parameters; "

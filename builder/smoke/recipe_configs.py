@@ -15,6 +15,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from .common import with_zero_settings
+
 _FP16_AUTO = {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
               "hysteresis": 2, "min_loss_scale": 1}
 
@@ -91,5 +93,6 @@ CONFIGS = {"zero3": ZERO3, "zero3_offload": ZERO3_OFFLOAD, "zero2": ZERO2}
 
 
 def recipe_config(name: str) -> dict[str, Any]:
-    """A fresh copy: the HF integration writes the resolved ``auto`` values into the dict it is given."""
-    return copy.deepcopy(CONFIGS[name])
+    """A fresh copy: the HF integration writes the resolved ``auto`` values into the dict it is given. With the
+    ZeRO settings a sweep asked for, if any (common.with_zero_settings)."""
+    return with_zero_settings(copy.deepcopy(CONFIGS[name]))

@@ -70,6 +70,26 @@ def gathered_param_digests(module: Any) -> dict[str, dict[str, Any]]:
         }
 
 
+def as_model_names(digests: dict[str, dict[str, Any]], model: Any) -> dict[str, dict[str, Any]]:
+    """A checkpoint's tensors under the names the model gives them. transformers 4.52 renamed Qwen2.5-VL's modules
+    (``model.language_model.*``, ``model.visual.*``) and maps a checkpoint's old names on load, and back on save,
+    with the class's ``_checkpoint_conversion_mapping`` (huggingface/transformers#37033): the names are compared
+    through the very mapping it loads with (first matching pattern wins, as in its loader), so the comparison
+    stays bit-exact on every version. Before 4.52 the model has no mapping and the names are the checkpoint's."""
+    import re
+
+    mapping = getattr(model, "_checkpoint_conversion_mapping", None) or {}
+    out: dict[str, dict[str, Any]] = {}
+    for name, digest in digests.items():
+        for pattern, replacement in mapping.items():
+            renamed, count = re.subn(pattern, replacement, name)
+            if count:
+                name = renamed
+                break
+        out[name] = digest
+    return out
+
+
 def diff_params(reference: dict[str, dict[str, Any]], loaded: dict[str, dict[str, Any]], what: str) -> list[str]:
     problems = []
     for name in sorted(set(reference) | set(loaded)):

@@ -26,10 +26,10 @@ from typing import Any
 
 from .. import contract
 from . import tiny_model
-from .common import CheckProblem, all_ranks_ok, mean_over_ranks, outside_zero3, set_comm_device
+from .common import CheckProblem, all_ranks_ok, mean_over_ranks, outside_zero3, set_comm_device, with_zero_settings
 from .model_dir import checkpoint_dtype
 from .rank_processes import end_rank, leave_process_group
-from .weights import checkpoint_digests, diff_params, gathered_param_digests
+from .weights import as_model_names, checkpoint_digests, diff_params, gathered_param_digests
 
 TRAIN_STEPS = 4
 LEARNING_RATE = 1e-3
@@ -71,7 +71,7 @@ class Smoke:
         dtype = dtype or self.dtype
         half = dtype if dtype in (torch.bfloat16, torch.float16) else None
 
-        return {
+        return with_zero_settings({
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
             "gradient_clipping": 1.0,
@@ -90,7 +90,7 @@ class Smoke:
             "optimizer": {"type": "AdamW", "params": {"lr": LEARNING_RATE, "torch_adam": not self.gpu}},
             "bf16": {"enabled": half == torch.bfloat16},
             "fp16": {"enabled": half == torch.float16, "initial_scale_power": 8},
-        }
+        })
 
     # -- check runner
 
@@ -206,13 +206,14 @@ class Smoke:
                 f"{', '.join(not_partitioned[:5])}"
             )
         loaded = gathered_param_digests(self.model)
+        reference = as_model_names(reference, self.model)
         problems = diff_params(reference, loaded, "the checkpoint")
         if problems:
             raise CheckProblem(
                 f"{len(problems)} parameter(s) differ from the saved checkpoint; first ones:\n  "
                 + "\n  ".join(problems[:8])
             )
-        vision = sum(1 for n in names if n.startswith("visual."))
+        vision = sum(1 for n in names if n.startswith("visual.") or ".visual." in n)  # model.visual.: 4.52+
         weights = hashlib.sha256("".join(f"{n}:{d['sha256']}\n" for n, d in sorted(loaded.items())).encode())
         if load_dtype != self.dtype:
             # Compared in the checkpoint's dtype; the training checks need the dtype this device trains in.

@@ -1,0 +1,73 @@
+"""The results as a Markdown grid: the first axis as rows, the second as columns, every further axis as sections.
+
+A cell shows PASS, or the first failing check and why in a word (the rule that explains it, ``unexplained``, or the
+CPU accelerator's defect), or that the combination cannot be installed. A combination not measured shows ``·``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from typing import Any
+
+from packaging.version import Version
+
+from .sweep_verdict import NOT_MEASURED
+
+
+def cell_text(cell: Mapping[str, Any]) -> str:
+    result = cell["result"]
+    cpu = cell.get("cpu_accelerator") or {}
+    if result == "passed":
+        return f"PASS (CPU: with {', '.join(sorted(cpu['setting']))})" if cpu.get("setting") else "PASS"
+    if result == "unresolvable":
+        return "unresolvable"
+    if result == "install_failed":
+        return "install failed"
+    first = (cell.get("first_failure") or {}).get("check") or "smoke"
+    if cell.get("cpu_accelerator"):
+        unmeasured = sum(1 for c in cell["checks"] if c["status"] == NOT_MEASURED)
+        return f"FAIL {first} (CPU accelerator; {unmeasured} not measured)"
+    why = ", ".join(cell["explained_by"]) if cell["explained_by"] else "unexplained"
+    return f"FAIL {first} ({why})"
+
+
+def position(cell: Mapping[str, Any], package: str) -> str | None:
+    return cell["pins"].get(package) or cell.get("versions", {}).get(package)
+
+
+def markdown(data: Mapping[str, Any]) -> str:
+    axes = [(a["package"], sorted(a["versions"], key=Version)) for a in data["axes"]]
+    cells = data["cells"]
+    if not axes or not cells:
+        return f"_No cells measured for {data['image']}/{data['variant']}._\n"
+    # A cell is placed by its version of each axis package: its pin, else what its lock installed (a cell of a
+    # sweep over other axes holds the variant's lock version there)
+    names = [name for name, _ in axes]
+    by_pins = {tuple(sorted((n, position(c, n)) for n in names)): c for c in cells}
+    rows = axes[0]
+    cols = axes[1] if len(axes) > 1 else ("", [""])
+    sections = axes[2:]
+    devices = sorted({c["device"] for c in cells})
+    lines = [f"Measured by `vlmbuild sweep` on {', '.join(devices)}: {len(cells)} cell(s) of "
+             f"{data['image']}/{data['variant']}; the rest of each cell's stack is the variant's lock. "
+             "A cell names its first failing check and the rule that explains it."]
+    for combo in itertools.product(*[[(name, v) for v in versions] for name, versions in sections]):
+        present = [c for c in cells if all(position(c, k) == v for k, v in combo)]
+        if not present:
+            continue
+        lines.append("")
+        if combo:
+            lines.append("**" + ", ".join(f"{k} {v}" for k, v in combo) + "**")
+            lines.append("")
+        header = f"| {rows[0]} \\ {cols[0]} |" if cols[0] else f"| {rows[0]} |"
+        lines.append(header + "".join(f" {v} |" for v in cols[1]))
+        lines.append("|---|" + "---|" * len(cols[1]))
+        for row in rows[1]:
+            texts = []
+            for col in cols[1]:
+                pins = {rows[0]: row, **({cols[0]: col} if cols[0] else {}), **dict(combo)}
+                found = by_pins.get(tuple(sorted((n, pins.get(n)) for n in names)))
+                texts.append(cell_text(found) if found else "·")
+            lines.append(f"| {row} |" + "".join(f" {t} |" for t in texts))
+    return "\n".join(lines) + "\n"
