@@ -89,8 +89,10 @@ def install_env(cell: Cell, lock_path: Path, work: Workdir) -> Path:
     log.unlink(missing_ok=True)
     run([uv, "venv", "-q", "--python", cell.variant.python, str(env)], "uv venv", log=log)
     python = env / "bin" / "python"
-    run([uv, "pip", "install", "-q", "--python", str(python), "--require-hashes", "--no-deps", "--compile-bytecode",
-         "-r", str(lock_path)], "uv pip install", log=log)
+    # No --compile-bytecode: of ~30,000 modules a smoke imports a few thousand, compiled once by its first process
+    # into the cell's own environment (smoke_cell lets it write them), which is removed with it.
+    run([uv, "pip", "install", "-q", "--python", str(python), "--require-hashes", "--no-deps", "-r", str(lock_path)],
+        "uv pip install", log=log)
     return python
 
 
@@ -120,8 +122,8 @@ def install_deepspeed_with_ops(cell: Cell, python: Path, lock_path: Path, work: 
                str(scratch / "out"), str(work.wheels), str(scratch / "in" / "build-inputs.txt")],
               "building DeepSpeed with its CPU ops", env=env, log=work.cell(cell) / "install.log")
     wheel = next((scratch / "out").glob("deepspeed-*.whl"))
-    run([uv_binary(), "pip", "install", "-q", "--python", str(python), "--no-deps", "--reinstall",
-         "--compile-bytecode", str(wheel)], "installing the DeepSpeed wheel", log=work.cell(cell) / "install.log")
+    run([uv_binary(), "pip", "install", "-q", "--python", str(python), "--no-deps", "--reinstall", str(wheel)],
+        "installing the DeepSpeed wheel", log=work.cell(cell) / "install.log")
     shutil.rmtree(scratch, ignore_errors=True)
     return out.strip().splitlines()[-1] if out.strip() else ""
 
@@ -213,7 +215,9 @@ def smoke_cell(cell: Cell, python: Path, lock_path: Path, work: Workdir, root: P
     shutil.rmtree(extensions, ignore_errors=True)
     report_path = work.cell(cell) / f"smoke-report{suffix}.json"
     report_path.unlink(missing_ok=True)
-    env = {"TORCH_EXTENSIONS_DIR": str(extensions)}
+    # bytecode written into the cell's environment by the first process that imports a module (a CI shell's
+    # PYTHONDONTWRITEBYTECODE would have every rank compile every module again)
+    env = {"TORCH_EXTENSIONS_DIR": str(extensions), "PYTHONDONTWRITEBYTECODE": ""}
     if zero_settings:
         env[ZERO_SETTINGS_ENV] = json.dumps(zero_settings, sort_keys=True)
     step = time.monotonic()

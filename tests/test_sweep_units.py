@@ -296,3 +296,16 @@ def test_a_cpu_defect_a_setting_routes_around_is_measured_with_it_and_says_so(lo
     # DeepSpeed 0.19.8 is not covered: nothing to route around
     fixed = measured([stack({"deepspeed": "0.19.8"}), check("zero3_load", "failed", corrupt, [rule])], False)
     assert cpu_route(cells_of(local, "deepspeed=0.19.8")[0], fixed, load_rules()) is None
+
+
+def test_readme_grid_is_generated_from_the_committed_data(cli):
+    """The README carries the measured grid between markers; it must be what the committed data renders to."""
+    data = REPO / "compat" / "vlm-r1-local.json"
+    committed = sweep_results.load(data)
+    assert len(committed["cells"]) >= 24, "the committed sweep must hold at least 24 cells"
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- compat:start -->\n", 1)[1].split("<!-- compat:end -->", 1)[0].strip()
+    generated = cli("sweep", "report", "--markdown", str(data))
+    assert generated.code == 0
+    assert block == generated.out.strip(), \
+        "README's compatibility grid drifted: paste `vlmbuild sweep report --markdown compat/vlm-r1-local.json`"
