@@ -31,6 +31,7 @@ from .lock import LockError, compile_lock_text, uv_binary
 from .lockfile import Lockfile, LockfileError, parse_lockfile
 from .plan import wheel_build_env
 from .smoke.common import ZERO_SETTINGS_ENV
+from .smoke.stack import RULES_ENV
 from .smoke_command import run_local
 from .spec import Variant
 from .sweep_axes import Cell, first_line
@@ -217,7 +218,9 @@ def smoke_cell(cell: Cell, python: Path, lock_path: Path, work: Workdir, root: P
     report_path.unlink(missing_ok=True)
     # bytecode written into the cell's environment by the first process that imports a module (a CI shell's
     # PYTHONDONTWRITEBYTECODE would have every rank compile every module again)
-    env = {"TORCH_EXTENSIONS_DIR": str(extensions), "PYTHONDONTWRITEBYTECODE": ""}
+    # The rules' matches recorded, not enforced: a cell is measured by what its checks observe (sweep_verdict
+    # explains failures with the rules afterwards).
+    env = {"TORCH_EXTENSIONS_DIR": str(extensions), "PYTHONDONTWRITEBYTECODE": "", RULES_ENV: "record"}
     if zero_settings:
         env[ZERO_SETTINGS_ENV] = json.dumps(zero_settings, sort_keys=True)
     step = time.monotonic()
