@@ -77,6 +77,7 @@ def run_sweep(request: SweepRequest, root: Path, progress: Progress) -> dict:
             measured = measure_cell(cell, work, root, keep_env=request.keep_envs,
                                     reroute=functools.partial(cpu_route, cell, rules=rules))
             record = make_record(cell, measured, revision, rules)
+            record["reports"] = keep_reports(cell, work, request.results) if measured.report is not None else []
             sweep_results.put(data, record)
             sweep_results.save(request.results, data)
             elapsed = time.monotonic() - started
@@ -87,6 +88,21 @@ def run_sweep(request: SweepRequest, root: Path, progress: Progress) -> dict:
         if not request.keep_envs:
             shutil.rmtree(work.root / "envs", ignore_errors=True)
     return data
+
+
+def keep_reports(cell: Cell, work: Workdir, results: Path) -> list[str]:
+    """The cell's smoke reports (and the second one of a CPU route), kept beside the results file: the evidence a
+    user re-checks against the record's report_sha256 (paths relative to the results file)."""
+    kept = []
+    target = sweep_results.reports_dir(results)
+    for name, suffix in (("smoke-report.json", ""), ("smoke-report-with-setting.json", "-with-setting")):
+        source = work.cell(cell) / name
+        if source.is_file():
+            target.mkdir(parents=True, exist_ok=True)
+            dest = target / f"{cell.id}{suffix}.json"
+            shutil.copyfile(source, dest)
+            kept.append(str(dest.relative_to(results.parent)))
+    return kept
 
 
 def describe(record: dict) -> str:

@@ -26,10 +26,10 @@ from .errors import VlmbuildError
 
 SCHEMA = 1
 RECORD_KEYS = ("id", "pins", "device", "result", "reason", "first_failure", "explained_by", "cpu_accelerator",
-               "checks", "versions", "inputs", "lock_sha256", "report_sha256", "vlmbuild_revision", "host",
+               "checks", "versions", "inputs", "lock_sha256", "report_sha256", "reports", "vlmbuild_revision", "host",
                "measured_at", "seconds", "jit_compiled")
 # What may differ between two measurements of the same cell without the result differing: when, where, how long.
-CIRCUMSTANCES = ("vlmbuild_revision", "host", "measured_at", "seconds", "report_sha256", "lock_sha256")
+CIRCUMSTANCES = ("vlmbuild_revision", "host", "measured_at", "seconds", "report_sha256", "lock_sha256", "reports")
 RESULTS = ("passed", "failed", "unresolvable", "install_failed")
 
 
@@ -139,6 +139,11 @@ def outcome(cell: Mapping[str, Any]) -> dict[str, Any]:
 
 def pins_text(cell: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in cell["pins"].items())
+
+
+def reports_dir(results: Path) -> Path:
+    """Where the smoke reports of a results file's cells are kept, beside it: reports/<results name>/<cell>.json."""
+    return results.parent / "reports" / results.stem
 
 
 def host_facts(device: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ cost seconds. The DeepSpeed wheel with its ops is the one the stack venv built (
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -50,7 +51,11 @@ def test_a_two_cell_sweep_measures_explains_and_is_not_measured_twice(cli, tmp_p
     assert "_register_hooks_recursively" in old_trl["first_failure"]["error"]
     assert old_trl["explained_by"] == [HOOKS_RULE] and old_trl["versions"]["trl"] == "0.15.2"
     for cell in data["cells"]:
-        assert len(cell["lock_sha256"]) == 64 and len(cell["report_sha256"]) == 64 and cell["host"]["cores"]
+        assert len(cell["lock_sha256"]) == 64 and cell["host"]["cores"]
+        # the smoke's report kept beside the results, the bytes the record's sha256 names
+        report = results.parent / cell["reports"][0]
+        assert hashlib.sha256(report.read_bytes()).hexdigest() == cell["report_sha256"]
+        assert json.loads(report.read_text())["environment"]["lockfile"].endswith("lock.txt")
     assert not list((SWEEP_WORK / "envs").glob("*")), "a cell's environment was left behind"
     assert shm_buffers() <= buffers, "a cell left DeepSpeed's shared-memory buffers behind"
 
