@@ -117,11 +117,13 @@ def describe(record: dict) -> str:
     if result != "failed":
         return f"{result}: {record['reason']}"
     text = f"FAIL {record['reason']}"
-    if record["cpu_accelerator"]:
-        text += f" [{', '.join(record['cpu_accelerator']['rules'])}: {record['cpu_accelerator']['note']}]"
-    elif record["explained_by"]:
-        text += f" [explained by {', '.join(record['explained_by'])}]"
-    elif is_finding(record):
+    cpu_rules = set((cpu or {}).get("rules") or ())
+    own = [r for r in record["explained_by"] if r not in cpu_rules]
+    if own:
+        text += f" [explained by {', '.join(own)}]"
+    if cpu:
+        text += f" [{', '.join(sorted(cpu_rules))}: {cpu['note']}]"
+    if is_finding(record):
         text += " [unexplained: a finding]"
     return text
 

@@ -25,10 +25,12 @@ def cell_text(cell: Mapping[str, Any]) -> str:
     if result == "install_failed":
         return "install failed"
     first = (cell.get("first_failure") or {}).get("check") or "smoke"
-    if cell.get("cpu_accelerator"):
+    cpu_rules = set(cpu.get("rules") or ())
+    own = [r for r in cell["explained_by"] if r not in cpu_rules]
+    why = ", ".join(own) if own else ("" if cpu else "unexplained")
+    if cpu:
         unmeasured = sum(1 for c in cell["checks"] if c["status"] == NOT_MEASURED)
-        return f"FAIL {first} (CPU accelerator; {unmeasured} not measured)"
-    why = ", ".join(cell["explained_by"]) if cell["explained_by"] else "unexplained"
+        why += ("; " if why else "") + f"CPU accelerator, {unmeasured} not measured"
     return f"FAIL {first} ({why})"
 
 

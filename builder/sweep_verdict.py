@@ -189,7 +189,11 @@ def installed_versions(report: Mapping[str, Any]) -> dict[str, str]:
 
 
 def is_finding(record: Mapping[str, Any]) -> bool:
-    """A failure that no rule explains."""
-    return record["result"] == "failed" and not record["explained_by"] and not record["cpu_accelerator"]
-
-
+    """A failure that no rule explains: a failing check without an explaining rule, or a failed cell whose smoke
+    said why outside any check."""
+    if record["result"] != "failed":
+        return False
+    failed = [c for c in record["checks"] if c["status"] == "failed"]
+    if not failed:
+        return True
+    return any(not c["explained_by"] for c in failed)
