@@ -11,6 +11,7 @@ rank's results file. The rendezvous is bounded: a node that cannot reach it, or 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -84,12 +85,24 @@ class NodeRanks(Ranks):
 
     def await_other_nodes(self) -> None:
         """This node's torchrun ended well: the other nodes' ranks write their results within moments."""
-        if self.procs[0].returncode != 0:
+        if self.procs[0].returncode != 0 or self.saw_a_wrong_world():
             return
         deadline = time.monotonic() + OTHER_NODES_GRACE_SECONDS
         files = [self.results_dir / f"rank{rank}.json" for rank in range(self.world)]
         while not all(f.is_file() for f in files) and time.monotonic() < deadline:
             time.sleep(0.2)
+
+    def saw_a_wrong_world(self) -> bool:
+        """This node's ranks found their world wrong (check nodes failed): no rank of another node will write into
+        this world's results, and waiting for them only delays the failure (a world per node waited 60 s)."""
+        for path in self.results_dir.glob("rank*.json"):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # being written, or another world's: the ranks' own merge reads it later
+            if any(c.get("name") == "nodes" and c.get("status") == "failed" for c in data.get("checks", [])):
+                return True
+        return False
 
     def wait(self) -> list[contract.CheckRecord]:
         records = super().wait()
