@@ -119,7 +119,15 @@ def tiny_processor(vocab_size: int = VOCAB_SIZE, special_ids: dict[str, int] | N
     pixels = IMAGE_SIDE * IMAGE_SIDE
     image_processor = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=14,
                                             temporal_patch_size=2, merge_size=2)
-    return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    parts = {}
+    if "video_processor" in getattr(Qwen2_5_VLProcessor, "attributes", ()):
+        # transformers 4.52 made a video processor a required part of Qwen2.5-VL's processor ("Received a NoneType
+        # for argument video_processor"); before, it had none. The same pixel budget as the images'.
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+        parts["video_processor"] = Qwen2VLVideoProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=14,
+                                                         temporal_patch_size=2, merge_size=2)
+    return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer, **parts)
 
 
 def load_processor(model_dir: Path) -> Any:
