@@ -114,3 +114,25 @@ def sweep_merge(parts: tuple[Path, ...], output: Path) -> None:
     data = sweep_results.merge([sweep_results.load(p) for p in parts], [str(p) for p in parts])
     sweep_results.save(output, data)
     click.echo(f"merged {len(parts)} file(s) into {output}: {len(data['cells'])} cell(s)")
+
+
+@sweep.command("rejudge")
+@click.argument("image")
+@click.option("--variant", default=None, help="The variant the results are of (default: the spec's).")
+@click.option("--results", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The results file (default: compat/<image>-<variant>.json).")
+@pass_ctx
+@guarded
+def sweep_rejudge(ctx: Context, image: str, variant: str | None, results: Path | None) -> None:
+    """Judge measured cells again, from their kept smoke reports, with the rules as they are now (nothing is
+    measured again)."""
+    from . import sweep_results
+    from .sweep import default_results_path, rejudge
+
+    spec = ctx.spec(image)
+    chosen = spec.variant(variant or spec.default_variant)
+    path = results or default_results_path(ctx.root, chosen)
+    data, changed = rejudge(path, chosen)
+    sweep_results.save(path, data)
+    click.echo(f"{path}: {len(data['cells'])} cell(s), {len(changed)} judged differently now"
+               + (f": {', '.join(changed)}" if changed else ""))

@@ -21,7 +21,7 @@ from .progress import Progress
 from .rules import load_rules
 from .spec import Variant
 from .sweep_axes import Axis, Cell, Measure, check_axes, check_versions_exist, make_cells, shard_of
-from .sweep_cell import Workdir, measure_cell
+from .sweep_cell import Measured, Workdir, measure_cell
 from .sweep_verdict import cpu_route, is_finding, make_record
 
 
@@ -88,6 +88,42 @@ def run_sweep(request: SweepRequest, root: Path, progress: Progress) -> dict:
         if not request.keep_envs:
             shutil.rmtree(work.root / "envs", ignore_errors=True)
     return data
+
+
+def rejudge(results: Path, variant: Variant) -> tuple[dict, list[str]]:
+    """The results judged again from the smoke reports kept beside them, with the rules as they are now: a rule
+    added after a sweep explains its failures without measuring anything again. Returns the results and the ids
+    of the cells whose verdict changed; what was measured (checks' raw statuses, timings, hashes) stays."""
+    data = sweep_results.load(results, variant.image.name, variant.name)
+    rules = load_rules()
+    changed = []
+    for n, record in enumerate(data["cells"]):
+        if record["result"] not in ("passed", "failed", "install_failed") or (
+                record["result"] != "install_failed" and not record["reports"]):
+            continue
+        inputs = record["inputs"]
+        cell = Cell(variant, tuple(record["pins"].items()),
+                    Measure(record["device"], inputs["repeat"], inputs["checks"]))
+        reports = [json.loads((results.parent / r).read_text()) for r in record["reports"]]
+        cpu = record["cpu_accelerator"] or {}
+        first = Measured("measured", "", record["lock_sha256"], reports[0], None, pins=dict(record["versions"]))
+        if len(reports) == 2:  # a CPU route: the second report is the cell's result
+            measured = Measured("measured", "", record["lock_sha256"], reports[1], record["report_sha256"],
+                                pins=dict(record["versions"]), zero_settings=cpu.get("setting"), first_run=first)
+        elif record["result"] == "install_failed":
+            measured = Measured("install_failed", record["reason"], record["lock_sha256"],
+                                pins=dict(record["versions"]))
+        else:
+            measured = first
+        judged = make_record(cell, measured, record["vlmbuild_revision"], rules)
+        verdict = {k: judged[k] for k in ("result", "reason", "first_failure", "explained_by", "cpu_accelerator",
+                                          "checks")}
+        if record["result"] == "install_failed":
+            verdict = {"explained_by": judged["explained_by"]}
+        if any(record[k] != v for k, v in verdict.items()):
+            changed.append(record["id"])
+            data["cells"][n] = {**record, **verdict}
+    return data, changed
 
 
 def keep_reports(cell: Cell, work: Workdir, results: Path) -> list[str]:

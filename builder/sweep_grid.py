@@ -25,12 +25,18 @@ def cell_text(cell: Mapping[str, Any]) -> str:
     if result == "install_failed":
         return "install failed"
     first = (cell.get("first_failure") or {}).get("check") or "smoke"
+    first_check: Mapping[str, Any] = next((c for c in cell["checks"] if c["name"] == first), {"explained_by": []})
     cpu_rules = set(cpu.get("rules") or ())
-    own = [r for r in cell["explained_by"] if r not in cpu_rules]
-    why = ", ".join(own) if own else ("" if cpu else "unexplained")
-    if cpu:
+    own = [r for r in first_check["explained_by"] if r not in cpu_rules]
+    if own:
+        why = ", ".join(own)
+    elif set(first_check["explained_by"]) & cpu_rules:
         unmeasured = sum(1 for c in cell["checks"] if c["status"] == NOT_MEASURED)
-        why += ("; " if why else "") + f"CPU accelerator, {unmeasured} not measured"
+        why = f"CPU accelerator, {unmeasured} not measured"
+    else:
+        why = "unexplained"
+    if cpu.get("setting"):
+        why += f"; CPU: with {', '.join(sorted(cpu['setting']))}"
     return f"FAIL {first} ({why})"
 
 
@@ -39,8 +45,10 @@ def position(cell: Mapping[str, Any], package: str) -> str | None:
 
 
 def markdown(data: Mapping[str, Any]) -> str:
-    axes = [(a["package"], sorted(a["versions"], key=Version)) for a in data["axes"]]
     cells = data["cells"]
+    # every version an axis names, and every version a cell of another sweep had there (its lock's)
+    axes = [(a["package"], sorted({*a["versions"], *(v for c in cells if (v := position(c, a["package"])))},
+                                  key=Version)) for a in data["axes"]]
     if not axes or not cells:
         return f"_No cells measured for {data['image']}/{data['variant']}._\n"
     # A cell is placed by its version of each axis package: its pin, else what its lock installed (a cell of a

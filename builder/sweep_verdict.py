@@ -173,10 +173,12 @@ def cpu_route(cell: Cell, measured: Measured, rules: RuleSet) -> dict[str, Any] 
 
 def explaining_rules(check: Mapping[str, Any], versions: Mapping[str, str], conditions: tuple[str, ...],
                      rules: RuleSet) -> list[str]:
+    """The rules whose symptom is in the check's error (matched now, with the rules as they are: a rule added after
+    the smoke explains it too) and whose packages the cell's versions match."""
     if check.get("status") != "failed":
         return []
-    by_symptom = [e["id"] for e in check.get("explanations") or []]
-    return sorted(rid for rid in by_symptom if rules.get(rid).matches(versions, conditions) is not None)
+    text = "\n".join(str(check.get(k) or "") for k in ("error", "traceback"))
+    return sorted(r.id for r in rules.match_error(text) if r.matches(versions, conditions) is not None)
 
 
 def installed_versions(report: Mapping[str, Any]) -> dict[str, str]:

@@ -310,3 +310,28 @@ def test_readme_grid_is_generated_from_the_committed_data(cli):
     assert generated.code == 0
     assert block == generated.out.strip(), \
         "README's compatibility grid drifted: paste `vlmbuild sweep report --markdown compat/vlm-r1-local.json`"
+
+
+def test_rejudge_explains_old_measurements_with_the_rules_as_they_are_now(tmp_path, local):
+    """A rule added after a sweep explains its failures from the kept reports, measuring nothing again."""
+    from vlmbuild.sweep import rejudge
+
+    sampler = "TypeError: GRPOTrainer._get_train_sampler() takes 1 positional argument but 2 were given"
+    cell = cells_of(local, "deepspeed=0.19.8", "transformers=4.52.4", "trl=0.16.1")[0]
+    report = {"checks": [stack({"deepspeed": "0.19.8", "transformers": "4.52.4", "trl": "0.16.1"}),
+                         check("grpo", "failed", sampler)], "passed": False}
+    results = tmp_path / "vlm-r1-local.json"
+    kept = tmp_path / "reports" / "vlm-r1-local" / f"{cell.id}.json"
+    kept.parent.mkdir(parents=True)
+    kept.write_text(json.dumps(report))
+    record = make_record(cell, Measured("measured", "", "a" * 64, report, "b" * 64, {}, (),
+                                        {"deepspeed": "0.19.8", "transformers": "4.52.4", "trl": "0.16.1"}), "rev")
+    assert record["explained_by"] == ["trl-0.16-transformers-4.52-train-sampler"]
+    # as the sweep judged it before the rule existed
+    old = {**record, "explained_by": [], "reports": [str(kept.relative_to(tmp_path))],
+           "checks": [{**c, "explained_by": []} for c in record["checks"]]}
+    sweep_results.save(results, grid_of(old))
+    data, changed = rejudge(results, local)
+    assert changed == [cell.id]
+    assert data["cells"][0]["explained_by"] == ["trl-0.16-transformers-4.52-train-sampler"]
+    assert data["cells"][0]["measured_at"] == old["measured_at"] and data["cells"][0]["seconds"] == old["seconds"]
