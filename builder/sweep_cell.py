@@ -28,7 +28,7 @@ from typing import Any
 from .build_layout import BUILD_FILES
 from .errors import VlmbuildError
 from .lock import LockError, compile_lock_text, uv_binary
-from .lockfile import Lockfile, LockfileError, parse_lockfile
+from .lockfile import Lockfile, parse_lockfile
 from .plan import wheel_build_env
 from .smoke.common import ZERO_SETTINGS_ENV
 from .smoke.stack import RULES_ENV
@@ -107,10 +107,9 @@ def deepspeed_build_inputs(variant: Variant, lock: Lockfile) -> str:
                    if r.name in requires or variant.image.layer_of(r.name) == torch_layer)
 
 
-def install_deepspeed_with_ops(cell: Cell, python: Path, lock_path: Path, work: Workdir) -> str:
+def install_deepspeed_with_ops(cell: Cell, python: Path, lock: Lockfile, work: Workdir) -> str:
     """DeepSpeed rebuilt with the CPU ops (or taken from the helper's cache) and installed over the index one;
     returns the helper's last line (built or reused, with its key)."""
-    lock = parse_lockfile(lock_path.read_text(), lock_path)
     scratch = work.cell(cell) / "deepspeed-build"
     shutil.rmtree(scratch, ignore_errors=True)
     (scratch / "in").mkdir(parents=True)
@@ -177,8 +176,10 @@ def measure_cell(cell: Cell, work: Workdir, root: Path, keep_env: bool = False,
         lock_path = lock_cell(cell, work)
     except LockError as exc:
         return Measured("unresolvable", first_line(str(exc)), seconds={"lock": round(time.monotonic() - started, 1)})
-    lock_sha = hashlib.sha256(lock_path.read_bytes()).hexdigest()
-    pins = read_lock_pins(lock_path)
+    text = lock_path.read_bytes()
+    lock_sha = hashlib.sha256(text).hexdigest()
+    lock = parse_lockfile(text.decode(), lock_path)  # read once: its pins, DeepSpeed's build inputs
+    pins = lock.pins
     seconds["lock"] = round(time.monotonic() - started, 1)
     try:
         step = time.monotonic()
@@ -186,7 +187,7 @@ def measure_cell(cell: Cell, work: Workdir, root: Path, keep_env: bool = False,
         seconds["install"] = round(time.monotonic() - step, 1)
         if cell.measure.device == "cpu":
             step = time.monotonic()
-            install_deepspeed_with_ops(cell, python, lock_path, work)
+            install_deepspeed_with_ops(cell, python, lock, work)
             seconds["deepspeed_ops"] = round(time.monotonic() - step, 1)
         # On a GPU runner DeepSpeed's CUDA ops are JIT-compiled by the smoke into the cell's own extensions
         # directory (the runner's CUDA toolkit), and recorded as such (jit_compiled).
@@ -238,10 +239,3 @@ def smoke_cell(cell: Cell, python: Path, lock_path: Path, work: Workdir, root: P
     except ValueError:
         return Measured("measured", "the smoke's report is not JSON", seconds=seconds, jit_compiled=compiled)
     return Measured("measured", "", None, report, hashlib.sha256(data).hexdigest(), seconds, compiled)
-
-
-def read_lock_pins(path: Path) -> dict[str, str]:
-    try:
-        return parse_lockfile(path.read_text(), path).pins
-    except (OSError, LockfileError):
-        return {}

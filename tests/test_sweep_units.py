@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from vlmbuild import sweep_results
 from vlmbuild.errors import VlmbuildError
+from vlmbuild.rules import load_rules
 from vlmbuild.spec import load_spec
 from vlmbuild.sweep_axes import Measure, check_axes, first_line, make_cells, parse_axis, parse_shard, shard_of
 from vlmbuild.sweep_cell import Measured
 from vlmbuild.sweep_grid import markdown
-from vlmbuild.rules import load_rules
 from vlmbuild.sweep_verdict import NOT_MEASURED, cpu_route, is_finding, make_record
 
 REPO = Path(__file__).resolve().parent.parent
