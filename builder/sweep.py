@@ -22,7 +22,7 @@ from .rules import load_rules
 from .spec import Variant
 from .sweep_axes import Axis, Cell, Measure, check_axes, check_versions_exist, make_cells, shard_of
 from .sweep_cell import Measured, Workdir, measure_cell
-from .sweep_verdict import cpu_route, is_finding, make_record
+from .sweep_verdict import cpu_route, is_finding, make_record, resolver_rules
 
 
 @dataclass(frozen=True)
@@ -98,23 +98,30 @@ def rejudge(results: Path, variant: Variant) -> tuple[dict, list[str]]:
     rules = load_rules()
     changed = []
     for n, record in enumerate(data["cells"]):
-        if record["result"] not in ("passed", "failed", "install_failed") or (
-                record["result"] != "install_failed" and not record["reports"]):
+        if record["result"] not in ("passed", "failed", "install_failed", "unresolvable") or (
+                record["result"] in ("passed", "failed") and not record["reports"]):
             continue
         inputs = record["inputs"]
         cell = Cell(variant, tuple(record["pins"].items()),
                     Measure(record["device"], inputs["repeat"], inputs["checks"]))
+        if record["result"] == "unresolvable":
+            explained = resolver_rules(cell, record["reason"], rules)
+            if explained != record["explained_by"]:
+                changed.append(record["id"])
+                data["cells"][n] = {**record, "explained_by": explained}
+            continue
         reports = [json.loads((results.parent / r).read_text()) for r in record["reports"]]
         cpu = record["cpu_accelerator"] or {}
-        first = Measured("measured", "", record["lock_sha256"], reports[0], None, pins=dict(record["versions"]))
-        if len(reports) == 2:  # a CPU route: the second report is the cell's result
-            measured = Measured("measured", "", record["lock_sha256"], reports[1], record["report_sha256"],
-                                pins=dict(record["versions"]), zero_settings=cpu.get("setting"), first_run=first)
-        elif record["result"] == "install_failed":
+        if record["result"] == "install_failed":  # no smoke ran: no report
             measured = Measured("install_failed", record["reason"], record["lock_sha256"],
                                 pins=dict(record["versions"]))
         else:
-            measured = first
+            measured = Measured("measured", "", record["lock_sha256"], reports[0], None,
+                                pins=dict(record["versions"]))
+            if len(reports) == 2:  # a CPU route: the second report is the cell's result
+                measured = Measured("measured", "", record["lock_sha256"], reports[1], record["report_sha256"],
+                                    pins=dict(record["versions"]), zero_settings=cpu.get("setting"),
+                                    first_run=measured)
         judged = make_record(cell, measured, record["vlmbuild_revision"], rules)
         verdict = {k: judged[k] for k in ("result", "reason", "first_failure", "explained_by", "cpu_accelerator",
                                           "checks")}
@@ -151,7 +158,8 @@ def describe(record: dict) -> str:
                     f"without it {before.get('check')} failed: {before.get('error')})")
         return "PASS"
     if result != "failed":
-        return f"{result}: {record['reason']}"
+        explained = f" [explained by {', '.join(record['explained_by'])}]" if record["explained_by"] else ""
+        return f"{result}: {record['reason']}{explained}"
     text = f"FAIL {record['reason']}"
     cpu_rules = set((cpu or {}).get("rules") or ())
     own = [r for r in record["explained_by"] if r not in cpu_rules]

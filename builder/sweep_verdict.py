@@ -64,6 +64,8 @@ def make_record(cell: Cell, measured: Measured, revision: str | None, rules: Rul
     }
     if measured.state != "measured":
         record["result"] = measured.state
+        if measured.state == "unresolvable":
+            record["explained_by"] = resolver_rules(cell, measured.reason, rules)
         if measured.state == "install_failed":
             # a stack that cannot even be installed or imported here may be a known rule's (DeepSpeed that
             # initialises triton's GPU driver at import cannot be built on a GPU-less host)
@@ -169,6 +171,17 @@ def cpu_route(cell: Cell, measured: Measured, rules: RuleSet) -> dict[str, Any] 
         if route is not None and versions.get("deepspeed") and route.deepspeed.contains(versions["deepspeed"]):
             return dict(route.settings)
     return None
+
+
+def resolver_rules(cell: Cell, reason: str, rules: RuleSet) -> list[str]:
+    """The rules that explain a cell uv cannot resolve: the cell's own pins match every package of the rule, and
+    the resolver's reason names each of them (``trl==0.18.0 depends on transformers>=4.50.0``: rule
+    trl-0.18-needs-transformers-4.50). Nothing is installed, so the pins are the versions."""
+    pins = dict(cell.pins)
+    conditions = cell_conditions(cell, pins)
+    return sorted(r.id for r in rules.rules
+                  if r.packages and set(r.packages) <= set(pins) and all(name in reason for name in r.packages)
+                  and r.matches(pins, conditions) is not None)
 
 
 def explaining_rules(check: Mapping[str, Any], versions: Mapping[str, str], conditions: tuple[str, ...],

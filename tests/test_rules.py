@@ -152,7 +152,7 @@ LORA_ZERO3 = ["zero3", "lora", "gradient_checkpointing"]
      [{"deepspeed": "0.18.5"}, {"deepspeed": "0.18.6"}], [{"deepspeed": "0.18.4"}, {"deepspeed": "0.19.8"}]),
     ("tf-4.51.0-zero3-quantized-load", ["zero3", "quantized"],
      [{"transformers": "4.51.0"}], [{"transformers": "4.51.1"}, {"transformers": "4.49.0"}]),
-    ("tf-4.56.0-accelerate-1.10-parallelism-config", [],
+    ("tf-4.56.0-accelerate-1.10-parallelism-config", ["labels_loss"],
      [{"transformers": "4.56.0", "accelerate": "1.9.0"}],
      [{"transformers": "4.56.0", "accelerate": "1.10.0"}, {"transformers": "4.56.1", "accelerate": "1.9.0"}]),
     ("liger-0.6-qwen2.5-vl-needs-transformers-4.52.4", ["liger_kernel"],

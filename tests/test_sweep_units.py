@@ -134,6 +134,23 @@ def test_a_passing_cell_and_a_cell_that_could_not_resolve(local):
     assert set(record) == set(sweep_results.RECORD_KEYS)
     unresolvable = make_record(cell, Measured("unresolvable", "trl 0.18 needs transformers>=4.50"), "rev")
     assert unresolvable["result"] == "unresolvable" and unresolvable["checks"] == []
+    assert unresolvable["explained_by"] == []  # the cell pins no trl 0.18: no rule's versions are its
+
+
+UV_TRL_018 = ("Because trl==0.18.0 depends on transformers>=4.50.0 and you require transformers==4.49.0, we can "
+              "conclude that your requirements and trl==0.18.0 are incompatible.")
+
+
+def test_an_unresolvable_cell_is_explained_by_the_rule_its_pins_and_the_resolver_name(local):
+    cell = cells_of(local, "transformers=4.49.0", "trl=0.18.0")[0]
+    record = make_record(cell, Measured("unresolvable", UV_TRL_018), "rev")
+    assert record["explained_by"] == ["trl-0.18-needs-transformers-4.50"]
+    # the same pins failing for a reason that names another package: the rule is not what uv said
+    other = make_record(cell, Measured("unresolvable", "Because torch==2.6.0 has no wheel for the platform"), "rev")
+    assert other["explained_by"] == []
+    # a reason naming both, beside pins the rule does not hold for
+    newer = cells_of(local, "transformers=4.52.4", "trl=0.18.0")[0]
+    assert make_record(newer, Measured("unresolvable", UV_TRL_018), "rev")["explained_by"] == []
     # a smoke that reports no pass yet no failing check is not a pass
     odd = make_record(cell, measured([stack({"deepspeed": "0.19.8"})], False), "rev")
     assert odd["result"] == "failed"
@@ -220,6 +237,25 @@ def test_the_grid_has_rows_columns_and_sections(local):
     assert "| 0.16.9 | FAIL grpo (unexplained) | FAIL grpo (unexplained) |" in text
     assert "| 0.19.8 | FAIL grpo (unexplained) | · |" in text  # not measured yet
     assert "| 0.19.8 | FAIL grpo (unexplained) | PASS |" in markdown(grid_of(*records))
+
+
+def test_sections_show_their_own_rows_and_columns_and_a_cell_the_grid_cannot_place_is_listed(local):
+    """A sparse section (one cell of another sweep) is one row and one column, not the whole axis of dots; a cell
+    that installed nothing (unresolvable) has no version of an unpinned axis package and is listed under the grid."""
+    main = [make_record(c, measured([stack(dict(c.pins))], True), "rev")
+            for c in cells_of(local, "deepspeed=0.16.9,0.19.8", "trl=0.16.1,0.17.0")]
+    wide = cells_of(local, "deepspeed=0.19.8", "trl=0.17.0", "peft=0.15.2")[0]
+    main.append(make_record(wide, measured([stack({"deepspeed": "0.19.8"})], True), "rev"))
+    for record in main:  # what the variant's lock installed beside the pins
+        record["versions"] = {"peft": "0.14.0", "transformers": "4.49.0", **record["pins"]}
+    lost = cells_of(local, "deepspeed=0.19.8", "transformers=4.49.0", "trl=0.18.0")[0]
+    data = grid_of(*main, make_record(lost, Measured("unresolvable", UV_TRL_018), "rev"))
+    text = markdown(data)
+    sparse = text.split("**peft 0.15.2, transformers 4.49.0**", 1)[1].split("**", 1)[0]
+    assert "| 0.19.8 | PASS |" in sparse and "0.16.9" not in sparse and "·" not in sparse, text
+    assert "- deepspeed 0.19.8, transformers 4.49.0, trl 0.18.0: unresolvable (trl-0.18-needs-transformers-4.50)" \
+        in text, text
+    assert text.count("PASS") == len(main)  # every cell once
 
 
 def test_a_stack_that_cannot_be_built_here_is_explained_by_its_rule(local):
@@ -310,6 +346,25 @@ def test_readme_grid_is_generated_from_the_committed_data(cli):
     assert generated.code == 0
     assert block == generated.out.strip(), \
         "README's compatibility grid drifted: paste `vlmbuild sweep report --markdown compat/vlm-r1-local.json`"
+
+
+def test_rejudge_explains_cells_that_never_smoked(tmp_path, local):
+    """An install that failed and a resolution that failed have no report: rejudge explains them from what the
+    record says (the build's error, uv's reason), and does not trip on the missing report."""
+    from vlmbuild.sweep import rejudge
+
+    built = cells_of(local, "deepspeed=0.19.5")[0]
+    reason = "building DeepSpeed with its CPU ops failed (exit 2): RuntimeError: 0 active drivers ([])."
+    broken = make_record(built, Measured("install_failed", reason, "a" * 64,
+                                         pins={"deepspeed": "0.19.5", "triton": "3.2.0"}), "rev")
+    lost = cells_of(local, "transformers=4.49.0", "trl=0.18.0")[0]
+    unresolvable = make_record(lost, Measured("unresolvable", UV_TRL_018), "rev")
+    results = tmp_path / "vlm-r1-local.json"
+    sweep_results.save(results, grid_of({**broken, "explained_by": []}, {**unresolvable, "explained_by": []}))
+    data, changed = rejudge(results, local)
+    assert sorted(changed) == sorted([built.id, lost.id])
+    assert {c["id"]: c["explained_by"] for c in data["cells"]} == {
+        built.id: ["ds-0.16.3-triton-3.2-no-gpu-import"], lost.id: ["trl-0.18-needs-transformers-4.50"]}
 
 
 def test_rejudge_explains_old_measurements_with_the_rules_as_they_are_now(tmp_path, local):

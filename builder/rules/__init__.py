@@ -22,7 +22,8 @@ RULES_FILE = "known_bad.yaml"
 SEVERITIES = ("error", "warning")
 KNOWN_CONDITIONS = frozenset({"zero3", "bf16", "flash_attention_2", "generation", "resume", "gpu_less_host", "lora",
                               "modules_to_save", "gradient_checkpointing", "non_reentrant_checkpointing",
-                              "optimizer_offload", "quantized", "liger_kernel", "cpu_accelerator"})
+                              "optimizer_offload", "quantized", "liger_kernel", "cpu_accelerator",
+                              "labels_loss"})
 # cpu_accelerator: the run is on DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu, gloo). A rule that needs it is a
 # defect of that accelerator, which says nothing about GPUs: only `vlmbuild sweep` and the CPU smoke run under it,
 # never a recipe or an image's own conditions.
