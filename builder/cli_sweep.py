@@ -108,11 +108,11 @@ def sweep_report(ctx: Context, results: tuple[Path, ...], as_markdown: bool) -> 
               help="Where the joined results go (written atomically).")
 @guarded
 def sweep_merge(parts: tuple[Path, ...], output: Path) -> None:
-    """Join shards' results files into one (each cell once; a cell measured differently by two shards fails)."""
+    """Join shards' results files into one (each cell once; a cell measured differently by two shards fails), each
+    cell's kept smoke reports copied beside the output."""
     from . import sweep_results
 
-    data = sweep_results.merge([sweep_results.load(p) for p in parts], [str(p) for p in parts])
-    sweep_results.save(output, data)
+    data = sweep_results.merge_files(list(parts), output)
     click.echo(f"merged {len(parts)} file(s) into {output}: {len(data['cells'])} cell(s)")
 
 

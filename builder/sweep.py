@@ -162,9 +162,16 @@ def describe(record: dict) -> str:
         return f"{result}: {record['reason']}{explained}"
     text = f"FAIL {record['reason']}"
     cpu_rules = set((cpu or {}).get("rules") or ())
-    own = [r for r in record["explained_by"] if r not in cpu_rules]
+    # the rules of the failure the line names; those of the cell's other failing checks after them
+    first = (record["first_failure"] or {}).get("check")
+    failed = [c for c in record["checks"] if c["status"] == "failed"]
+    named = next((c["explained_by"] for c in failed if c["name"] == first), record["explained_by"])
+    own = [r for r in named if r not in cpu_rules]
+    others = sorted({r for c in failed if c["name"] != first for r in c["explained_by"]} - cpu_rules - set(own))
     if own:
         text += f" [explained by {', '.join(own)}]"
+    if others:
+        text += f" [other checks: {', '.join(others)}]"
     if cpu:
         text += f" [{', '.join(sorted(cpu_rules))}: {cpu['note']}]"
     if is_finding(record):

@@ -14,9 +14,11 @@ nothing (see sweep_verdict).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
+import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -127,6 +129,42 @@ def merge(parts: list[dict[str, Any]], origins: list[str]) -> dict[str, Any]:
             seen.setdefault(cell["id"], (cell, origin))
     out["cells"] = sorted((c for c, _ in seen.values()), key=lambda c: c["id"])
     return out
+
+
+def merge_files(paths: list[Path], output: Path) -> dict[str, Any]:
+    """``merge`` of results files, with the evidence: each cell's kept smoke reports are copied from beside the file
+    its record came from to beside ``output`` (reports/<output name>/), its paths rewritten, and the report its
+    ``report_sha256`` names checked. A report missing or not those bytes is an error before anything is written."""
+    parts = [load(p) for p in paths]
+    data = merge(parts, [str(p) for p in paths])
+    holder: dict[str, Path] = {}
+    for path, part in zip(paths, parts, strict=True):
+        for cell in part["cells"]:
+            holder.setdefault(cell["id"], path)  # merge keeps each cell's first record: its reports go with it
+    copies: list[tuple[Path, Path]] = []
+    target = reports_dir(output)
+    for n, cell in enumerate(data["cells"]):
+        origin = holder[cell["id"]]
+        kept = []
+        for i, relative in enumerate(cell["reports"]):
+            source = origin.parent / relative
+            if not source.is_file():
+                raise SweepDataError(f"{origin}: cell {cell['id']} ({pins_text(cell)}) names its smoke report "
+                                     f"{relative}, which is not there: copy the reports beside the results file")
+            if i == len(cell["reports"]) - 1 and cell["report_sha256"] and \
+                    hashlib.sha256(source.read_bytes()).hexdigest() != cell["report_sha256"]:
+                raise SweepDataError(f"{origin}: cell {cell['id']} ({pins_text(cell)}): {relative} is not the report "
+                                     "its report_sha256 names")
+            dest = target / source.name
+            copies.append((source, dest))
+            kept.append(str(dest.relative_to(output.parent)))
+        data["cells"][n] = {**cell, "reports": kept}
+    for source, dest in copies:
+        if source.resolve() != dest.resolve():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, dest)
+    save(output, data)
+    return data
 
 
 def outcome(cell: Mapping[str, Any]) -> dict[str, Any]:

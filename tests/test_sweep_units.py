@@ -4,6 +4,7 @@ test_sweep_stack.py (real environments, real smokes)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -127,6 +128,20 @@ def test_a_failure_is_explained_only_by_a_rule_that_matches_both_symptom_and_ver
     assert record["explained_by"] == [] and is_finding(record)
 
 
+def test_a_cells_line_names_the_rule_of_its_first_failure_and_then_the_others(local):
+    from vlmbuild.sweep import describe
+
+    cell = cells_of(local, "deepspeed=0.19.8", "trl=0.15.2")[0]
+    lora = "LoRA under zero2.json: 28 of 30 LoRA parameter(s) did not move in 2 steps"
+    checks = [stack({"deepspeed": "0.19.8", "trl": "0.15.2"}), check("zero3_load"), check("grpo", "failed", HOOKS),
+              check("lora", "failed", lora)]
+    locked = {"torch": "2.6.0", "peft": "0.14.0"}  # every pin of the cell's lock reaches the rules
+    line = describe(make_record(cell, Measured("measured", "", "a" * 64, {"checks": checks, "passed": False}, "b" * 64,
+                                               {}, (), locked), "rev"))
+    assert line.startswith(f"FAIL grpo: {HOOKS} [explained by ds-0.16.4-trl-0.15-generation-hooks] "
+                           "[other checks: trl-0.15-grpo-peft-checkpointing-no-input-grads]"), line
+
+
 def test_a_passing_cell_and_a_cell_that_could_not_resolve(local):
     cell = cells_of(local, "deepspeed=0.19.8")[0]
     record = make_record(cell, measured([stack({"deepspeed": "0.19.8"}), check("zero3_load")], True), "rev")
@@ -224,6 +239,39 @@ def test_merge_joins_shards_and_refuses_a_cell_measured_two_ways(local):
         sweep_results.merge([grid_of(passed), grid_of(flaky)], ["1.json", "2.json"])
     with pytest.raises(VlmbuildError, match="not vlm-r1/local"):
         sweep_results.merge([grid_of(passed), {**grid_of(failed), "variant": "cu124"}], ["1.json", "2.json"])
+
+
+def test_merging_files_carries_each_cells_kept_report_beside_the_output(tmp_path, local):
+    """Shards keep their cells' reports beside their own results file; the merged file must hold its evidence too,
+    checked against report_sha256, or it is an error before anything is written."""
+    a, b = cells_of(local, "deepspeed=0.16.9,0.19.8")
+    paths = []
+    for n, cell in enumerate((a, b), 1):
+        report = json.dumps({"checks": [stack(dict(cell.pins))], "passed": True}).encode()
+        shard = tmp_path / f"shard{n}" / f"shard-{n}.json"
+        kept = sweep_results.reports_dir(shard) / f"{cell.id}.json"
+        kept.parent.mkdir(parents=True)
+        kept.write_bytes(report)
+        record = make_record(cell, Measured("measured", "", "a" * 64, json.loads(report),
+                                            hashlib.sha256(report).hexdigest(), {}, (), dict(cell.pins)), "rev")
+        sweep_results.save(shard, grid_of({**record, "reports": [str(kept.relative_to(shard.parent))]}))
+        paths.append(shard)
+    output = tmp_path / "compat" / "vlm-r1-local.json"
+    merged = sweep_results.merge_files(paths, output)
+    for cell in merged["cells"]:
+        kept = output.parent / cell["reports"][0]
+        assert kept.parent == sweep_results.reports_dir(output)
+        assert hashlib.sha256(kept.read_bytes()).hexdigest() == cell["report_sha256"]
+    assert sweep_results.load(output) == merged
+    # a report that is not the bytes its record hashes (edited, or another run's): refused, nothing written
+    (sweep_results.reports_dir(paths[0]) / f"{a.id}.json").write_text("{}")
+    elsewhere = tmp_path / "other" / "merged.json"
+    with pytest.raises(VlmbuildError, match="not the report its report_sha256 names"):
+        sweep_results.merge_files(paths, elsewhere)
+    (sweep_results.reports_dir(paths[0]) / f"{a.id}.json").unlink()
+    with pytest.raises(VlmbuildError, match="which is not there"):
+        sweep_results.merge_files(paths, elsewhere)
+    assert not elsewhere.parent.exists()
 
 
 def test_the_grid_has_rows_columns_and_sections(local):
