@@ -22,7 +22,7 @@ from .rules import load_rules
 from .spec import Variant
 from .sweep_axes import Axis, Cell, Measure, check_axes, check_versions_exist, make_cells, shard_of
 from .sweep_cell import Measured, Workdir, measure_cell
-from .sweep_verdict import cpu_route, is_finding, make_record, resolver_rules
+from .sweep_verdict import cpu_route, first_failure_rules, is_finding, make_record
 
 
 @dataclass(frozen=True)
@@ -104,29 +104,22 @@ def rejudge(results: Path, variant: Variant) -> tuple[dict, list[str]]:
         inputs = record["inputs"]
         cell = Cell(variant, tuple(record["pins"].items()),
                     Measure(record["device"], inputs["repeat"], inputs["checks"]))
-        if record["result"] == "unresolvable":
-            explained = resolver_rules(cell, record["reason"], rules)
-            if explained != record["explained_by"]:
-                changed.append(record["id"])
-                data["cells"][n] = {**record, "explained_by": explained}
-            continue
-        reports = [json.loads((results.parent / r).read_text()) for r in record["reports"]]
-        cpu = record["cpu_accelerator"] or {}
-        if record["result"] == "install_failed":  # no smoke ran: no report
-            measured = Measured("install_failed", record["reason"], record["lock_sha256"],
+        if record["result"] in ("install_failed", "unresolvable"):
+            # no smoke ran, no report: judged from what the record says (the build's error line, uv's reason)
+            measured = Measured(record["result"], record["reason"], record["lock_sha256"],
                                 pins=dict(record["versions"]))
+            judged_keys: tuple[str, ...] = ("explained_by",)
         else:
+            reports = [json.loads((results.parent / r).read_text()) for r in record["reports"]]
             measured = Measured("measured", "", record["lock_sha256"], reports[0], None,
                                 pins=dict(record["versions"]))
             if len(reports) == 2:  # a CPU route: the second report is the cell's result
                 measured = Measured("measured", "", record["lock_sha256"], reports[1], record["report_sha256"],
-                                    pins=dict(record["versions"]), zero_settings=cpu.get("setting"),
-                                    first_run=measured)
+                                    pins=dict(record["versions"]),
+                                    zero_settings=(record["cpu_accelerator"] or {}).get("setting"), first_run=measured)
+            judged_keys = ("result", "reason", "first_failure", "explained_by", "cpu_accelerator", "checks")
         judged = make_record(cell, measured, record["vlmbuild_revision"], rules)
-        verdict = {k: judged[k] for k in ("result", "reason", "first_failure", "explained_by", "cpu_accelerator",
-                                          "checks")}
-        if record["result"] == "install_failed":
-            verdict = {"explained_by": judged["explained_by"]}
+        verdict = {k: judged[k] for k in judged_keys}
         if any(record[k] != v for k, v in verdict.items()):
             changed.append(record["id"])
             data["cells"][n] = {**record, **verdict}
@@ -163,11 +156,8 @@ def describe(record: dict) -> str:
     text = f"FAIL {record['reason']}"
     cpu_rules = set((cpu or {}).get("rules") or ())
     # the rules of the failure the line names; those of the cell's other failing checks after them
-    first = (record["first_failure"] or {}).get("check")
-    failed = [c for c in record["checks"] if c["status"] == "failed"]
-    named = next((c["explained_by"] for c in failed if c["name"] == first), record["explained_by"])
-    own = [r for r in named if r not in cpu_rules]
-    others = sorted({r for c in failed if c["name"] != first for r in c["explained_by"]} - cpu_rules - set(own))
+    own = [r for r in first_failure_rules(record) if r not in cpu_rules]
+    others = sorted(set(record["explained_by"]) - cpu_rules - set(own))
     if own:
         text += f" [explained by {', '.join(own)}]"
     if others:

@@ -14,7 +14,7 @@ from typing import Any
 
 from packaging.version import Version
 
-from .sweep_verdict import NOT_MEASURED
+from .sweep_verdict import NOT_MEASURED, first_failure_rules
 
 
 def cell_text(cell: Mapping[str, Any]) -> str:
@@ -26,12 +26,12 @@ def cell_text(cell: Mapping[str, Any]) -> str:
         why = f" ({', '.join(cell['explained_by'])})" if cell.get("explained_by") else ""
         return ("unresolvable" if result == "unresolvable" else "install failed") + why
     first = (cell.get("first_failure") or {}).get("check") or "smoke"
-    first_check: Mapping[str, Any] = next((c for c in cell["checks"] if c["name"] == first), {"explained_by": []})
+    named = first_failure_rules(cell)
     cpu_rules = set(cpu.get("rules") or ())
-    own = [r for r in first_check["explained_by"] if r not in cpu_rules]
+    own = [r for r in named if r not in cpu_rules]
     if own:
         why = ", ".join(own)
-    elif set(first_check["explained_by"]) & cpu_rules:
+    elif set(named) & cpu_rules:
         unmeasured = sum(1 for c in cell["checks"] if c["status"] == NOT_MEASURED)
         why = f"CPU accelerator, {unmeasured} not measured"
     else:

@@ -66,7 +66,7 @@ def make_record(cell: Cell, measured: Measured, revision: str | None, rules: Rul
         record["result"] = measured.state
         if measured.state == "unresolvable":
             record["explained_by"] = resolver_rules(cell, measured.reason, rules)
-        if measured.state == "install_failed":
+        elif measured.state == "install_failed":
             # a stack that cannot even be installed or imported here may be a known rule's (DeepSpeed that
             # initialises triton's GPU driver at import cannot be built on a GPU-less host)
             versions = dict(measured.pins)
@@ -179,9 +179,9 @@ def resolver_rules(cell: Cell, reason: str, rules: RuleSet) -> list[str]:
     trl-0.18-needs-transformers-4.50). Nothing is installed, so the pins are the versions."""
     pins = dict(cell.pins)
     conditions = cell_conditions(cell, pins)
+    # matches() holds only where the pins name every package of the rule; a rule of no package names nothing
     return sorted(r.id for r in rules.rules
-                  if r.packages and set(r.packages) <= set(pins) and all(name in reason for name in r.packages)
-                  and r.matches(pins, conditions) is not None)
+                  if r.packages and all(name in reason for name in r.packages) and r.matches(pins, conditions) is not None)
 
 
 def explaining_rules(check: Mapping[str, Any], versions: Mapping[str, str], conditions: tuple[str, ...],
@@ -201,6 +201,14 @@ def installed_versions(report: Mapping[str, Any]) -> dict[str, str]:
             found = (check.get("details") or {}).get("versions") or {}
             return {k: str(found[k]) for k in sorted(found) if k in KEY_PACKAGES and found[k]}
     return {}
+
+
+def first_failure_rules(record: Mapping[str, Any]) -> list[str]:
+    """The rules that explain the check a failed record names as its first failure (the CPU accelerator's
+    included); [] when no check failed."""
+    first = (record.get("first_failure") or {}).get("check")
+    return next((c["explained_by"] for c in record.get("checks", []) if c["name"] == first and c["status"] == "failed"),
+                [])
 
 
 def is_finding(record: Mapping[str, Any]) -> bool:
