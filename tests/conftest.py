@@ -218,58 +218,14 @@ def local_tag() -> tuple[str, str]:
     return variant.tag(lock.pins), lock.sha256
 
 
-# The README's main job, into a test repository: build + CPU smoke + tag; with the further smoke pass over two nodes
-# (--smoke-nodes 2), so that the evidence of a pass over nodes is checked end to end with the rest.
-LOCAL_BUILD = ("build", "vlm-r1", "--variant", "local", "--smoke-device", "cpu", "--repository", TEST_REPO,
-               "--smoke-nodes", "2")
-# That build, started when the session begins (see start_local_build_early): {"proc", "report", "log"}.
-EARLY_BUILD: dict = {}
-
-
-def start_local_build_early(config) -> None:
-    """Start built_local's build in the background as the session begins, when a collected test needs it.
-
-    The suite's first part (the unit tests, the stack venv's downloads) keeps one of CI's two cores busy at most;
-    the build's apt and uv downloads, its DeepSpeed compile and its smoke fill the other, instead of running alone
-    after them (about five minutes of a fresh machine's CI). The engine is made ready and the suite's leftovers
-    removed first, as the client fixture does, so that nothing removes this build's container later."""
-    from vlmbuild import engine_setup
-
-    if not engine_setup.daemon_answers() or not engine_setup.registry_answers():
-        engine_setup.main()
-    import docker
-
-    prepare_engine(docker.from_env(timeout=900))
-    directory = Path(str(config._tmp_path_factory.mktemp("build")))
-    report, log = directory / "build.json", directory / "build.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "vlmbuild", *LOCAL_BUILD, "--report", str(report)],
-                                stdout=out, stderr=subprocess.STDOUT, text=True)
-    EARLY_BUILD.update(proc=proc, report=report, log=log)
-
-
-def pytest_sessionfinish(session, exitstatus):
-    """A session that ends before built_local waited for its build (-x, a failure, Ctrl-C) stops it: vlmbuild takes
-    SIGTERM as CI's cancel and removes its container, tagging nothing."""
-    proc = EARLY_BUILD.get("proc")
-    if proc is not None and proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
 @pytest.fixture(scope="session")
 def built_local(client, tmp_path_factory):
+    """The README's main job, into a test repository: build + CPU smoke + tag; with the further smoke pass over two
+    nodes (--smoke-nodes 2), so that the evidence of a pass over nodes is checked end to end with the rest."""
+    report = tmp_path_factory.mktemp("build") / "build.json"
     started = time.monotonic()
-    if EARLY_BUILD:
-        proc, report = EARLY_BUILD["proc"], EARLY_BUILD["report"]
-        code = proc.wait(timeout=3600)
-        result = Result(code, EARLY_BUILD["log"].read_text(), "")
-    else:
-        report = tmp_path_factory.mktemp("build") / "build.json"
-        result = run_cli(*LOCAL_BUILD, "--report", str(report), timeout=3600)
+    result = run_cli("build", "vlm-r1", "--variant", "local", "--smoke-device", "cpu", "--repository", TEST_REPO,
+                     "--smoke-nodes", "2", "--report", str(report), timeout=3600)
     assert result.code == 0, result.out[-6000:] + result.err[-3000:]
     tag, lock_sha = local_tag()
     build = json.loads(report.read_text())["builds"][0]
@@ -310,11 +266,6 @@ def remove_test_state(c) -> None:
         purge_local_repository(repository)
 
 
-def prepare_engine(c) -> None:
-    remove_test_state(c)
-    make_room(c, DOCKER_SUITE_DISK, "the docker suite")
-
-
 @pytest.fixture(scope="session")
 def client():
     """A real engine; the tests start one (and the registry) themselves when none answers.
@@ -329,12 +280,8 @@ def client():
     import docker
 
     c = docker.from_env(timeout=900)
-    if EARLY_BUILD:
-        # Done before that build started. No docker test runs beside it: they measure the engine's storage, and one
-        # stops the engine.
-        EARLY_BUILD["proc"].wait(timeout=3600)
-    else:
-        prepare_engine(c)
+    remove_test_state(c)
+    make_room(c, DOCKER_SUITE_DISK, "the docker suite")
     yield c
     remove_test_state(c)
     # The tests build many variants of the image (changed smoke, bases, bumps): about 40 GB of BuildKit cache.
@@ -343,7 +290,6 @@ def client():
     c.api.prune_builds(keep_storage=BUILD_CACHE_KEPT)
 
 
-@pytest.hookimpl(trylast=True)  # after -k and -m deselected what will not run
 def pytest_collection_modifyitems(config, items):
     """Fast tests first, then the stack ones, then docker: a core failure shows before minutes of building."""
     order = {"stack": 1, "docker": 2, "after_built_local": 2.5, "cu124": 3}
@@ -352,8 +298,6 @@ def pytest_collection_modifyitems(config, items):
         return max([order.get(m.name, 0) for m in item.iter_markers()] or [0])
 
     items.sort(key=rank)
-    if not config.option.collectonly and any("built_local" in item.fixturenames for item in items):
-        start_local_build_early(config)
 
 
 # A CI run that is killed at its time limit prints nothing of what failed before: say each failure when it happens,
@@ -390,21 +334,6 @@ def pytest_runtest_setup(item):
 LEAK_REPORTED_BYTES = int(0.5e9)
 LEAK_BOUND_BYTES = int(1e9)
 LEAKS: list[tuple[int, str]] = []
-# What the last docker test ended with is what the next one begins with, unless a fixture of a wider scope (a build,
-# a push, a module's clean-up) was set up or torn down in between: then the storage is measured again, so that no
-# test is charged with a fixture's bytes. (Measuring before and after each of ~50 docker tests cost a minute of CI.)
-WIDER_FIXTURE_EVENTS = [0]
-LAST_AFTER: dict[str, object] = {}
-
-
-def pytest_fixture_setup(fixturedef, request):
-    if fixturedef.scope != "function":
-        WIDER_FIXTURE_EVENTS[0] += 1
-
-
-def pytest_fixture_post_finalizer(fixturedef, request):
-    if fixturedef.scope != "function":
-        WIDER_FIXTURE_EVENTS[0] += 1
 
 
 @pytest.fixture(autouse=True)
@@ -415,13 +344,9 @@ def engine_leak_measured(request):
     from vlmbuild import engine_disk
 
     c = request.getfixturevalue("client")
-    if LAST_AFTER.get("events") == WIDER_FIXTURE_EVENTS[0]:
-        before = LAST_AFTER["unaccounted"]
-    else:
-        before = engine_disk.measure(c).unaccounted
+    before = engine_disk.measure(c).unaccounted
     yield
     after = engine_disk.measure(c).unaccounted
-    LAST_AFTER.update(unaccounted=after, events=WIDER_FIXTURE_EVENTS[0])
     if before is not None and after is not None and after - before > LEAK_REPORTED_BYTES:
         LEAKS.append((after - before, request.node.nodeid))
         if after - before > LEAK_BOUND_BYTES:
