@@ -22,6 +22,7 @@ from docker.utils import parse_repository_tag
 
 from . import buildkit, contract, engine_disk, owner
 from .bases import LOCAL_BASE_PREFIX, split_digest
+from .build_turns import build_turn
 from .buildkit import BuildFailed  # noqa: F401 - re-exported: the gate catches it from here
 from .engine_api import Base, SmokeLimits, SmokeRun  # noqa: F401 - SmokeRun re-exported
 from .errors import CheckFailed, VlmbuildError
@@ -231,8 +232,11 @@ class Engine:
         """Build ``context`` untagged with BuildKit; the image id. A daemon lost on the way is an EngineError."""
         pulled = self.pull_caches(cache_from, progress)
         try:
-            return buildkit.build(context, progress, nocache=nocache, cache_from=cache_from,
-                                  inline_cache=inline_cache, target=target)
+            with engine_errors("asking the engine for its ID and version"):
+                engine_id, version = self.client.info()["ID"], self.client.version()["Version"]
+            with build_turn(engine_id, version, progress):  # moby/moby#46136: see vlmbuild.build_turns
+                return buildkit.build(context, progress, nocache=nocache, cache_from=cache_from,
+                                      inline_cache=inline_cache, target=target)
         except buildkit.BuildFailed:
             raise
         except VlmbuildError as exc:
