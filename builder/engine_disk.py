@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import docker
 
 
 @dataclass(frozen=True)
@@ -52,12 +55,33 @@ def du_bytes(path: Path) -> int | None:
     return int(proc.stdout.split()[0])
 
 
+# dockerd before 23.0 answers a second `system df` while one runs with an error instead of the same answer (its
+# SystemDiskUsage is a compare-and-swap flag; 23.0 made it a singleflight): two builds checking the disk at once
+# failed one of them with "a disk usage operation is already running". Such an answer is asked again.
+DF_BUSY = "a disk usage operation is already running"
+DF_WAIT_S = 300
+
+
+def disk_usage(client, wait_s: float = DF_WAIT_S) -> dict:
+    """The engine's `system df`, asked again while another client's is running (up to ``wait_s``)."""
+    deadline = time.monotonic() + wait_s
+    delay = 0.2
+    while True:
+        try:
+            return client.df()
+        except docker.errors.APIError as exc:
+            if DF_BUSY not in str(exc.explanation or exc) or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
 def measure(client) -> EngineDisk:
     """The engine's storage as du sees it and as the engine counts it."""
     info = client.info()
     root = Path(info.get("DockerRootDir") or "/var/lib/docker")
     storage = root / (info.get("Driver") or "overlay2")
-    usage = client.df()
+    usage = disk_usage(client)
     images = int(usage.get("LayersSize") or 0)
     containers = sum(int(c.get("SizeRw") or 0) for c in usage.get("Containers") or [])
     build_cache = sum(int(r.get("Size") or 0) for r in usage.get("BuildCache") or [] if not r.get("Shared"))
