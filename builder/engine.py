@@ -233,8 +233,8 @@ class Engine:
         pulled = self.pull_caches(cache_from, progress)
         try:
             with engine_errors("asking the engine for its ID and version"):
-                engine_id, version = self.client.info()["ID"], self.client.version()["Version"]
-            with build_turn(engine_id, version, progress):  # moby/moby#46136: see vlmbuild.build_turns
+                info = self.client.info()
+            with build_turn(info["ID"], info["ServerVersion"], progress):  # moby/moby#46136: vlmbuild.build_turns
                 return buildkit.build(context, progress, nocache=nocache, cache_from=cache_from,
                                       inline_cache=inline_cache, target=target)
         except buildkit.BuildFailed:

@@ -942,14 +942,9 @@ def test_changed_smoke_code_built_twice_at_once_makes_one_new_tag_set_and_leaves
         client.images.remove(tag)
 
 
-def remove_images(client, repository: str) -> None:
-    for image in client.images.list(name=repository):
-        for tag in image.tags:
-            client.images.remove(tag, force=True)
-
-
 def test_a_second_machine_builds_from_the_registry_cache_and_compiles_nothing(client, built_local, tmp_path, capsys):
-    """`build --rebuild` never moves the immutable tag of a validated image of the same inputs. `build --cache-to` pushes the image's inline cache and each wheel stage's beside it; with BuildKit's whole
+    """`build --rebuild` never moves the immutable tag of a validated image of the same inputs. `build --cache-to`
+    pushes the image's inline cache and each wheel stage's beside it; with BuildKit's whole
     cache and its cache mounts pruned (a new machine: no layer, no uv download, no DeepSpeed wheel), a build with
     `--cache-from` runs no step: no op compiled, no package installed, the same layers, the same identity."""
     from conftest import render_variant
